@@ -1,0 +1,37 @@
+"""`ddi-hw` command line. Each command lives in its own module; this file only wires them up.
+
+Commands import their heavy dependencies inside the function so `ddi-hw --help` stays fast.
+A `UserError` (bad flag, file, preset, data) becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ddi_hw.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Energy-aware dual dynamic inference: profile, train, evaluate, export, run, measure.",
+)
+
+# --- command registrations (one line each; keep the order of the pipeline) ---
+# @@COMMANDS@@
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
