@@ -19,6 +19,13 @@ app = typer.Typer(
 )
 
 # --- command registrations (one line each; keep the order of the pipeline) ---
+from ddi_hw.power.cli import power_app; app.add_typer(power_app, name="power")
+from ddi_hw.train import train_command; app.command("train")(train_command)
+from ddi_hw.evaluate import eval_command; app.command("eval")(eval_command)
+from ddi_hw.calibrate import calibrate_command; app.command("calibrate")(calibrate_command)
+from ddi_hw.table1 import table1_command; app.command("table1")(table1_command)
+from ddi_hw.export import export_command; app.command("export")(export_command)
+from ddi_hw.backends import run_command; app.command("run")(run_command)
 # @@COMMANDS@@
 
 

@@ -1,0 +1,355 @@
+"""Where a bundle's conv layers run: one interface, three implementations.
+
+    reference  the numpy fixed-point model of the engine (ddi_hw.fixedpoint), no toolchain needed
+    csim       the HLS C++ engine compiled with g++ and called through ctypes (ddi_hw.csim)
+    board      the engine in the ZedBoard's programmable logic through PYNQ (ddi_hw.board, engineer D)
+
+Everything else of a dynamic inference runs on the processor, identically for all three, in
+numpy float32/float64 from the dequantised int16 feature maps: layer gates (global average pool,
+1x1 embedding, shared LSTM cell, linear), channel gates (3x3/2 conv, ReLU, pool, linear -- or the
+RNN variant), exit branches (max pools, two 3x3 conv+BN+ReLU, pool, linear) and the final
+average pool + classifier. Layer skipping = the processor does not launch the engine; channel
+skipping = the engine's output/input channel masks.
+
+Implementing a backend (the contract engineer D's board backend follows):
+
+    class BoardBackend(Backend):
+        name = "board"
+        def prepare(self, bundle):        # once per bundle: e.g. copy bundle.engine_blob to a DDR
+            ...                           # buffer; layer.offsets[...] are byte offsets inside it
+        def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None) -> LayerRun:
+            ...                           # x: (in_ch, H, W) int16 CHW; masks: 0/1 arrays or None
+        def close(self): ...
+
+`run_layer` must return exactly `fixedpoint.conv_layer(x, layer.weights, layer.bias,
+layer.params, residual, layer.pre, out_mask, in_mask)` (shape (out_ch, OH, OW), int16) -- the
+tests hold reference and csim to that bit for bit -- plus the engine's `iterations` register if
+it has one. Register values come from `ddi_hw.regmap.load_regmap()` (flag_word, mask_words,
+register offsets), never hard-coded. `run_image(bundle, image, backend)` drives one image.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from typing import Optional
+
+import numpy as np
+import typer
+
+from ddi_hw.errors import UserError
+from ddi_hw.fixedpoint import conv_layer, dequantize, quantize
+
+PROGRAM_OPS = ("input", "block", "conv", "exit", "head")
+
+
+def step_processor_keys(step: dict) -> list[str]:
+    """processor.safetensors entries a program step reads (checked when a bundle is loaded)."""
+    op, keys = step.get("op"), []
+    if op == "block":
+        if step.get("layer_gate"):
+            pre = step["layer_gate"]["prefix"]
+            keys += [f"{pre}.conv.weight", f"{pre}.conv.bias"] + [
+                f"layer_gate.{n}" for n in ("lstm.weight_ih", "lstm.weight_hh", "lstm.bias_ih", "lstm.bias_hh",
+                                            "proj.weight", "proj.bias")]
+        if step.get("channel_gate"):
+            cg = step["channel_gate"]
+            keys += [f"{cg['prefix']}.{n}" for n in ("conv.weight", "conv.bias", "fc.weight", "fc.bias")]
+            if cg["kind"] == "rnn":
+                keys += [f"channel_rnn.lstm.{n}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    elif op == "exit":
+        keys += [f"{step['prefix']}.{n}" for n in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
+                                                   "fc.weight", "fc.bias")]
+    elif op == "head":
+        keys += [f"{step['prefix']}.weight", f"{step['prefix']}.bias"]
+    return keys
+
+
+@dataclass
+class LayerRun:
+    output: np.ndarray  # (out_ch, OH, OW) int16
+    iterations: int | None = None  # engine compute-loop iterations (None: backend cannot count)
+
+
+class Backend(ABC):
+    """Runs one conv layer of a bundle on the engine (or a model of it)."""
+    name = "abstract"
+
+    def prepare(self, bundle) -> None:
+        """Called once before the first layer of a bundle (e.g. load weights into DDR)."""
+
+    @abstractmethod
+    def run_layer(self, layer, x: np.ndarray, residual: np.ndarray | None = None,
+                  out_mask: np.ndarray | None = None, in_mask: np.ndarray | None = None) -> LayerRun:
+        """One engine launch; `layer` is an `export.BundleLayer`."""
+
+    def close(self) -> None:
+        """Release hardware / buffers."""
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None) -> LayerRun:
+        from ddi_hw.csim import expected_iterations
+
+        out = conv_layer(x, layer.weights, layer.bias, layer.params, residual, layer.pre, out_mask, in_mask)
+        n_in = layer.in_ch if in_mask is None else int(np.count_nonzero(in_mask))
+        n_out = layer.out_ch if out_mask is None else int(np.count_nonzero(out_mask))
+        # the engine's loop count follows from the shapes alone (same formula the C-sim is tested on)
+        return LayerRun(out, expected_iterations(n_in, n_out, out.shape[1], out.shape[2], layer.params.kernel))
+
+
+class CsimBackend(Backend):
+    name = "csim"
+
+    def prepare(self, bundle) -> None:
+        from ddi_hw.csim import load_library
+        load_library()
+
+    def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None) -> LayerRun:
+        from ddi_hw.csim import run_layer
+        out, iters = run_layer(x, layer.weights, layer.bias, layer.params, residual, layer.pre,
+                               out_mask, in_mask)
+        return LayerRun(out, iters)
+
+
+def get_backend(name: str) -> Backend:
+    if name == "reference":
+        return ReferenceBackend()
+    if name == "csim":
+        return CsimBackend()
+    if name == "board":
+        try:
+            from ddi_hw.board import BoardBackend  # engineer D; needs pynq on the board
+        except ImportError as err:
+            raise UserError(f"the board backend is unavailable here ({err}); use --backend reference or csim") from None
+        return BoardBackend()
+    raise UserError(f"unknown backend {name!r}; choose reference, csim or board")
+
+
+# ----------------------------------------------------------------------------- processor ops (float)
+
+
+def conv2d_f(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1, pad: int = 0) -> np.ndarray:
+    """Float conv of one CHW image by im2col (processor side: gates and exit branches)."""
+    c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    cols = np.empty((c, kh, kw, oh, ow), dtype=x.dtype)
+    for ky in range(kh):
+        for kx in range(kw):
+            cols[:, ky, kx] = xp[:, ky:ky + stride * (oh - 1) + 1:stride, kx:kx + stride * (ow - 1) + 1:stride]
+    y = w.reshape(o, -1) @ cols.reshape(-1, oh * ow)
+    if b is not None:
+        y += b[:, None]
+    return y.reshape(o, oh, ow)
+
+
+def maxpool2_ceil(x: np.ndarray) -> np.ndarray:
+    c, h, w = x.shape
+    hp, wp = -(-h // 2) * 2, -(-w // 2) * 2
+    xp = np.full((c, hp, wp), -np.inf, dtype=x.dtype)
+    xp[:, :h, :w] = x
+    return xp.reshape(c, hp // 2, 2, wp // 2, 2).max(axis=(2, 4))
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def lstm_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+    """torch.nn.LSTMCell gate order (i, f, g, o)."""
+    h, c = state
+    z = w_ih @ x + b_ih + w_hh @ h + b_hh
+    i, f, g, o = np.split(z, 4)
+    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    return sigmoid(o) * np.tanh(c), c
+
+
+@dataclass
+class ImageResult:
+    """One image through a bundle (processor decisions + engine launches)."""
+    logits: np.ndarray
+    exit_taken: int = -1  # -1 = final classifier
+    block_run: list[int] = field(default_factory=list)  # 1 = block ran, per block
+    channel_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    launches: int = 0  # engine launches
+    iterations: int = 0  # summed engine compute-loop iterations (cycle proxy)
+    dense_iterations: int = 0  # the same with every block and channel on (for the saving ratio)
+
+    @property
+    def prediction(self) -> int:
+        return int(np.argmax(self.logits))
+
+
+class _Processor:
+    """State and float ops of the processor side while one image runs."""
+
+    def __init__(self, bundle):
+        self.b, self.p = bundle, bundle.processor
+        self.lstate = self.cstate = None
+
+    def f(self, env, t):
+        return dequantize(env[t], self.b.tensor_frac(t)).astype(np.float32)
+
+    def layer_gate(self, step, x) -> bool:
+        p, pre = self.p, step["prefix"]
+        pooled = x.mean(axis=(1, 2))
+        emb = p[f"{pre}.conv.weight"].reshape(p[f"{pre}.conv.weight"].shape[0], -1) @ pooled + p[f"{pre}.conv.bias"]
+        if self.lstate is None:
+            z = np.zeros(p["layer_gate.lstm.weight_hh"].shape[1], np.float32)
+            self.lstate = (z, z)
+        self.lstate = lstm_cell(emb, self.lstate, p["layer_gate.lstm.weight_ih"], p["layer_gate.lstm.weight_hh"],
+                                p["layer_gate.lstm.bias_ih"], p["layer_gate.lstm.bias_hh"])
+        logit = p["layer_gate.proj.weight"] @ self.lstate[0] + p["layer_gate.proj.bias"]
+        return bool(logit[0] > 0)
+
+    def channel_gate(self, step, x) -> np.ndarray:
+        p, pre = self.p, step["prefix"]
+        if step["kind"] == "cnn":
+            h = np.maximum(conv2d_f(x, p[f"{pre}.conv.weight"], p[f"{pre}.conv.bias"], 2, 1), 0)
+            logit = p[f"{pre}.fc.weight"] @ h.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
+        elif step["kind"] == "rnn":
+            w = p[f"{pre}.conv.weight"]
+            emb = w.reshape(w.shape[0], -1) @ x.mean(axis=(1, 2)) + p[f"{pre}.conv.bias"]
+            if self.cstate is None:
+                z = np.zeros(p["channel_rnn.lstm.weight_hh"].shape[1], np.float32)
+                self.cstate = (z, z)
+            self.cstate = lstm_cell(emb, self.cstate, p["channel_rnn.lstm.weight_ih"], p["channel_rnn.lstm.weight_hh"],
+                                    p["channel_rnn.lstm.bias_ih"], p["channel_rnn.lstm.bias_hh"])
+            logit = p[f"{pre}.fc.weight"] @ self.cstate[0] + p[f"{pre}.fc.bias"]
+        else:
+            raise UserError(f"bundle uses channel gate kind {step['kind']!r}, unknown to this version")
+        return (logit > 0).astype(np.uint8)
+
+    def exit_branch(self, step, x) -> np.ndarray:
+        p, pre = self.p, step["prefix"]
+        for _ in range(step["pools"]):
+            x = maxpool2_ceil(x)
+        x = np.maximum(conv2d_f(x, p[f"{pre}.conv1.weight"], p[f"{pre}.conv1.bias"], 1, 1), 0)
+        x = np.maximum(conv2d_f(x, p[f"{pre}.conv2.weight"], p[f"{pre}.conv2.bias"], 1, 1), 0)
+        return p[f"{pre}.fc.weight"] @ x.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
+
+    def head(self, step, x) -> np.ndarray:
+        p = self.p
+        return p[f"{step['prefix']}.weight"] @ x.mean(axis=(1, 2)) + p[f"{step['prefix']}.bias"]
+
+
+def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None = None) -> ImageResult:
+    """One normalised (3, H, W) float image through the bundle's program.
+
+    Steps: `input` quantises the image; `conv` launches the engine; `block` opens a residual block
+    (its `layer_gate` may skip it: output = input, nothing launched); `channel_gate` sets the masks
+    of the block's convs; `exit` runs an exit branch only when `exit_at` asks for that exit (the
+    image then stops there); `head` pools and classifies."""
+    proc, env = _Processor(bundle), {}
+    res = ImageResult(logits=np.zeros(0))
+    masks: dict[str, np.ndarray] = {}
+    prog = bundle.program
+    i = 0
+    while i < len(prog):
+        st = prog[i]
+        op = st["op"]
+        if op == "input":
+            env[st["out"]] = quantize(image, bundle.tensor_frac(st["out"]))
+        elif op == "block":
+            run = True
+            if st.get("layer_gate"):
+                run = proc.layer_gate(st["layer_gate"], proc.f(env, st["in"]))
+            res.block_run.append(int(run))
+            if st.get("channel_gate") and run:
+                cg = st["channel_gate"]
+                masks[cg["name"]] = proc.channel_gate(cg, proc.f(env, st["in"]))
+                res.channel_masks[cg["name"]] = masks[cg["name"]]
+            res.dense_iterations += st["dense_iterations"]
+            if not run:  # skipped block: the processor launches nothing, output = input
+                env[st["out"]] = env[st["in"]]
+                i = st["end"]
+                continue
+        elif op == "conv":
+            layer = bundle.layers[st["layer"]]
+            om = masks.get(st["out_gate"]) if st.get("out_gate") else None
+            im = masks.get(st["in_gate"]) if st.get("in_gate") else None
+            r = backend.run_layer(layer, env[st["in"]], env[st["residual"]] if st.get("residual") else None, om, im)
+            env[st["out"]] = r.output
+            res.launches += 1
+            res.iterations += r.iterations or 0
+            if st.get("dense_iterations"):  # a conv outside any block (the stem)
+                res.dense_iterations += st["dense_iterations"]
+        elif op == "exit":
+            if exit_at is not None and st["index"] == exit_at:
+                res.logits, res.exit_taken = proc.exit_branch(st, proc.f(env, st["in"])), st["index"]
+                return res
+        elif op == "head":
+            res.logits = proc.head(st, proc.f(env, st["in"]))
+        i += 1
+    return res
+
+
+def run_images(bundle, images: np.ndarray, labels: np.ndarray, backend: Backend, exit_at: int | None = None,
+               float_predictions: np.ndarray | None = None, progress: bool = True):
+    """Run normalised images (N, 3, H, W) through the bundle; one row per image (pandas DataFrame)."""
+    import pandas as pd
+    from rich.progress import Progress
+
+    rows = []
+    backend.prepare(bundle)
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"{backend.name}: images", total=len(images))
+        for i, (img, y) in enumerate(zip(images, labels)):
+            r = run_image(bundle, np.asarray(img, dtype=np.float32), backend, exit_at=exit_at)
+            row = {"index": i, "label": int(y), "prediction": r.prediction, "exit_taken": r.exit_taken,
+                   "blocks_run": sum(r.block_run), "blocks": len(r.block_run), "launches": r.launches,
+                   "iterations": r.iterations, "dense_iterations": r.dense_iterations}
+            if float_predictions is not None:
+                row["float_prediction"] = int(float_predictions[i])
+            rows.append(row)
+            bar.advance(task)
+    return pd.DataFrame(rows)
+
+
+def summarize(df) -> dict:
+    """Accuracy, iteration saving (engine cycle proxy) and float agreement of a run_images frame."""
+    out = {"images": len(df), "accuracy": float((df.prediction == df.label).mean()),
+           "mean_blocks_run": float(df.blocks_run.mean()),
+           "engine_iteration_saving": float(1 - df.iterations.sum() / df.dense_iterations.sum())}
+    if "float_prediction" in df:
+        out["float_accuracy"] = float((df.float_prediction == df.label).mean())
+        out["accuracy_drop"] = out["float_accuracy"] - out["accuracy"]
+        out["agreement_with_float"] = float((df.float_prediction == df.prediction).mean())
+    return out
+
+
+def run_command(
+    bundle: str = typer.Argument(..., help="bundle directory written by `ddi-hw export`"),
+    backend: str = typer.Option("reference", help="reference | csim | board"),
+    dataset: Optional[str] = typer.Option(None, help="data set (default: the one the bundle was exported with)"),
+    data_dir: Optional[str] = typer.Option(None, help="data directory (CIFAR-10 python batches)"),
+    limit: int = typer.Option(200, help="number of test images"),
+    exit_at: Optional[int] = typer.Option(None, "--exit", help="stop every image at this exit branch (anytime prediction)"),
+    out: Optional[str] = typer.Option(None, help="per-image CSV (default BUNDLE/run_<backend>.csv)"),
+) -> None:
+    """Run a bundle on test images with the reference, C-simulation or board backend."""
+    import json
+    from pathlib import Path
+
+    from ddi_hw.checkpoint import atomic_write_text
+    from ddi_hw.export import load_bundle, test_images
+
+    b = load_bundle(bundle)
+    name = dataset or b.manifest.get("dataset")
+    if not name:
+        raise UserError("the bundle does not record its data set: pass --dataset cifar10|smoke")
+    x, y = test_images(name, data_dir, limit)
+    be = get_backend(backend)
+    try:
+        df = run_images(b, x, y, be, exit_at=exit_at)
+    finally:
+        be.close()
+    path = Path(out) if out else Path(bundle) / f"run_{backend}.csv"
+    atomic_write_text(path, df.to_csv(index=False))
+    summary = summarize(df)
+    print(json.dumps({"backend": backend, **summary}, indent=1))
+    print(f"per-image results: {path}")

@@ -1,0 +1,252 @@
+"""Calibration: fit Eq. 6's per-access energies and static power to measured energy.
+
+Each measured configuration (a set of layers run at some channel counts) contributes one row:
+its total access counts from the cost table and the energy measured per inference. The model is
+linear and every coefficient is physically non-negative, so non-negative least squares is the
+right tool:  E = e_dram*D + e_sram*S + e_rf*R + e_mac*M + P_static * cycles / f_clk.
+Rows are weighted by 1/E (relative error) so that small configurations count as much as large
+ones; columns are scaled to unit norm before solving so the pJ and W coefficients are comparable.
+A coefficient whose column is (nearly) a combination of the others cannot be identified from
+these measurements: it is reported, not silently trusted.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+from ddi_hw.errors import UserError
+
+COUNT_COLUMNS = ["dram_accesses", "sram_accesses", "rf_accesses", "macs", "cycles"]
+MEASUREMENT_COLUMNS = ["config", *COUNT_COLUMNS, "energy_j"]
+COEFFICIENTS = ["e_dram_pj", "e_sram_pj", "e_rf_pj", "e_mac_pj", "static_w"]
+
+
+@dataclass
+class Fit:
+    coef: dict[str, float]
+    std_err: dict[str, float]
+    r2: float
+    rel_err: "pd.Series"  # per configuration: (predicted - measured) / measured
+    condition: float
+    warnings: list[str] = field(default_factory=list)
+    fixed: list[str] = field(default_factory=list)  # kept from the base preset (not identifiable)
+
+    def summary(self):
+        import pandas as pd
+
+        return pd.DataFrame({"coefficient": list(self.coef), "value": list(self.coef.values()),
+                             "std_err": [self.std_err[k] for k in self.coef]})
+
+
+def config_counts(rows: pd.DataFrame) -> dict[str, float]:
+    """Sum a cost-table slice (one row per executed layer at its active count) into counts."""
+    need = ["macs", "cycles", "rf_accesses", "sram_reads_ifmap", "sram_reads_filter",
+            "sram_writes_ofmap", "dram_reads_ifmap", "dram_reads_filter", "dram_writes_ofmap"]
+    missing = [c for c in need if c not in rows.columns]
+    if missing:
+        raise UserError(f"cost table lacks columns {missing}; regenerate it with `ddi-hw profile`")
+    s = rows[need].sum()
+    return {"dram_accesses": float(s.dram_reads_ifmap + s.dram_reads_filter + s.dram_writes_ofmap),
+            "sram_accesses": float(s.sram_reads_ifmap + s.sram_reads_filter + s.sram_writes_ofmap),
+            "rf_accesses": float(s.rf_accesses), "macs": float(s.macs), "cycles": float(s.cycles)}
+
+
+def read_measurements(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"measurements file {path} not found")
+    df = pd.read_csv(path)
+    missing = [c for c in MEASUREMENT_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks columns {missing}; expected {MEASUREMENT_COLUMNS}")
+    num = df[COUNT_COLUMNS + ["energy_j"]].apply(pd.to_numeric, errors="coerce")
+    if num.isna().any().any() or (num < 0).any().any():
+        bad = int(num.isna().any(axis=1).idxmax()) if num.isna().any().any() else int((num < 0).any(axis=1).idxmax())
+        raise UserError(f"{path} row {bad + 2}: counts and energy_j must be non-negative numbers")
+    if (num["energy_j"] <= 0).any():
+        raise UserError(f"{path}: energy_j must be > 0 in every row (baseline-subtracted per inference)")
+    df[COUNT_COLUMNS + ["energy_j"]] = num
+    return df
+
+
+def design(df: pd.DataFrame, clock_hz: float) -> np.ndarray:
+    """Columns in the units of COEFFICIENTS: counts (x pJ) and seconds*1e12 (x W -> pJ)."""
+    import numpy as np
+
+    return np.column_stack([df.dram_accesses, df.sram_accesses, df.rf_accesses, df.macs,
+                            df.cycles / clock_hz * 1e12]).astype(float)
+
+
+# When two counts move together, the one earlier in this list is fixed at its base-preset value
+# (register-file accesses usually follow MACs by a fixed dataflow rule, so RF goes first).
+FIX_ORDER = ["e_rf_pj", "e_mac_pj", "static_w", "e_sram_pj", "e_dram_pj"]
+
+
+def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
+        collinear_tol: float = 1e-3) -> Fit:
+    """NNLS fit; coefficients the data cannot identify are fixed at `base` and reported."""
+    import numpy as np
+    import pandas as pd
+    from scipy.optimize import nnls
+
+    base = base or {}
+    X = design(df, clock_hz)
+    y = df["energy_j"].to_numpy(float) * 1e12  # pJ
+    w = 1.0 / y
+    Xw, yw = X * w[:, None], y * w
+    norms = np.linalg.norm(Xw, axis=0)
+    warnings: list[str] = []
+    free = [j for j in range(len(COEFFICIENTS)) if norms[j] > 0]
+    for j in range(len(COEFFICIENTS)):
+        if norms[j] == 0:
+            warnings.append(f"{COEFFICIENTS[j]}: zero in every configuration, not identifiable; "
+                            "kept from the base preset")
+    for name in FIX_ORDER:
+        j = COEFFICIENTS.index(name)
+        if j not in free or len(free) < 2:
+            continue
+        others = [k for k in free if k != j]
+        A = Xw[:, others] / norms[others]
+        col = Xw[:, j] / norms[j]
+        resid = col - A @ np.linalg.lstsq(A, col, rcond=None)[0]
+        if np.linalg.norm(resid) < collinear_tol:
+            free.remove(j)
+            warnings.append(f"{name}: (nearly) a combination of the other counts in these "
+                            "configurations, not identifiable; kept from the base preset "
+                            "(measure configurations that vary it independently)")
+    fixed = [j for j in range(len(COEFFICIENTS)) if j not in free]
+    beta = np.array([float(base.get(COEFFICIENTS[j], 0.0)) for j in range(len(COEFFICIENTS))])
+    beta[free] = 0.0
+    y_rest = yw - Xw[:, fixed] @ beta[fixed] if fixed else yw
+    Xs = Xw[:, free] / norms[free]
+    sol, _ = nnls(Xs, y_rest)
+    beta[free] = sol / norms[free]
+    sv = np.linalg.svd(Xs, compute_uv=False)
+    condition = float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
+    if len(df) <= len(free):
+        warnings.append(f"{len(df)} configurations for {len(free)} free coefficients: no residual "
+                        "left to judge the fit; measure more configurations")
+    for j in free:
+        if beta[j] == 0.0:
+            warnings.append(f"{COEFFICIENTS[j]}: fitted at the zero bound (the data prefer a "
+                            "negative value; check the baseline subtraction)")
+    # standard errors of free, non-zero coefficients from the weighted least-squares covariance
+    se = np.full(len(COEFFICIENTS), np.nan)
+    active = [j for j in free if beta[j] > 0]
+    dof = len(y) - len(active)
+    if dof > 0 and active:
+        resid = yw - Xw @ beta
+        s2 = float(resid @ resid) / dof
+        cov = s2 * np.linalg.pinv(Xw[:, active].T @ Xw[:, active])
+        se[active] = np.sqrt(np.clip(np.diag(cov), 0, None))
+    pred = X @ beta
+    r2 = 1.0 - float(np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2)) if len(y) > 1 else float("nan")
+    rel = pd.Series((pred - y) / y, index=df["config"].astype(str), name="rel_err")
+    return Fit(dict(zip(COEFFICIENTS, beta.tolist())), dict(zip(COEFFICIENTS, se.tolist())),
+               r2, rel, condition, warnings, [COEFFICIENTS[j] for j in fixed])
+
+
+# calibrated coefficient -> (preset YAML key, section or None for top level)
+PRESET_KEYS = {"e_dram_pj": ("dram_pj", "energy"), "e_sram_pj": ("sram_pj", "energy"),
+               "e_rf_pj": ("rf_pj", "energy"), "e_mac_pj": ("mac_pj", "energy"),
+               "static_w": ("static_power_w", None)}
+# the preset loader wants per-access energies > 0; a coefficient fitted at the zero bound is
+# written as this floor (effectively zero) and said so in the file
+ENERGY_FLOOR_PJ = 1e-9
+
+
+def base_coefficients(preset) -> dict[str, float]:
+    return {c: float(getattr(preset, key)) for c, (key, _) in PRESET_KEYS.items()}
+
+
+def calibrated_preset_text(base_text: str, base_name: str, result: Fit, source: str) -> str:
+    """The base preset's YAML with the fitted fields replaced in place (comments kept) and a
+    provenance header, so the file still cites where every unfitted number comes from."""
+    import re
+    from datetime import datetime, timezone
+
+    import yaml
+
+    text = base_text
+    for coef, (key, section) in PRESET_KEYS.items():
+        if coef in result.fixed:
+            continue
+        value = result.coef[coef]
+        note = "CALIBRATED"
+        if section is not None and value <= 0:
+            value, note = ENERGY_FLOOR_PJ, "CALIBRATED: fitted at zero bound, floor for the loader"
+        indent = r"[ \t]+" if section else ""
+        pattern = re.compile(rf"^({indent}{key}:)[ \t]*([^#\n]*?)[ \t]*(#.*)?$", re.M)
+        if len(pattern.findall(text)) != 1:
+            raise UserError(f"base preset {base_name}: cannot find a single '{key}:' line to "
+                            "replace; calibrate against a preset in the shipped layout")
+        literal = yaml.safe_dump(float(f"{value:.6g}")).split("\n")[0]  # YAML 1.1-safe float
+        text = pattern.sub(lambda m: f"{m.group(1)} {literal}    # {note} (base {m.group(2)})"
+                           + (f"; base note: {m.group(3)[1:].strip()}" if m.group(3) else ""),
+                           text, count=1)
+    text = re.sub(r"^name:.*$", f"name: {base_name}-calibrated", text, count=1, flags=re.M)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    fixed = ", ".join(result.fixed) or "none"
+    header = (f"# CALIBRATED by `ddi-hw calibrate` on {when} from {source}\n"
+              f"# base preset: {base_name}; fit: NNLS, R^2 = {result.r2:.4f}, "
+              f"max |relative error| = {result.rel_err.abs().max():.3%}\n"
+              f"# kept from the base preset (not identifiable from these measurements): {fixed}\n"
+              "# MEASURED coefficients below are marked CALIBRATED; everything else is the base preset.\n")
+    return header + text
+
+
+def calibrate_command(
+    measurements: Path = typer.Argument(..., help="CSV: config, dram_accesses, sram_accesses, rf_accesses, macs, cycles, energy_j (J per inference, baseline-subtracted)"),
+    hardware: str = typer.Option("zedboard", "--hardware", help="base preset name or YAML file"),
+    out: Path = typer.Option(Path("calibrated_preset.yaml"), "--out", help="calibrated preset to write"),
+) -> None:
+    """Fit the preset's per-access energies and static power to measured energy (NNLS).
+
+    Writes a calibrated preset that `profile --hardware OUT` and `train --hardware OUT` accept,
+    plus OUT.fit.csv with the coefficients and their standard errors.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from energy_models.presets import _read, load_preset
+
+    df = read_measurements(measurements)
+    preset = load_preset(hardware)
+    base = base_coefficients(preset)
+    result = fit(df, preset.clock_hz, base)
+    console = Console()
+    table = Table(title=f"calibration of {preset.name} on {len(df)} configurations "
+                        f"(R^2 = {result.r2:.4f}, condition {result.condition:.3g})")
+    for col in ("coefficient", "base", "fitted", "std err", "status"):
+        table.add_column(col)
+    for c in COEFFICIENTS:
+        status = "kept (not identifiable)" if c in result.fixed else "MEASURED fit"
+        table.add_row(c, f"{base[c]:.4g}", f"{result.coef[c]:.4g}", f"{result.std_err[c]:.3g}", status)
+    console.print(table)
+    per = Table(title="per configuration")
+    per.add_column("config")
+    per.add_column("relative error")
+    for name, err in result.rel_err.items():
+        per.add_row(str(name), f"{err:+.2%}")
+    console.print(per)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    base_text, _ = _read(str(hardware))
+    text = calibrated_preset_text(base_text, preset.name, result, Path(measurements).name)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    load_preset(tmp)  # never leave a preset behind that the loader would refuse
+    os.replace(tmp, out)
+    fit_csv = out.with_suffix(".fit.csv")
+    rows = result.summary().assign(base=[base[c] for c in COEFFICIENTS],
+                                   kept_from_base=[c in result.fixed for c in COEFFICIENTS])
+    rows.to_csv(fit_csv.with_name(fit_csv.name + ".tmp"), index=False)
+    os.replace(fit_csv.with_name(fit_csv.name + ".tmp"), fit_csv)
+    typer.echo(f"wrote {out} and {fit_csv}")

@@ -1,0 +1,404 @@
+"""`ddi-hw eval`: accuracy vs cost, budgeted anytime accuracy, and skip statistics of trained runs.
+
+Every number comes from one pass of the real model over the test set with hard gate decisions;
+costs are the model's executed per-sample costs (FLOPs from the traced layers, energy and latency
+from the SCALE-Sim + Eq. 6 cost table of `--hardware`, i.e. MODELLED, not measured).
+
+Files written to `--out` (all CSV written atomically):
+- `summary.csv`, one row per checkpoint, read by `ddi-hw table1` (columns documented in
+  SUMMARY_COLUMNS): accuracy, mean FLOPs / energy (pJ) / latency (cycles) per image, the dense
+  static backbone's costs, and the savings against it (`compute_saving` = FLOPs,
+  `energy_saving` = modelled energy, `latency_saving` = modelled cycles).
+- `predictions_<run>.csv`: per test image label, prediction, per-exit predictions, costs, saving.
+- `budgets.csv` + `budget_predictions_<run>.csv` (models with exits): for each budget B every
+  image halts at the last exit whose cost fits in B (the model's `budget=` forward); accuracy next
+  to the best static run that fits in the same budget (paper Tables II/III).
+- `skip_blocks.csv`, `skip_channels.csv`: skip ratio per block and per channel of every gate.
+- `acc_vs_cost.png` (FLOPs, energy, latency panels; static runs as baselines), `budgets.png`,
+  `skip_<run>.png` (Fig. 15 style) and `easy_hard_<run>.png` (Fig. 13: highest / lowest saving).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ddi_hw.errors import UserError
+
+SUMMARY_COLUMNS = [
+    "run",  # run directory name
+    "arch", "stage", "dataset", "smoke_test",
+    "hardware",  # preset of the energy / latency cost table
+    "n_test",  # test images evaluated
+    "accuracy",  # top-1, final classifier, fraction in [0, 1]
+    "flops", "energy_pj", "latency_cycles",  # mean executed cost per image (gates, exits included)
+    "dense_flops", "dense_energy_pj", "dense_latency_cycles",  # static backbone of the same arch
+    "compute_saving", "energy_saving", "latency_saving",  # 1 - cost / dense cost
+    "skip_ratio",  # mean fraction of gate decisions that skip (layers and channels)
+    "energy_source",  # "modelled: SCALE-Sim + Eq. 6 (<preset>)"
+]
+METRIC_COLUMNS = {"flops": "flops", "energy": "energy_pj", "latency": "latency_cycles"}
+METRIC_UNITS = {"flops": ("MFLOPs", 1e-6), "energy": ("uJ (modelled)", 1e-6), "latency": ("kcycles (modelled)", 1e-3)}
+
+
+def _csv(df, path: Path) -> None:
+    from ddi_hw.checkpoint import atomic_write_text
+
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _png(fig, path: Path) -> None:
+    from ddi_hw.checkpoint import atomic_write_bytes
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_run(run_dir: str | Path, metrics: list[str], hardware: str | None):
+    """Model of a run directory with its weights and the cost table for `metrics` attached."""
+    from ddi_hw import checkpoint as ck
+    from ddi_hw.train import attach_costs, build_model
+
+    state, side = ck.load_model_state(run_dir)
+    model = build_model(side["model"])
+    hw = hardware or side["config"].get("hardware", "eyeriss-65nm")
+    size = 224 if side["config"].get("dataset") == "imagenet" else 32
+    cost_id = attach_costs(model, metrics, hw, (1, 3, size, size))
+    missing, unexpected = model.load_state_dict(state, strict=True), None
+    model.eval()
+    return model, side, hw, cost_id
+
+
+def predict(model, ds, metrics: list[str], batch_size: int, limit: int | None, budget: float | None = None,
+            budget_metric: str = "flops", layer_gated: bool = True) -> dict[str, Any]:
+    """One pass over the test set: labels, predictions, per-exit predictions, costs, gate skips.
+
+    `layer_gated=False` ignores `layer_decisions` (a model without layer gates reports all ones).
+    """
+    import numpy as np
+    import torch
+
+    from ddi_hw.data import test_batches
+
+    acc: dict[str, list] = {"label": [], "pred": [], "exit_preds": [], "exit_taken": [], "layer": [],
+                            **{f"cost_{m}": [] for m in metrics}}
+    ch_sum: dict[str, torch.Tensor] = {}
+    ch_count = 0
+    skip_per_sample = []
+    with torch.no_grad():
+        for x, y, _ in test_batches(ds, batch_size, limit):
+            out = model(x, mode="dense", budget=budget, budget_metric=budget_metric) if budget is not None \
+                else model(x, mode="dense")
+            acc["label"].append(y.numpy())
+            acc["pred"].append(out.logits.argmax(1).numpy())
+            if out.exit_logits:
+                acc["exit_preds"].append(torch.stack([e.argmax(1) for e in out.exit_logits], 1).numpy())
+            if out.exit_taken is not None:
+                acc["exit_taken"].append(out.exit_taken.numpy())
+            for m in metrics:
+                acc[f"cost_{m}"].append(out.cost[m].double().numpy())
+            dec_off, dec_n = torch.zeros(len(y), dtype=torch.float64), 0
+            if layer_gated and out.layer_decisions is not None and out.layer_decisions.numel():
+                acc["layer"].append(out.layer_decisions.double().numpy())
+                dec_off += (1 - out.layer_decisions.double()).sum(1)
+                dec_n += out.layer_decisions.shape[1]
+            for g, d in out.channel_decisions.items():
+                d = d.double()
+                ch_sum[g] = ch_sum.get(g, 0) + (1 - d).sum(0)
+                dec_off += (1 - d).sum(1)
+                dec_n += d.shape[1]
+            ch_count += len(y)
+            skip_per_sample.append((dec_off / max(dec_n, 1)).numpy())
+    res = {k: (np.concatenate(v) if v else None) for k, v in acc.items()}
+    res["skip"] = np.concatenate(skip_per_sample)
+    res["channel_skip"] = {g: (s / ch_count).numpy() for g, s in ch_sum.items()}
+    return res
+
+
+def _dense_costs(model, metrics: list[str]) -> dict[str, float]:
+    return {m: float(model.dense_cost(m)) for m in metrics}
+
+
+def _block_names(model, n_blocks: int) -> list[str]:
+    """Names of the layer-gated (skippable) blocks, in the order of `layer_decisions` columns."""
+    idx = getattr(model, "skippable_idx", None)
+    if idx is not None and len(idx) == n_blocks:
+        return [f"blocks.{j}" for j in idx]
+    return [f"block{i}" for i in range(n_blocks)]
+
+
+def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str | Path | None = None,
+                  hardware: str | None = None, metrics: tuple[str, ...] = ("flops", "energy", "latency"),
+                  budgets: list[float] | None = None, budget_metric: str = "flops", limit: int | None = None,
+                  batch_size: int = 500, show_progress: bool = True) -> dict[str, Any]:
+    """Evaluate runs and write the CSV/PNG files listed in the module docstring; return the frames."""
+    import numpy as np
+    import pandas as pd
+    from rich.progress import Progress
+
+    from ddi_hw.data import load_dataset
+
+    metrics = list(metrics)
+    if "flops" not in metrics:
+        metrics.insert(0, "flops")
+    if budget_metric not in metrics:
+        raise UserError(f"--budget-metric {budget_metric} must be one of the evaluated metrics {metrics}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not run_dirs:
+        raise UserError("give at least one run directory (written by ddi-hw train)")
+    datasets: dict[str, Any] = {}
+    summary, pred_frames, block_rows, channel_rows = [], {}, [], []
+    loaded = {}
+    used_names: set[str] = set()
+    with Progress(disable=not show_progress) as progress:
+        task = progress.add_task("evaluating", total=len(run_dirs))
+        for run_dir in run_dirs:
+            run_dir = Path(run_dir)
+            name = run_dir.resolve().name
+            while name in used_names:
+                name += "_"
+            used_names.add(name)
+            progress.update(task, description=f"eval {name}")
+            model, side, hw, cost_id = load_run(run_dir, metrics, hardware)
+            cfg = side["config"]
+            if cfg["dataset"] not in datasets:
+                datasets[cfg["dataset"]] = load_dataset(cfg["dataset"], data_dir)
+            ds = datasets[cfg["dataset"]]
+            res = predict(model, ds, metrics, batch_size, limit, layer_gated=bool(side["model"].get("layer_gates")))
+            dense = _dense_costs(model, metrics)
+            n = len(res["label"])
+            correct = res["pred"] == res["label"]
+            row = {"run": name, "arch": cfg["arch"], "stage": cfg["stage"], "dataset": ds.name,
+                   "smoke_test": ds.smoke_test, "hardware": hw if set(metrics) - {"flops"} else "",
+                   "n_test": n, "accuracy": float(correct.mean()), "skip_ratio": float(res["skip"].mean()),
+                   "energy_source": f"modelled: SCALE-Sim + Eq. 6 ({hw})" if "energy" in metrics else ""}
+            for m in ("flops", "energy", "latency"):
+                col = METRIC_COLUMNS[m]
+                if m in metrics:
+                    mean = float(res[f"cost_{m}"].mean())
+                    row[col], row[f"dense_{col}"] = mean, dense[m]
+                    row[{"flops": "compute_saving", "energy": "energy_saving", "latency": "latency_saving"}[m]] = \
+                        1.0 - mean / dense[m]
+                else:
+                    row[col] = row[f"dense_{col}"] = np.nan
+                    row[{"flops": "compute_saving", "energy": "energy_saving", "latency": "latency_saving"}[m]] = np.nan
+            summary.append(row)
+            pf = pd.DataFrame({"index": np.arange(n), "label": res["label"], "pred": res["pred"],
+                               "correct": correct.astype(int), "skip_ratio": res["skip"],
+                               **{f"cost_{m}": res[f"cost_{m}"] for m in metrics}})
+            pf["flop_saving"] = 1.0 - pf["cost_flops"] / dense["flops"]
+            if res["exit_preds"] is not None:
+                for i in range(res["exit_preds"].shape[1]):
+                    pf[f"exit{i}_pred"] = res["exit_preds"][:, i]
+            pred_frames[name] = pf
+            _csv(pf, out_dir / f"predictions_{name}.csv")
+            if res["layer"] is not None:
+                names = _block_names(model, res["layer"].shape[1])
+                for b, s in zip(names, 1 - res["layer"].mean(0)):
+                    block_rows.append({"run": name, "block": b, "skip_ratio": float(s)})
+            for g, s in res["channel_skip"].items():
+                channel_rows += [{"run": name, "gate": g, "channel": k, "skip_ratio": float(v)} for k, v in enumerate(s)]
+            loaded[name] = (model, side, ds, dense)
+            progress.advance(task)
+
+    summary_df = pd.DataFrame(summary)[SUMMARY_COLUMNS]
+    _csv(summary_df, out_dir / "summary.csv")
+    blocks_df = pd.DataFrame(block_rows, columns=["run", "block", "skip_ratio"])
+    channels_df = pd.DataFrame(channel_rows, columns=["run", "gate", "channel", "skip_ratio"])
+    _csv(blocks_df, out_dir / "skip_blocks.csv")
+    _csv(channels_df, out_dir / "skip_channels.csv")
+
+    budget_df = _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_size, limit, out_dir)
+    _plot_acc_vs_cost(summary_df, budget_df, metrics, out_dir / "acc_vs_cost.png")
+    for name, (model, side, ds, dense) in loaded.items():
+        if not blocks_df[blocks_df.run == name].empty or not channels_df[channels_df.run == name].empty:
+            _plot_skips(blocks_df[blocks_df.run == name], channels_df[channels_df.run == name], name,
+                        out_dir / f"skip_{name}.png")
+            _plot_easy_hard(pred_frames[name], ds, name, out_dir / f"easy_hard_{name}.png")
+    return {"summary": summary_df, "budgets": budget_df, "blocks": blocks_df, "channels": channels_df,
+            "predictions": pred_frames}
+
+
+def _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_size, limit, out_dir):
+    """Anytime accuracy per budget for every run with exits, beside the best static run that fits."""
+    import numpy as np
+    import pandas as pd
+
+    col = METRIC_COLUMNS[budget_metric]
+    statics = summary_df[summary_df.stage == "static"].sort_values(col)
+    rows = []
+    for name, (model, side, ds, dense) in loaded.items():
+        if not side["model"].get("exits"):
+            continue
+        if budgets:
+            bs = sorted(budgets)
+        else:  # the static baselines' costs below this model's dense cost, plus fractions of it
+            bs = sorted({float(c) for c in statics[col] if c < dense[budget_metric]}
+                        | {dense[budget_metric] * f for f in (0.3, 0.5, 0.7, 1.0)})
+        frames = []
+        for b in bs:
+            res = predict(model, ds, metrics, batch_size, limit, budget=b, budget_metric=budget_metric,
+                          layer_gated=bool(side["model"].get("layer_gates")))
+            correct = res["pred"] == res["label"]
+            fits = statics[statics[col] <= b * (1 + 1e-9)]
+            base = fits.iloc[-1] if len(fits) else None
+            exit_taken = res["exit_taken"] if res["exit_taken"] is not None else np.full(len(correct), -1)
+            row = {"run": name, "metric": budget_metric, "budget": b, "accuracy": float(correct.mean()),
+                   "mean_cost": float(res[f"cost_{budget_metric}"].mean()),
+                   "max_cost": float(res[f"cost_{budget_metric}"].max()),
+                   "final_share": float((exit_taken == -1).mean()),
+                   "base_run": base["run"] if base is not None else "",
+                   "base_arch": base["arch"] if base is not None else "",
+                   "base_cost": float(base[col]) if base is not None else np.nan,
+                   "base_accuracy": float(base["accuracy"]) if base is not None else np.nan}
+            row["acc_delta"] = row["accuracy"] - row["base_accuracy"]
+            rows.append(row)
+            frames.append(pd.DataFrame({"budget": b, "index": np.arange(len(correct)), "label": res["label"],
+                                        "pred": res["pred"], "exit_taken": exit_taken,
+                                        "cost": res[f"cost_{budget_metric}"]}))
+        if frames:
+            _csv(pd.concat(frames), out_dir / f"budget_predictions_{name}.csv")
+    budget_df = pd.DataFrame(rows, columns=["run", "metric", "budget", "accuracy", "mean_cost", "max_cost",
+                                            "final_share", "base_run", "base_arch", "base_cost", "base_accuracy",
+                                            "acc_delta"])
+    _csv(budget_df, out_dir / "budgets.csv")
+    if len(budget_df):
+        _plot_budgets(budget_df, budget_metric, out_dir / "budgets.png")
+    return budget_df
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_acc_vs_cost(summary_df, budget_df, metrics, path):
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    smoke = bool(summary_df.smoke_test.any())
+    for ax, m in zip(axes[0], metrics):
+        col = METRIC_COLUMNS[m]
+        unit, scale = METRIC_UNITS[m]
+        st = summary_df[summary_df.stage == "static"].sort_values(col)
+        if len(st):
+            ax.plot(st[col] * scale, st.accuracy * 100, "s--", color="gray", label="static baselines")
+            for _, r in st.iterrows():
+                ax.annotate(r.arch, (r[col] * scale, r.accuracy * 100), fontsize=7, xytext=(3, -8),
+                            textcoords="offset points")
+        dyn = summary_df[summary_df.stage != "static"]
+        for _, r in dyn.iterrows():
+            ax.plot(r[col] * scale, r.accuracy * 100, "o", label=f"{r.run} ({r.stage})")
+        if m == (budget_df.metric.iloc[0] if len(budget_df) else None):
+            for run, g in budget_df.groupby("run"):
+                ax.plot(g.mean_cost * scale, g.accuracy * 100, "^-", label=f"{run} budgets")
+        ax.set_xlabel(f"{m} per image [{unit}]")
+        ax.set_ylabel("top-1 accuracy [%]")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("accuracy vs cost" + (" (SMOKE-TEST data set, not CIFAR-10)" if smoke else ""))
+    _png(fig, path)
+
+
+def _plot_budgets(budget_df, metric, path):
+    plt = _plt()
+    unit, scale = METRIC_UNITS[metric]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run, g in budget_df.groupby("run"):
+        ax.plot(g.budget * scale, g.accuracy * 100, "o-", label=f"{run} (anytime)")
+        b = g.dropna(subset=["base_accuracy"])
+        if len(b):
+            ax.plot(b.budget * scale, b.base_accuracy * 100, "s--", color="gray", label="best static within budget")
+    ax.set_xlabel(f"budget [{unit}]")
+    ax.set_ylabel("top-1 accuracy [%]")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _png(fig, path)
+
+
+def _plot_skips(blocks_df, channels_df, name, path):
+    plt = _plt()
+    panels = [p for p in (("block", blocks_df), ("gate", channels_df)) if len(p[1])]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.3 * max(len(p[1].groupby(p[0])) for p in panels)), 3.2 * len(panels)),
+                             squeeze=False)
+    for ax, (key, df) in zip(axes[:, 0], panels):
+        g = df.groupby(key, sort=False).skip_ratio.mean()
+        ax.bar(range(len(g)), g.values * 100, color="tab:blue" if key == "block" else "tab:orange")
+        ax.set_xticks(range(len(g)))
+        ax.set_xticklabels(g.index, rotation=90, fontsize=6)
+        ax.set_ylabel("skip ratio [%]")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{name}: skip ratio per {'block (layer gate)' if key == 'block' else 'channel gate (mean over channels)'}")
+    fig.tight_layout()
+    _png(fig, path)
+
+
+def _plot_easy_hard(pf, ds, name, path, k: int = 8):
+    import torch
+
+    plt = _plt()
+    order = pf.sort_values("flop_saving", kind="stable")
+    groups = [("easy (highest saving)", order.tail(k).iloc[::-1]), ("hard (lowest saving)", order.head(k))]
+    fig, axes = plt.subplots(2, k, figsize=(1.4 * k, 3.6), squeeze=False)
+    for row, (title, g) in enumerate(groups):
+        imgs = ds.test.load(torch.tensor(g["index"].to_list()))[0]
+        for col in range(k):
+            ax = axes[row][col]
+            ax.axis("off")
+            if col < len(g):
+                ax.imshow(imgs[col].permute(1, 2, 0).numpy())
+                ax.set_title(f"{g.iloc[col].flop_saving * 100:.0f}%", fontsize=7)
+        axes[row][0].text(-0.1, 0.5, title, transform=axes[row][0].transAxes, rotation=90, va="center",
+                          ha="right", fontsize=8)
+    fig.suptitle(f"{name}: test images by FLOP saving" + (" (SMOKE-TEST data)" if ds.smoke_test else ""), fontsize=9)
+    _png(fig, path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def eval_command(
+    run_dirs: list[Path] = typer.Argument(..., help="run directories written by ddi-hw train"),
+    data_dir: Optional[Path] = typer.Option(None, help="test data (cifar-10-batches-py/ or .tar.gz); not needed for smoke runs"),
+    out: Path = typer.Option(Path("eval"), help="directory for the CSV and PNG results"),
+    hardware: Optional[str] = typer.Option(None, help="hardware preset for energy/latency (default: the run's)"),
+    metrics: str = typer.Option("flops,energy,latency", help="comma list of flops,energy,latency"),
+    budgets: Optional[str] = typer.Option(None, help="comma list of budgets in the budget metric's unit (default: static runs' costs)"),
+    budget_metric: str = typer.Option("flops", help="metric of the budgets"),
+    limit: Optional[int] = typer.Option(None, help="evaluate only the first N test images"),
+    batch_size: int = typer.Option(500, help="evaluation batch size"),
+) -> None:
+    """Accuracy vs cost, budgeted anytime accuracy and skip statistics for trained runs."""
+    ms = [m.strip() for m in metrics.split(",") if m.strip()]
+    bad = [m for m in ms + [budget_metric] if m not in METRIC_COLUMNS]
+    if bad:
+        raise UserError(f"unknown metric {bad[0]!r}; use flops, energy or latency")
+    try:
+        bl = [float(b) for b in budgets.split(",")] if budgets else None
+    except ValueError:
+        raise UserError(f"--budgets must be numbers separated by commas, got {budgets!r}") from None
+    res = evaluate_runs(run_dirs, out, data_dir, hardware, tuple(ms), bl, budget_metric, limit, batch_size)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"ddi-hw eval -> {out}")
+    for c in ("run", "stage", "accuracy", "compute_saving", "energy_saving"):
+        t.add_column(c)
+    for _, r in res["summary"].iterrows():
+        t.add_row(r.run, r.stage, f"{r.accuracy:.4f}", f"{r.compute_saving:.3f}",
+                  "" if r.energy_saving != r.energy_saving else f"{r.energy_saving:.3f} (modelled)")
+    Console().print(t)

@@ -1,0 +1,345 @@
+"""`DynamicNet`: what gated ResNets and DenseNets share -- one forward with two paths, cost
+accounting from the cost table, and anytime (budgeted) exits.
+
+Cost accounting. Every forward records per sample and per block j: L_j (1 = block ran; always 1
+for blocks that cannot be skipped) and k_j (active channels of the block's gated conv pair; the
+full width without a channel gate). The executed cost is then read from the table in one
+vectorised pass over an ordered list of *events* (stem, block 0, exit 0, block 1, ..., head):
+
+    block j:  g_j + L_j * (f_j + c_j + V_j(k_j))
+
+g_j = layer-gate layers (evaluated whenever the block is reached, including the shared LSTM, once
+per call), c_j = channel-gate layers (MGL2S: only evaluated when the block runs), f_j = layers that
+run with the block but are not channel-gated (a projection shortcut), V_j(k) = the gated conv pair
+(first conv on axis "out", second on axis "in") interpolated at k. With straight-through decisions
+this is differentiable and equals the table value for hard decisions.
+
+Budgets (RADI anytime inference). With `budget=B`, a sample computes every exit branch it passes
+while its cumulative cost (branches included) stays within B, and is classified at the last one;
+its reported cost is the cumulative cost at that exit. If its final classifier is within B it uses
+that (exit_taken = -1). If not even exit 0 fits, it is classified at exit 0 (cost above B). The
+sparse path stops a sample as soon as even the cheapest continuation (skip every skippable block,
+zero active channels) cannot reach its next exit within B, so it gives the same exits as the dense
+path; work a sample started past its last exit is not counted. Without a budget, exit branches are
+not part of the cost (the sparse path does not run them; the dense path computes them for
+training only).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ddi_hw.cost import CostTable, interp, model_specs
+from ddi_hw.errors import UserError
+from ddi_hw.models.output import DynamicOutput
+
+
+def _given(v) -> bool:
+    """A gate annotation that is set (the table may hold None, NaN or '' for 'no gate')."""
+    return isinstance(v, str) and v not in ("", "nan", "None")
+
+
+class CostPlan:
+    """Cost-table numbers laid out as tensors for the vectorised per-sample cost.
+
+    Rows are assigned to events by their `block` column; inside a block by role and gates:
+    backbone rows with an `out_gate` / `in_gate` form V (costed at k on that axis), other backbone
+    rows f, gate rows with a `layer_gate` c (channel gate: runs only with the block), other gate
+    rows g (layer gate: runs whenever the block is reached).
+    """
+
+    def __init__(self, table: CostTable, events: list[tuple[str, str]], skippable: list[bool]):
+        self.table, self.events = table, events
+        self.metrics = table.metrics
+        by_block: dict[str, list[str]] = {}
+        for name, row in table.rows.items():
+            by_block.setdefault(str(row.get("block", "")), []).append(name)
+        known = {b for _, b in events}
+        stray = [n for b, ns in by_block.items() if b not in known for n in ns]
+        if stray:
+            raise UserError(f"cost table rows {stray[:3]} belong to no block of this model; "
+                            "profile this exact model configuration")
+        blocks = [b for kind, b in events if kind == "block"]
+        self.J, self.S = len(blocks), len(events)
+        cols = {"fixed": [], "block": [], "exit": []}
+        for s, (kind, _) in enumerate(events):
+            cols[kind].append(s)
+        self.fixed_cols, self.block_cols, self.exit_cols = (torch.tensor(cols[k], dtype=torch.long)
+                                                            for k in ("fixed", "block", "exit"))
+        self.skippable = torch.tensor(skippable, dtype=torch.bool)
+        parts = [self._split(by_block.get(b, [])) for b in blocks]
+        self.K = torch.tensor([p[0] for p in parts], dtype=torch.float64)
+        kmax = int(max([p[0] for p in parts] + [1]))
+        total = lambda names, m: sum(table.dense(n, m) for n in names)  # noqa: E731
+        self.V, self.g, self.c, self.f, self.fixed, self.exit = {}, {}, {}, {}, {}, {}
+        for m in self.metrics:
+            V = torch.zeros(self.J, kmax + 1, dtype=torch.float64)
+            for j, (K, gated, *_rest) in enumerate(parts):
+                if gated:
+                    curve = sum(table.curve(n, ax, m) for n, ax in gated)
+                    V[j, : K + 1] = curve
+                    V[j, K + 1:] = curve[-1]
+            self.V[m] = V
+            self.f[m], self.g[m], self.c[m] = (torch.tensor([total(p[i], m) for p in parts], dtype=torch.float64)
+                                               for i in (2, 3, 4))
+            self.fixed[m] = torch.tensor([total(by_block.get(b, []), m) for k, b in events if k == "fixed"],
+                                         dtype=torch.float64)
+            self.exit[m] = torch.tensor([total(by_block.get(b, []), m) for k, b in events if k == "exit"],
+                                        dtype=torch.float64)
+        # cheapest possible cost of each event (used to stop hopeless samples in the sparse path)
+        self.min_event = {}
+        for m in self.metrics:
+            ev = torch.zeros(self.S, dtype=torch.float64)
+            ev[self.fixed_cols] = self.fixed[m]
+            ev[self.exit_cols] = self.exit[m]
+            full = self.f[m] + self.c[m] + self.V[m][:, 0]  # unskippable block, all channels off
+            ev[self.block_cols] = self.g[m] + torch.where(self.skippable, torch.zeros_like(full), full)
+            self.min_event[m] = ev
+
+    def _split(self, names: list[str]):
+        gated, fixed, lgate, cgate, widths = [], [], [], [], set()
+        for n in names:
+            row = self.table.rows[n]
+            if row.get("role", "backbone") == "gate":
+                (cgate if _given(row.get("layer_gate")) else lgate).append(n)
+            elif _given(row.get("out_gate")):
+                gated.append((n, "out"))
+                widths.add(len(self.table.curve(n, "out", "flops")) - 1)
+            elif _given(row.get("in_gate")):
+                gated.append((n, "in"))
+                widths.add(len(self.table.curve(n, "in", "flops")) - 1)
+            else:
+                fixed.append(n)
+        if len(widths) > 1:
+            raise UserError(f"gated layers {[n for n, _ in gated]} disagree on the channel count {widths}")
+        return (widths.pop() if widths else 0), gated, fixed, lgate, cgate
+
+    def check(self, metric: str) -> None:
+        if metric not in self.metrics:
+            self.table.curve("", "out", metric)  # raises the UserError naming the missing column
+
+    def events_matrix(self, L: torch.Tensor, k: torch.Tensor, metric: str, with_exits: bool) -> torch.Tensor:
+        """(N, S) cost of each event per sample; L, k are (N, J)."""
+        L64 = L.to(torch.float64)
+        blk = self.g[metric] + L64 * (self.f[metric] + self.c[metric] + interp(self.V[metric], k))
+        n = L.shape[0]
+        ev = torch.zeros(n, self.S, dtype=torch.float64)
+        ev = ev.index_copy(1, self.block_cols, blk)
+        if len(self.fixed_cols):
+            ev = ev.index_copy(1, self.fixed_cols, self.fixed[metric].expand(n, -1))
+        if with_exits and len(self.exit_cols):
+            ev = ev.index_copy(1, self.exit_cols, self.exit[metric].expand(n, -1))
+        return ev
+
+    def dense_cost(self, metric: str) -> float:
+        """Static backbone: every block runs with every channel, no gates, no exits."""
+        self.check(metric)
+        blocks = self.f[metric] + self.V[metric].gather(1, self.K.long().unsqueeze(1)).squeeze(1)
+        return float(self.fixed[metric].sum() + blocks.sum())
+
+    def lookahead(self, metric: str, col: int) -> float:
+        """Cheapest cost from after event `col` up to and including the next exit (or the end)."""
+        nxt = [c for c in self.exit_cols.tolist() if c > col]
+        stop = nxt[0] if nxt else self.S - 1
+        return float(self.min_event[metric][col + 1: stop + 1].sum())
+
+
+class DynamicNet(nn.Module):
+    """Base class. Subclasses set `events` [("fixed"|"block"|"exit", block name)] in execution
+    order, `block_skippable`, `skippable_idx`, `num_skippable`, `gate_widths` {gate: K}, annotate
+    modules with `ddi_*` attributes, and implement `_forward_dense(x, force) -> DynamicOutput`
+    (with block_run / block_active) and `_forward_sparse(x, force, run: SparseRun)`."""
+
+    input_size: int = 32
+
+    def __init__(self):
+        super().__init__()
+        self._table: CostTable | None = None
+        self._plan: CostPlan | None = None
+        self._tracing = False
+
+    # ------------------------------------------------------------------ cost table
+    def attach_cost_table(self, table: CostTable) -> "DynamicNet":
+        """Use a profiled table (flops, energy, latency) for every reported cost."""
+        missing = [s.name for s in self.specs() if s.name not in table]
+        if missing:
+            raise UserError(f"cost table lacks {len(missing)} layers of this model (e.g. {missing[0]!r}); "
+                            "profile this exact model configuration")
+        self._table, self._plan = table, None
+        return self
+
+    @property
+    def cost_table(self) -> CostTable:
+        if self._table is None:  # FLOPs-only table from the traced specs (one source for FLOPs)
+            self._table = CostTable.from_specs(self.specs())
+        return self._table
+
+    def specs(self, batch: int = 1):
+        """Layer specs of this model (dense path: every gate and exit executed)."""
+        self._tracing = True
+        try:
+            return model_specs(self, (batch, 3, self.input_size, self.input_size))
+        finally:
+            self._tracing = False
+
+    @property
+    def plan(self) -> CostPlan:
+        if self._plan is None:
+            self._plan = CostPlan(self.cost_table, self.events, self.block_skippable)
+        return self._plan
+
+    @property
+    def exit_blocks(self) -> list[str]:
+        return [b for kind, b in self.events if kind == "exit"]
+
+    def dense_cost(self, metric: str = "flops") -> float:
+        """Cost of the static backbone (no gates, no exits) from the cost table."""
+        return self.plan.dense_cost(metric)
+
+    def gate_overhead(self, metric: str = "flops"):
+        """Per block: backbone cost (dense) and layer/channel gate cost relative to it
+        (paper: LSTM gate ~0.04% / <1%, CNN gate ~12.5% of a block, DenseNet light gate ~11%)."""
+        import pandas as pd
+
+        plan = self.plan
+        plan.check(metric)
+        names = [b for kind, b in self.events if kind == "block"]
+        backbone = plan.f[metric] + plan.V[metric].gather(1, plan.K.long().unsqueeze(1)).squeeze(1)
+        return pd.DataFrame({
+            "block": names, "backbone": backbone.numpy(), "layer_gate": plan.g[metric].numpy(),
+            "channel_gate": plan.c[metric].numpy(),
+            "layer_gate_ratio": (plan.g[metric] / backbone).numpy(),
+            "channel_gate_ratio": (plan.c[metric] / backbone).numpy()})
+
+    def _annotate(self, module: nn.Module, block: str, role: str, out_gate=None, in_gate=None,
+                  layer_gate=None) -> None:
+        module.ddi_block, module.ddi_role = block, role
+        module.ddi_out_gate, module.ddi_in_gate, module.ddi_layer_gate = out_gate, in_gate, layer_gate
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, mode: str = "dense", force: dict | None = None,
+                budget: float | None = None, budget_metric: str = "flops") -> DynamicOutput:
+        if mode not in ("dense", "sparse"):
+            raise UserError(f"mode must be 'dense' or 'sparse', not {mode!r}")
+        force = self._check_force(force or {}, x.shape[0])
+        if self._tracing:
+            return self._forward_dense(x, force)
+        plan = self.plan
+        plan.check(budget_metric)
+        if budget is not None and not self.exit_blocks:
+            raise UserError("a budget needs exit branches; build the model with exits=True")
+        if mode == "sparse":
+            if self.training:
+                raise UserError("mode='sparse' is for inference; call model.eval() first")
+            with torch.no_grad():
+                run = SparseRun(self, x.shape[0], budget, budget_metric)
+                self._forward_sparse(x, force, run)
+                return run.finish()
+        out = self._forward_dense(x, force)
+        return self._account(out, budget, budget_metric)
+
+    def _account(self, out: DynamicOutput, budget, metric) -> DynamicOutput:
+        plan, L, k = self.plan, out.block_run, out.block_active
+        n = L.shape[0]
+        if budget is None or not len(plan.exit_cols):
+            out.cost = {m: plan.events_matrix(L, k, m, with_exits=False).sum(1) for m in plan.metrics}
+            out.exit_taken = torch.full((n,), -1, dtype=torch.long)
+            return out
+        cums = {m: plan.events_matrix(L, k, m, with_exits=True).cumsum(1) for m in plan.metrics}
+        taken = select_exit(cums[metric], plan.exit_cols, budget)
+        col = torch.where(taken < 0, plan.S - 1, plan.exit_cols[taken.clamp(min=0)])
+        out.cost = {m: c.gather(1, col.unsqueeze(1)).squeeze(1) for m, c in cums.items()}
+        out.exit_taken = taken
+        stacked = torch.stack([out.logits] + out.exit_logits)  # (1+E, N, C)
+        out.logits = stacked[taken + 1, torch.arange(n)]
+        return out
+
+    def _check_force(self, force: dict, n: int) -> dict:
+        bad = set(force) - {"layer", "channel"}
+        if bad:
+            raise UserError(f"force keys must be 'layer' and/or 'channel', not {sorted(bad)}")
+        if "layer" in force:
+            L = torch.as_tensor(force["layer"])
+            if L.shape != (n, self.num_skippable):
+                raise UserError(f"force['layer'] must have shape ({n}, {self.num_skippable}), got {tuple(L.shape)}")
+        for g, m in force.get("channel", {}).items():
+            if g not in self.gate_widths:
+                raise UserError(f"force['channel'] names unknown gate {g!r}; gates: {list(self.gate_widths)[:3]}...")
+            if tuple(m.shape) != (n, self.gate_widths[g]):
+                raise UserError(f"force['channel'][{g!r}] must have shape ({n}, {self.gate_widths[g]})")
+        return force
+
+
+def select_exit(cum: torch.Tensor, exit_cols: torch.Tensor, budget: float) -> torch.Tensor:
+    """Index of the last exit within budget (-1 = final classifier fits, 0 if none fits)."""
+    within = cum[:, exit_cols] <= budget  # (N, E), monotone: True...True False...False
+    last = within.sum(1) - 1
+    taken = last.clamp(min=0)
+    return torch.where(cum[:, -1] <= budget, torch.full_like(taken, -1), taken)
+
+
+class SparseRun:
+    """Book-keeping of one sparse forward: which samples still run, their decisions, exits."""
+
+    def __init__(self, net: DynamicNet, n: int, budget, metric: str):
+        self.net, self.n, self.budget, self.metric = net, n, budget, metric
+        plan = net.plan
+        self.L = torch.ones(n, plan.J)
+        self.k = plan.K.to(torch.float32).expand(n, -1).clone()
+        self.probs = torch.ones(n, plan.J)
+        self.channels = {g: torch.zeros(n, K) for g, K in net.gate_widths.items()}
+        self.channel_probs = {g: torch.zeros(n, K) for g, K in net.gate_widths.items()}
+        self.active = torch.arange(n)  # original indices of samples still running
+        self.taken = torch.full((n,), -1, dtype=torch.long)
+        self.logits: torch.Tensor | None = None
+        self.exit_logits: list[torch.Tensor] = []
+
+    def _store(self, idx: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.logits is None:
+            self.logits = logits.new_zeros(self.n, logits.shape[1])
+        self.logits[idx] = logits
+
+    def at_exit(self, i: int, h: torch.Tensor, branch: nn.Module) -> torch.Tensor:
+        """Run exit i for the samples within budget; return the local indices that continue."""
+        if self.budget is None:
+            return None
+        plan, act = self.net.plan, self.active
+        col = int(plan.exit_cols[i])
+        cum = plan.events_matrix(self.L[act], self.k[act], self.metric, with_exits=True)[:, : col + 1]
+        cum = cum.cumsum(1)[:, -1]
+        fits = cum <= self.budget
+        run_branch = torch.ones_like(fits) if i == 0 else fits  # exit 0 is the fallback for all
+        sel = run_branch.nonzero().squeeze(1)
+        if len(sel):
+            self._store(act[sel], branch(h[sel] if len(sel) < len(act) else h))
+            self.taken[act[sel]] = i
+        keep = (fits & (cum + plan.lookahead(self.metric, col) <= self.budget)).nonzero().squeeze(1)
+        self.active = act[keep]
+        return keep
+
+    def at_end(self, logits: torch.Tensor) -> None:
+        act = self.active
+        if self.budget is None:
+            self._store(act, logits)
+            return
+        plan = self.net.plan
+        cum = plan.events_matrix(self.L[act], self.k[act], self.metric, with_exits=True).cumsum(1)[:, -1]
+        ok = (cum <= self.budget).nonzero().squeeze(1)
+        self._store(act[ok], logits[ok])
+        self.taken[act[ok]] = -1
+
+    def finish(self) -> DynamicOutput:
+        net, plan = self.net, self.net.plan
+        budget = self.budget is not None and len(plan.exit_cols)
+        cost = {}
+        for m in plan.metrics:
+            ev = plan.events_matrix(self.L, self.k, m, with_exits=bool(budget)).cumsum(1)
+            col = torch.where(self.taken < 0, plan.S - 1, plan.exit_cols[self.taken.clamp(min=0)]) \
+                if budget else torch.full((self.n,), plan.S - 1)
+            cost[m] = ev.gather(1, col.unsqueeze(1)).squeeze(1)
+        skip = net.skippable_idx
+        return DynamicOutput(
+            logits=self.logits, exit_logits=[], layer_decisions=self.L[:, skip],
+            layer_probs=self.probs[:, skip], channel_decisions=self.channels, cost=cost,
+            exit_taken=self.taken, channel_probs=self.channel_probs,
+            block_run=self.L, block_active=self.k)

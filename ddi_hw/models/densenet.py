@@ -1,0 +1,386 @@
+"""DenseNet-BC (Huang et al. 2017) with MGL2S gates and early exits.
+
+- CIFAR DenseNet-BC-L (32x32, growth 12): 3x3 stem conv to 2k channels, three dense blocks of
+  (L-4)/6 bottleneck layers (BN-ReLU-1x1 conv to 4k, BN-ReLU-3x3 conv to k), transitions
+  BN-ReLU-1x1 conv (compression 0.5)-2x2 avg pool, final BN-ReLU-pool-linear. L = 100 (paper),
+  76/82/88 (Table II baselines).
+- DenseNet-201 (224x224, growth 32): 7x7/2 stem conv 64 + BN + ReLU + 3x3/2 max pool, dense
+  blocks of 6/12/48/32 layers, same transitions and head (torchvision's layout).
+
+Skipping semantics:
+- Layer gate (paper Fig. 3): a skipped dense layer emits the same k new feature maps as the
+  dense layer before it in its block, so concatenation sizes never change. The first layer of
+  each dense block has no predecessor in the block and is never skipped; stem, transitions and
+  head always run.
+- Channel gate (light gate, Fig. 4, or the RNN variant): masks the 4k output channels of the
+  layer's 1x1 bottleneck. A skipped channel is not computed and is exactly 0 after BN2 + ReLU,
+  so the 3x3 conv reads only the active channels. (The dense layer's own output is concatenated,
+  not added, so Eq. 2's pass-through has no counterpart inside the layer.)
+- MGL2S: the channel gate is evaluated only when the layer gate says "run".
+
+The sparse path keeps each dense block's features in one preallocated buffer (no repeated
+concatenation), runs a dense layer only for the samples that execute it, copies the previous
+layer's features for the others, folds BN2 into the 1x1 conv and slices the bottleneck channels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddi_hw.errors import UserError
+from ddi_hw.models.base import DynamicNet
+from ddi_hw.models.exits import ExitBranch, default_exit_positions
+from ddi_hw.models.gates import ChannelGateRNN, DenseLightGate, LayerGateEmbed, SharedLSTMGate, hard_decision
+from ddi_hw.models.output import DynamicOutput
+from ddi_hw.models.registry import register_model
+from ddi_hw.models.sparse_ops import FoldCache, fold_bn, run_channel_groups
+
+
+def _bn_affine(bn):
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale.detach(), (bn.bias - bn.running_mean * scale).detach()
+
+
+def _bn_tensors(bn):
+    return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, c_in: int, growth: int, skippable: bool, layer_gate: bool, channel_gate: str | None,
+                 bn_size: int = 4):
+        super().__init__()
+        width = bn_size * growth
+        self.c_in, self.growth, self.width, self.skippable = c_in, growth, width, skippable
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, growth, 3, padding=1, bias=False)
+        self.lgate = LayerGateEmbed(c_in) if layer_gate and skippable else None
+        self.cgate = (DenseLightGate(c_in, width, growth) if channel_gate == "cnn"
+                      else ChannelGateRNN(c_in, width) if channel_gate == "rnn" else None)
+        self._fold = FoldCache()
+
+    def forward(self, x, mask=None):
+        h = F.relu(self.bn2(self.conv1(F.relu(self.bn1(x)))))
+        if mask is not None:
+            h = h * mask[:, :, None, None].to(h.dtype)
+        return self.conv2(h)
+
+    def _folded(self):
+        def compute():
+            s1, t1 = _bn_affine(self.bn1)
+            w1, b1 = fold_bn(self.conv1.weight, self.bn2)
+            return s1.view(1, -1, 1, 1), t1.view(1, -1, 1, 1), w1, b1, self.conv2.weight.detach()
+        return self._fold.get([*_bn_tensors(self.bn1), self.conv1.weight, *_bn_tensors(self.bn2),
+                               self.conv2.weight], compute)
+
+    def sparse(self, x, mask=None, max_groups: int = 8):
+        s1, t1, w1, b1, w2 = self._folded()
+        a = F.relu(torch.addcmul(t1, x, s1))
+        if mask is None:
+            return F.conv2d(F.relu(F.conv2d(a, w1, b1)), w2, None, 1, 1)
+        return run_channel_groups(a, mask, lambda xs, ch, m: self._sliced(xs, ch, m, w1, b1, w2), max_groups)
+
+    def _sliced(self, a, ch, m, w1, b1, w2):
+        if len(ch) == 0:
+            return a.new_zeros(a.shape[0], self.growth, a.shape[2], a.shape[3])
+        h = F.relu(F.conv2d(a, w1[ch], b1[ch]))
+        if m is not None:
+            h = h * m[:, :, None, None]
+        return F.conv2d(h, w2[:, ch], None, 1, 1)
+
+
+class Transition(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c_in)
+        self.conv = nn.Conv2d(c_in, c_out, 1, bias=False)
+
+    def forward(self, x):
+        return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
+
+
+class Stem(nn.Module):
+    def __init__(self, c_out: int, imagenet: bool):
+        super().__init__()
+        self.imagenet = imagenet
+        if imagenet:
+            self.conv = nn.Conv2d(3, c_out, 7, 2, 3, bias=False)
+            self.bn = nn.BatchNorm2d(c_out)
+        else:
+            self.conv = nn.Conv2d(3, c_out, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.imagenet:
+            x = F.max_pool2d(F.relu(self.bn(x)), 3, 2, 1)
+        return x
+
+
+class DenseNet(DynamicNet):
+    """Gated DenseNet-BC; see the module docstring for the exact skipping semantics."""
+
+    def __init__(self, block_sizes, growth: int, num_classes: int = 10, imagenet: bool = False,
+                 layer_gates: bool = False, channel_gates: bool = False, channel_gate_kind: str = "cnn",
+                 exits: bool = False, exit_positions: list[int] | None = None, max_channel_groups: int = 8,
+                 input_size: int | None = None):
+        super().__init__()
+        self.input_size = input_size or (224 if imagenet else 32)
+        self.max_channel_groups = max_channel_groups
+        self.channel_gate_kind = channel_gate_kind if channel_gates else None
+        c = 64 if imagenet else 2 * growth
+        self.stem = Stem(c, imagenet)
+        size = self.input_size // 4 if imagenet else self.input_size
+        blocks, trans, sizes, chans = [], [], [], []
+        for b, n in enumerate(block_sizes):
+            layers = []
+            for i in range(n):
+                layers.append(DenseLayer(c + i * growth, growth, i > 0, layer_gates, self.channel_gate_kind))
+                sizes.append(size)
+                chans.append(c + (i + 1) * growth)
+            blocks.append(nn.ModuleList(layers))
+            c += n * growth
+            if b < len(block_sizes) - 1:
+                trans.append(Transition(c, c // 2))
+                c //= 2
+                size //= 2
+        self.dense_blocks = nn.ModuleList(blocks)
+        self.transitions = nn.ModuleList(trans)
+        self.norm = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, num_classes)
+        self.layer_gate = SharedLSTMGate() if layer_gates else None
+        self.channel_rnn = SharedLSTMGate(out=None) if self.channel_gate_kind == "rnn" else None
+        total = sum(block_sizes)
+        if exits:
+            if exit_positions is None:
+                exit_positions = default_exit_positions(list(block_sizes)) if not imagenet else \
+                    densenet201_exit_positions(block_sizes)
+            pos = sorted(exit_positions)
+            if any(not 0 <= p < total for p in pos) or len(set(pos)) != len(pos):
+                raise UserError(f"exit_positions must be distinct dense-layer indices in 0..{total - 1}")
+        else:
+            pos = []
+        self.exit_positions = pos
+        target, width = (7, 128) if imagenet else (8, 64)
+        self.exits = nn.ModuleList(ExitBranch(chans[p], sizes[p], num_classes, target, width) for p in pos)
+        self.layers = [layer for blk in self.dense_blocks for layer in blk]  # flat view, not registered
+        self._describe()
+
+    def _layer_name(self, j: int) -> str:
+        return self._names[j]
+
+    def _describe(self) -> None:
+        self._names = [f"dense_blocks.{b}.{i}" for b, blk in enumerate(self.dense_blocks) for i in range(len(blk))]
+        self.block_skippable = [layer.skippable for layer in self.layers]
+        self.skippable_idx = [j for j, s in enumerate(self.block_skippable) if s]
+        self.num_skippable = len(self.skippable_idx)
+        self.gate_widths = {f"{self._names[j]}.cgate": layer.width
+                            for j, layer in enumerate(self.layers) if layer.cgate is not None}
+        exit_at = {p: i for i, p in enumerate(self.exit_positions)}
+        self.events, j = [("fixed", "stem")], 0
+        for b, blk in enumerate(self.dense_blocks):
+            for _ in blk:
+                self.events.append(("block", self._names[j]))
+                if j in exit_at:
+                    self.events.append(("exit", f"exits.{exit_at[j]}"))
+                j += 1
+            if b < len(self.transitions):
+                self.events.append(("fixed", f"transitions.{b}"))
+        self.events.append(("fixed", "head"))
+        ann = self._annotate
+        for mod in (self, self.norm, self.fc):
+            ann(mod, "head", "backbone")
+        for m in self.stem.modules():
+            ann(m, "stem", "backbone")
+        for t, tr in enumerate(self.transitions):
+            for m in tr.modules():
+                ann(m, f"transitions.{t}", "backbone")
+        for j, layer in enumerate(self.layers):
+            p = self._names[j]
+            lg = f"{p}.lgate" if layer.lgate is not None else None
+            cg = f"{p}.cgate" if layer.cgate is not None else None
+            for name, m in layer.named_modules():
+                top = name.split(".")[0]
+                if top == "lgate":
+                    ann(m, p, "gate")
+                elif top == "cgate":
+                    ann(m, p, "gate", layer_gate=lg)
+                else:
+                    ann(m, p, "backbone", out_gate=cg if name == "conv1" else None,
+                        in_gate=cg if name == "conv2" else None, layer_gate=lg)
+        for shared in (self.layer_gate, self.channel_rnn):
+            if shared is not None:
+                for m in shared.modules():
+                    ann(m, "", "gate")
+        for i, e in enumerate(self.exits):
+            for m in e.modules():
+                ann(m, f"exits.{i}", "exit")
+
+    def _head(self, h):
+        return self.fc(F.relu(self.norm(h)).mean((2, 3)))
+
+    # ------------------------------------------------------------------ dense (training) path
+    def _forward_dense(self, x, force):
+        n = x.shape[0]
+        h = self.stem(x)
+        lstate = self.layer_gate.init_state(n, x) if self.layer_gate is not None else None
+        cstate = self.channel_rnn.init_state(n, x) if self.channel_rnn is not None else None
+        Lf, chf = force.get("layer"), force.get("channel", {})
+        ones = x.new_ones(n)
+        L_cols, p_cols, k_cols, channels, cprobs, exit_logits = [], [], [], {}, {}, []
+        exit_at = {p: i for i, p in enumerate(self.exit_positions)}
+        j = jb = 0
+        for b, blk in enumerate(self.dense_blocks):
+            feats, prev = [h], None
+            for layer in blk:
+                name = self._names[j]
+                xin = torch.cat(feats, 1) if len(feats) > 1 else feats[0]
+                Lj, pj = ones, ones
+                if layer.skippable:
+                    if layer.lgate is not None:
+                        self.layer_gate.at_block(name)
+                        lstate = self.layer_gate.step(layer.lgate(xin), lstate)
+                        logit = self.layer_gate.logit(lstate[0])
+                        pj, Lj = torch.sigmoid(logit), hard_decision(logit)
+                    if Lf is not None:
+                        Lj = torch.as_tensor(Lf[:, jb], dtype=h.dtype)
+                    jb += 1
+                mask, kj = None, ones * layer.width
+                if layer.cgate is not None:
+                    gname = f"{name}.cgate"
+                    if cstate is not None:
+                        self.channel_rnn.at_block(name, layer.cgate.ddi_layer_gate)
+                    logit, new = layer.cgate(xin, self.channel_rnn, cstate)
+                    if cstate is not None:
+                        cstate = tuple(torch.lerp(o, a, Lj[:, None]) for a, o in zip(new, cstate))
+                    mask = hard_decision(logit)
+                    if gname in chf:
+                        mask = torch.as_tensor(chf[gname], dtype=h.dtype)
+                    channels[gname], cprobs[gname] = mask * Lj[:, None], torch.sigmoid(logit)
+                    kj = mask.sum(1)
+                y = layer(xin, mask)
+                if Lj is not ones:  # Fig. 3: a skipped layer repeats the previous layer's features
+                    y = torch.lerp(prev, y, Lj[:, None, None, None])
+                feats.append(y)
+                prev = y
+                L_cols.append(Lj), p_cols.append(pj), k_cols.append(kj)
+                if j in exit_at:
+                    exit_logits.append(self.exits[exit_at[j]](torch.cat(feats, 1)))
+                j += 1
+            h = torch.cat(feats, 1)
+            if b < len(self.transitions):
+                h = self.transitions[b](h)
+        logits = self._head(h)
+        L, P = torch.stack(L_cols, 1), torch.stack(p_cols, 1)
+        skip = self.skippable_idx
+        return DynamicOutput(logits=logits, exit_logits=exit_logits, layer_decisions=L[:, skip],
+                             layer_probs=P[:, skip], channel_decisions=channels, channel_probs=cprobs,
+                             block_run=L, block_active=torch.stack(k_cols, 1))
+
+    # ------------------------------------------------------------------ sparse (inference) path
+    def _forward_sparse(self, x, force, run):
+        n = x.shape[0]
+        h = self.stem(x)
+        lstate = self.layer_gate.init_state(n, x) if self.layer_gate is not None else None
+        cstate = self.channel_rnn.init_state(n, x) if self.channel_rnn is not None else None
+        Lf, chf = force.get("layer"), force.get("channel", {})
+        Lf = torch.as_tensor(Lf) > 0.5 if Lf is not None else None
+        exit_at = {p: i for i, p in enumerate(self.exit_positions)}
+        j = jb = 0
+        for b, blk in enumerate(self.dense_blocks):
+            c0, k = h.shape[1], blk[0].growth
+            buf = h.new_empty(h.shape[0], c0 + len(blk) * k, h.shape[2], h.shape[3])
+            buf[:, :c0] = h
+            pooled = None  # running global average of the features, for the layer gates
+            for layer in blk:
+                act, ex, c_in = run.active, None, layer.c_in
+                xin = buf[:, :c_in]
+                if layer.skippable:
+                    d = None
+                    if layer.lgate is not None:
+                        pooled = buf[:, :c_in].mean((2, 3)) if pooled is None else \
+                            torch.cat([pooled, buf[:, c_in - k:c_in].mean((2, 3))], 1)
+                        lstate = self.layer_gate.fused_step(pooled, layer.lgate.conv, lstate)
+                        logit = self.layer_gate.logit(lstate[0])
+                        run.probs[act, j] = torch.sigmoid(logit)
+                        d = logit > 0
+                    if Lf is not None:
+                        d = Lf[act, jb]
+                    jb += 1
+                    if d is not None:
+                        run.L[act, j] = d.float()
+                        if not bool(d.all()):
+                            ex = d.nonzero().squeeze(1)
+                            sk = (~d).nonzero().squeeze(1)
+                            buf[sk, c_in:c_in + k] = buf[sk, c_in - k:c_in]
+                if ex is None or len(ex):
+                    xe, idx = (xin, act) if ex is None else (xin[ex], act[ex])
+                    mask = None
+                    if layer.cgate is not None:
+                        gname = f"{self._names[j]}.cgate"
+                        sub = None if cstate is None else (cstate if ex is None else tuple(s[ex] for s in cstate))
+                        logit, new = layer.cgate(xe, self.channel_rnn, sub)
+                        if cstate is not None:
+                            cstate = new if ex is None else tuple(s.index_copy(0, ex, t) for s, t in zip(cstate, new))
+                        mask = (logit > 0).float()
+                        if gname in chf:
+                            mask = torch.as_tensor(chf[gname], dtype=mask.dtype)[idx]
+                        run.channel_probs[gname][idx] = torch.sigmoid(logit)
+                        run.channels[gname][idx] = mask
+                        run.k[idx, j] = mask.sum(1)
+                    y = layer.sparse(xe, mask, self.max_channel_groups)
+                    if ex is None:
+                        buf[:, c_in:c_in + k] = y
+                    else:
+                        buf[ex, c_in:c_in + k] = y
+                if j in exit_at:
+                    keep = run.at_exit(exit_at[j], buf[:, : c_in + k], self.exits[exit_at[j]])
+                    if keep is not None and len(keep) < buf.shape[0]:
+                        if not len(keep):
+                            return
+                        buf = buf[keep]
+                        pooled = None if pooled is None else pooled[keep]
+                        lstate = None if lstate is None else tuple(s[keep] for s in lstate)
+                        cstate = None if cstate is None else tuple(s[keep] for s in cstate)
+                j += 1
+            h = buf
+            if b < len(self.transitions):
+                h = self.transitions[b](h)
+        run.at_end(self._head(h))
+
+
+def densenet201_exit_positions(block_sizes) -> list[int]:
+    """Paper Sec. IV-A: one exit at 1/2 of the first dense block, then at 1/4 of the third and
+    3/4 of the fourth (our reading of "1/4 and 3/4 depth of the remaining two dense blocks")."""
+    starts = [sum(block_sizes[:i]) for i in range(len(block_sizes))]
+    return [starts[0] + round(block_sizes[0] / 2) - 1, starts[2] + round(block_sizes[2] / 4) - 1,
+            starts[3] + round(3 * block_sizes[3] / 4) - 1]
+
+
+def _cifar_densenet(depth: int):
+    def build(**kw):
+        if (depth - 4) % 6:
+            raise UserError(f"DenseNet-BC depth must be 6n+4, not {depth}")
+        n = (depth - 4) // 6
+        return DenseNet((n, n, n), growth=12, **kw)
+    build.__name__ = f"densenet{depth}"
+    build.__doc__ = f"CIFAR DenseNet-BC-{depth}, growth 12 ({(depth - 4) // 6} layers per block)."
+    return register_model(build)
+
+
+for _d in (76, 82, 88, 100):
+    _cifar_densenet(_d)
+
+
+@register_model
+def densenet201(**kw):
+    """ImageNet DenseNet-201 (growth 32, blocks 6/12/48/32, 224x224)."""
+    return DenseNet((6, 12, 48, 32), growth=32, imagenet=True, **kw)
+
+
+@register_model
+def densenet_tiny(**kw):
+    """Test-sized DenseNet-BC (growth 4, 3 blocks of 3 layers, 16x16 input)."""
+    kw.setdefault("input_size", 16)
+    return DenseNet((3, 3, 3), growth=4, **kw)

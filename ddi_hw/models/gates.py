@@ -1,0 +1,129 @@
+"""Gating networks of MGL2S (paper Sec. III-A2, Figs. 2 and 4).
+
+- Layer gate G^L: per skippable block an embedding (global average pool, 1x1 conv c -> 10), then
+  ONE LSTM cell (hidden 10) shared by all blocks that carries its state from block to block, a
+  linear layer to one logit and a sigmoid (SkipNet's recurrent gate). The state passes unchanged
+  through blocks that have no layer gate.
+- Channel gate G^C (CNN, one per gated conv): 3x3 conv stride 2 (c -> c), ReLU, global average
+  pool, fully connected c -> k, sigmoid, one decision per output channel. Its cost is 1/8 of a
+  basic block's two 3x3 convs (the paper's 12.5%).
+- Channel gate, RNN variant (paper Figs. 9-10 "channel skipping with RNN gates"): per gate the same
+  embedding as G^L, one LSTM cell shared by all channel gates, and a per-gate linear 10 -> k.
+- DenseNet light gate (Fig. 4): 1x1 conv stride 2 to half the bottleneck width, ReLU, 3x3 conv to
+  the growth rate, ReLU, global average pool, linear -> bottleneck width (~1/8 of a dense layer).
+
+Decisions are hard 0/1 (logit > 0). In training the straight-through estimator keeps the hard
+value in the forward pass and passes the sigmoid's gradient backwards.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GATE_HIDDEN = 10
+OPEN_BIAS = 2.0  # gates start open (sigmoid(2) = 0.88): training starts from zero skipping
+
+
+def hard_decision(logit: torch.Tensor) -> torch.Tensor:
+    """0/1 decision; straight-through (sigmoid gradient) when the logit needs a gradient."""
+    hard = (logit > 0).to(logit.dtype)
+    if logit.requires_grad:
+        p = torch.sigmoid(logit)
+        return hard + (p - p.detach())  # value is exactly `hard`
+    return hard
+
+
+class LayerGateEmbed(nn.Module):
+    """Per-block part of G^L: global average pool, 1x1 conv c -> 10."""
+
+    def __init__(self, c_in: int, hidden: int = GATE_HIDDEN):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.adaptive_avg_pool2d(x, 1)).flatten(1)
+
+
+class SharedLSTMGate(nn.Module):
+    """The recurrent part shared by all gates of one kind: LSTM cell (hidden 10)."""
+
+    def __init__(self, hidden: int = GATE_HIDDEN, out: int | None = 1):
+        super().__init__()
+        self.hidden = hidden
+        self.lstm = nn.LSTMCell(hidden, hidden)
+        self.proj = nn.Linear(hidden, out) if out else None  # layer gate: shared linear to 1 logit
+        if self.proj is not None:
+            nn.init.constant_(self.proj.bias, OPEN_BIAS)
+
+    def at_block(self, block: str, layer_gate: str | None = None) -> None:
+        """Attribute the next call to `block` (spec extraction lists one spec per call)."""
+        for m in self.modules():
+            m.ddi_block, m.ddi_layer_gate = block, layer_gate
+
+    def init_state(self, n: int, ref: torch.Tensor):
+        z = ref.new_zeros(n, self.hidden)
+        return z, z
+
+    def step(self, emb: torch.Tensor, state):
+        return self.lstm(emb, state)
+
+    def fused_step(self, pooled: torch.Tensor, embed: nn.Conv2d, state):
+        """Inference shortcut: the 1x1 embedding folded into the LSTM's input weights (same math,
+        one call instead of three), used by the sparse path where per-op overhead matters."""
+        w_e = embed.weight.flatten(1)
+        w_ih = self.lstm.weight_ih @ w_e
+        b_ih = self.lstm.weight_ih @ embed.bias + self.lstm.bias_ih
+        return torch._VF.lstm_cell(pooled, state, w_ih, self.lstm.weight_hh, b_ih, self.lstm.bias_hh)
+
+    def logit(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h).squeeze(1)
+
+
+class ChannelGateCNN(nn.Module):
+    """G^C for one conv: 3x3 conv stride 2 (c -> c), ReLU, global pool, linear c -> k."""
+
+    def __init__(self, c_in: int, k: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_in, 3, stride=2, padding=1)
+        self.fc = nn.Linear(c_in, k)
+        nn.init.constant_(self.fc.bias, OPEN_BIAS)
+
+    def forward(self, x: torch.Tensor, rnn=None, state=None):
+        h = F.relu(self.conv(x))
+        return self.fc(h.mean((2, 3))), state
+
+
+class ChannelGateRNN(nn.Module):
+    """G^C, recurrent variant: embedding (pool, 1x1 conv c -> 10), shared LSTM, linear 10 -> k."""
+
+    def __init__(self, c_in: int, k: int, hidden: int = GATE_HIDDEN):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, hidden, 1)
+        self.fc = nn.Linear(hidden, k)
+        nn.init.constant_(self.fc.bias, OPEN_BIAS)
+
+    def forward(self, x: torch.Tensor, rnn: SharedLSTMGate, state):
+        emb = self.conv(F.adaptive_avg_pool2d(x, 1)).flatten(1)
+        h, c = rnn.step(emb, state)
+        return self.fc(h), (h, c)
+
+
+class DenseLightGate(nn.Module):
+    """DenseNet light channel gate (Fig. 4): 1x1/2 conv to k_b/2, 3x3 conv to growth, pool, FC."""
+
+    def __init__(self, c_in: int, bottleneck: int, growth: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, bottleneck // 2, 1, stride=2)
+        self.conv2 = nn.Conv2d(bottleneck // 2, growth, 3, padding=1)
+        self.fc = nn.Linear(growth, bottleneck)
+        nn.init.constant_(self.fc.bias, OPEN_BIAS)
+
+    def forward(self, x: torch.Tensor, rnn=None, state=None):
+        h = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(h.mean((2, 3))), state
+
+
+def gate_layers(gate: nn.Module) -> list[str]:
+    """Names (relative) of the compute layers inside a gate module."""
+    return [n for n, m in gate.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTMCell))]

@@ -1,0 +1,312 @@
+"""CIFAR ResNets (He et al. 2016, Sec. 4.2) with MGL2S gates and early exits.
+
+Backbone: 3x3 conv (16) + BN + ReLU, three stages of n basic blocks (16/32/64 channels, stride 2
+at the start of stages 2 and 3), global average pool, linear; depth = 6n + 2. The stage-transition
+shortcut is a 1x1 conv + BN projection (option B), so the static ResNet-110 has ~1.73 M params.
+
+Skipping semantics (what a decision means, exactly):
+- Layer gate (Eq. 1): a skippable block that runs outputs relu(x + bn2(conv2(h))); a skipped block
+  outputs x. Blocks whose input and output shapes differ -- the first block of stages 2 and 3
+  (stride 2, channel change) -- cannot be replaced by the identity, so they have no layer gate and
+  always run (they can still be channel-gated); the stem and the classifier always run too.
+- Channel gate (Eq. 2, per block, on conv1): channel c of conv1 off means conv1 does not compute
+  it and h_c = 0 after BN1 + ReLU, so conv2 reads only the active channels; the block output is
+  still relu(x + bn2(conv2(h))). (Eq. 2's per-channel pass-through of the input does not apply:
+  conv1's output channels are internal to the block, not the block's output.) All channels off
+  leaves relu(x + bn2's shift).
+- MGL2S (Eq. 3): G^L first; if it skips, G^C is not evaluated (not run in the sparse path, not
+  costed in either path).
+
+The sparse path folds BN into the convs (eval mode), runs the layer gates on every sample still
+running, then only the samples whose block runs (gather / compute / scatter), and slices conv1's
+output and conv2's input channels; samples with identical channel masks run as one group (when
+the batch has more than `max_channel_groups` distinct masks, one run over the union of their
+active channels with the mask applied).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddi_hw.errors import UserError
+from ddi_hw.models.base import DynamicNet
+from ddi_hw.models.exits import ExitBranch, default_exit_positions
+from ddi_hw.models.gates import (ChannelGateCNN, ChannelGateRNN, LayerGateEmbed, SharedLSTMGate,
+                                 gate_layers, hard_decision)
+from ddi_hw.models.registry import register_model
+from ddi_hw.models.sparse_ops import FoldCache, fold_bn, run_channel_groups
+
+
+class Stem(nn.Module):
+    def __init__(self, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c_out, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self._fold = FoldCache()
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+    def sparse(self, x):
+        w, b = self._fold.get([self.conv.weight, *_bn_tensors(self.bn)], lambda: fold_bn(self.conv.weight, self.bn))
+        return F.relu(F.conv2d(x, w, b, 1, 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, layer_gate: bool, channel_gate: str | None):
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.skippable = stride == 1 and c_in == c_out
+        if not self.skippable:  # option B projection shortcut
+            self.sc_conv = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+            self.sc_bn = nn.BatchNorm2d(c_out)
+        self.lgate = LayerGateEmbed(c_in) if layer_gate and self.skippable else None
+        gate_cls = {"cnn": ChannelGateCNN, "rnn": ChannelGateRNN, None: None}[channel_gate]
+        self.cgate = gate_cls(c_in, c_out) if gate_cls else None
+        self._fold = FoldCache()
+
+    def forward(self, x, mask=None):
+        """Masked dense block (training path)."""
+        h = F.relu(self.bn1(self.conv1(x)))
+        if mask is not None:
+            h = h * mask[:, :, None, None].to(h.dtype)
+        sc = x if self.skippable else self.sc_bn(self.sc_conv(x))
+        return F.relu(self.bn2(self.conv2(h)) + sc)
+
+    def _folded(self):
+        tensors = [self.conv1.weight, *_bn_tensors(self.bn1), self.conv2.weight, *_bn_tensors(self.bn2)]
+        if not self.skippable:
+            tensors += [self.sc_conv.weight, *_bn_tensors(self.sc_bn)]
+
+        def compute():
+            out = [*fold_bn(self.conv1.weight, self.bn1), *fold_bn(self.conv2.weight, self.bn2)]
+            if not self.skippable:
+                out += fold_bn(self.sc_conv.weight, self.sc_bn)
+            return out
+        return self._fold.get(tensors, compute)
+
+    def sparse(self, x, mask=None, max_groups: int = 8):
+        """Only active channels computed: conv1 output and conv2 input sliced, BN folded."""
+        f = self._folded()
+        w1, b1, w2, b2 = f[:4]
+        sc = x if self.skippable else F.conv2d(x, f[4], f[5], self.stride)
+        if mask is None:
+            out = F.conv2d(F.relu(F.conv2d(x, w1, b1, self.stride, 1)), w2, b2, 1, 1)
+        else:
+            out = run_channel_groups(x, mask, lambda xs, ch, m: self._sliced(xs, ch, m, w1, b1, w2, b2),
+                                     max_groups)
+        return F.relu_(out.add_(sc))
+
+    def _sliced(self, x, ch, m, w1, b1, w2, b2):
+        if len(ch) == 0:  # every channel off: conv2 sees zeros, leaves its folded BN shift
+            ho = (x.shape[2] - 1) // self.stride + 1
+            return b2.view(1, -1, 1, 1).expand(x.shape[0], -1, ho, ho).clone()
+        h = F.relu(F.conv2d(x, w1[ch], b1[ch], self.stride, 1))
+        if m is not None:
+            h = h * m[:, :, None, None]
+        return F.conv2d(h, w2[:, ch], b2, 1, 1)
+
+
+def _bn_tensors(bn):
+    return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+
+
+class CifarResNet(DynamicNet):
+    """Gated CIFAR ResNet; see the module docstring for the exact skipping semantics."""
+
+    input_size = 32
+
+    def __init__(self, depth: int, num_classes: int = 10, layer_gates: bool = False,
+                 channel_gates: bool = False, channel_gate_kind: str = "cnn", exits: bool = False,
+                 exit_positions: list[int] | None = None, widths=(16, 32, 64), max_channel_groups: int = 8):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise UserError(f"CIFAR ResNet depth must be 6n+2 (14, 20, 26, 38, 74, 110), not {depth}")
+        n = (depth - 2) // 6
+        self.depth, self.max_channel_groups = depth, max_channel_groups
+        self.channel_gate_kind = channel_gate_kind if channel_gates else None
+        self.stem = Stem(widths[0])
+        blocks, sizes, chans, c_in, size = [], [], [], widths[0], self.input_size
+        for s, w in enumerate(widths):
+            for i in range(n):
+                stride = 2 if (s > 0 and i == 0) else 1
+                size //= stride
+                blocks.append(BasicBlock(c_in, w, stride, layer_gates, self.channel_gate_kind))
+                sizes.append(size)
+                chans.append(w)
+                c_in = w
+        self.blocks = nn.ModuleList(blocks)
+        self.layer_gate = SharedLSTMGate() if layer_gates else None
+        self.channel_rnn = SharedLSTMGate(out=None) if self.channel_gate_kind == "rnn" else None
+        self.fc = nn.Linear(widths[-1], num_classes)
+        stage_sizes = [n] * len(widths)
+        if exits:
+            pos = sorted(exit_positions if exit_positions is not None else default_exit_positions(stage_sizes))
+            if any(not 0 <= p < len(blocks) for p in pos) or len(set(pos)) != len(pos):
+                raise UserError(f"exit_positions must be distinct block indices in 0..{len(blocks) - 1}")
+        else:
+            pos = []
+        self.exit_positions = pos
+        self.exits = nn.ModuleList(ExitBranch(chans[p], sizes[p], num_classes) for p in pos)
+        self._describe()
+
+    # ------------------------------------------------------------------ structure
+    def _describe(self) -> None:
+        """Events for cost accounting and `ddi_*` annotations for spec extraction: every compute
+        layer, pool and add is attributed to a block ("stem", "blocks.j", "exits.i", "head")."""
+        self.block_skippable = [b.skippable for b in self.blocks]
+        self.skippable_idx = [j for j, b in enumerate(self.blocks) if b.skippable]
+        self.num_skippable = len(self.skippable_idx)
+        self.gate_widths = {f"blocks.{j}.cgate": b.conv1.out_channels
+                            for j, b in enumerate(self.blocks) if b.cgate is not None}
+        self.events = [("fixed", "stem")]
+        exit_at = {p: i for i, p in enumerate(self.exit_positions)}
+        for j in range(len(self.blocks)):
+            self.events.append(("block", f"blocks.{j}"))
+            if j in exit_at:
+                self.events.append(("exit", f"exits.{exit_at[j]}"))
+        self.events.append(("fixed", "head"))
+        ann = self._annotate
+        ann(self, "head", "backbone")
+        ann(self.fc, "head", "backbone")
+        for m in self.stem.modules():
+            ann(m, "stem", "backbone")
+        for j, b in enumerate(self.blocks):
+            p = f"blocks.{j}"
+            lg = f"{p}.lgate" if b.lgate is not None else None
+            cg = f"{p}.cgate" if b.cgate is not None else None
+            for name, m in b.named_modules():
+                top = name.split(".")[0]
+                if top == "lgate":
+                    ann(m, p, "gate")
+                elif top == "cgate":
+                    ann(m, p, "gate", layer_gate=lg)
+                else:
+                    ann(m, p, "backbone", out_gate=cg if name == "conv1" else None,
+                        in_gate=cg if name == "conv2" else None, layer_gate=lg)
+        for shared in (self.layer_gate, self.channel_rnn):
+            if shared is not None:
+                for m in shared.modules():  # block re-set before every call (one spec per call)
+                    ann(m, "", "gate")
+        for i, e in enumerate(self.exits):
+            for m in e.modules():
+                ann(m, f"exits.{i}", "exit")
+
+    # ------------------------------------------------------------------ dense (training) path
+    def _forward_dense(self, x, force):
+        from ddi_hw.models.output import DynamicOutput
+
+        n = x.shape[0]
+        h = self.stem(x)
+        lstate = self.layer_gate.init_state(n, x) if self.layer_gate is not None else None
+        cstate = self.channel_rnn.init_state(n, x) if self.channel_rnn is not None else None
+        Lf, chf = force.get("layer"), force.get("channel", {})
+        ones = x.new_ones(n)
+        L_cols, p_cols, k_cols, channels, cprobs, exit_logits = [], [], [], {}, {}, []
+        exit_at = {p: i for i, p in enumerate(self.exit_positions)}
+        jb = 0
+        for j, b in enumerate(self.blocks):
+            Lj, pj = ones, ones
+            if b.skippable:
+                if b.lgate is not None:
+                    self.layer_gate.at_block(f"blocks.{j}")
+                    lstate = self.layer_gate.step(b.lgate(h), lstate)
+                    logit = self.layer_gate.logit(lstate[0])
+                    pj, Lj = torch.sigmoid(logit), hard_decision(logit)
+                if Lf is not None:
+                    Lj = torch.as_tensor(Lf[:, jb], dtype=h.dtype)
+                jb += 1
+            mask, kj = None, ones * b.conv1.out_channels
+            if b.cgate is not None:
+                name = f"blocks.{j}.cgate"
+                if cstate is not None:
+                    self.channel_rnn.at_block(f"blocks.{j}", b.cgate.ddi_layer_gate)
+                logit, new = b.cgate(h, self.channel_rnn, cstate)
+                if cstate is not None:  # RNN channel gate: state advances only where the block runs
+                    cstate = tuple(torch.lerp(o, a, Lj[:, None]) for a, o in zip(new, cstate))
+                mask = hard_decision(logit)
+                if name in chf:
+                    mask = torch.as_tensor(chf[name], dtype=h.dtype)
+                channels[name], cprobs[name] = mask * Lj[:, None], torch.sigmoid(logit)
+                kj = mask.sum(1)
+            y = b(h, mask)
+            h = y if Lj is ones else torch.lerp(h, y, Lj[:, None, None, None])  # L*y + (1-L)*h
+            L_cols.append(Lj), p_cols.append(pj), k_cols.append(kj)
+            if j in exit_at:
+                exit_logits.append(self.exits[exit_at[j]](h))
+        logits = self.fc(h.mean((2, 3)))
+        L, P = torch.stack(L_cols, 1), torch.stack(p_cols, 1)
+        skip = self.skippable_idx
+        return DynamicOutput(logits=logits, exit_logits=exit_logits, layer_decisions=L[:, skip],
+                             layer_probs=P[:, skip], channel_decisions=channels, channel_probs=cprobs,
+                             block_run=L, block_active=torch.stack(k_cols, 1))
+
+    # ------------------------------------------------------------------ sparse (inference) path
+    def _forward_sparse(self, x, force, run):
+        h = self.stem.sparse(x)
+        n = x.shape[0]
+        lstate = self.layer_gate.init_state(n, x) if self.layer_gate is not None else None
+        cstate = self.channel_rnn.init_state(n, x) if self.channel_rnn is not None else None
+        Lf, chf = force.get("layer"), force.get("channel", {})
+        Lf = torch.as_tensor(Lf) > 0.5 if Lf is not None else None
+        exit_at = {p: i for i, p in enumerate(self.exit_positions)}
+        jb = 0
+        for j, b in enumerate(self.blocks):
+            act, ex = run.active, None  # ex: local indices of samples whose block runs (None = all)
+            if b.skippable:
+                d = None
+                if b.lgate is not None:
+                    lstate = self.layer_gate.fused_step(h.mean((2, 3)), b.lgate.conv, lstate)
+                    logit = self.layer_gate.logit(lstate[0])
+                    run.probs[act, j] = torch.sigmoid(logit)
+                    d = logit > 0
+                if Lf is not None:
+                    d = Lf[act, jb]
+                jb += 1
+                if d is not None:
+                    run.L[act, j] = d.float()
+                    if not bool(d.all()):
+                        ex = d.nonzero().squeeze(1)
+            if ex is None or len(ex):
+                hx, idx = (h, act) if ex is None else (h[ex], act[ex])
+                mask = None
+                if b.cgate is not None:
+                    name = f"blocks.{j}.cgate"
+                    sub = None if cstate is None else (cstate if ex is None else tuple(s[ex] for s in cstate))
+                    logit, new = b.cgate(hx, self.channel_rnn, sub)
+                    if cstate is not None:
+                        cstate = new if ex is None else tuple(s.index_copy(0, ex, t) for s, t in zip(cstate, new))
+                    mask = (logit > 0).float()
+                    if name in chf:
+                        mask = torch.as_tensor(chf[name], dtype=mask.dtype)[idx]
+                    run.channel_probs[name][idx] = torch.sigmoid(logit)
+                    run.channels[name][idx] = mask
+                    run.k[idx, j] = mask.sum(1)
+                y = b.sparse(hx, mask, self.max_channel_groups)
+                h = y if ex is None else h.index_copy(0, ex, y)
+            if j in exit_at:
+                keep = run.at_exit(exit_at[j], h, self.exits[exit_at[j]])
+                if keep is not None and len(keep) < h.shape[0]:
+                    if not len(keep):
+                        return
+                    h = h[keep]
+                    lstate = None if lstate is None else tuple(s[keep] for s in lstate)
+                    cstate = None if cstate is None else tuple(s[keep] for s in cstate)
+        run.at_end(self.fc(h.mean((2, 3))))
+
+
+def _resnet(depth):
+    def build(**kw):
+        return CifarResNet(depth, **kw)
+    build.__name__ = f"resnet{depth}"
+    build.__doc__ = f"CIFAR ResNet-{depth} ({(depth - 2) // 6} basic blocks per stage)."
+    return register_model(build)
+
+
+for _d in (14, 20, 26, 38, 74, 110):
+    _resnet(_d)

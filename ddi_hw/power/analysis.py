@@ -1,0 +1,157 @@
+"""Energy per inference from a power log and its inference windows.
+
+For every run window: baseline = idle power measured in the nearest idle windows before and
+after, linear in time between them (this removes slow drift of the board's idle power); energy
+= trapezoid of (P - baseline) over the window on the real sample times, with P interpolated at
+the exact window edges. Repeats of one configuration give a mean and a t-distribution
+confidence interval. The baseline is also reported so gross (wall-socket) energy is available.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ddi_hw.errors import UserError
+from ddi_hw.power.logger import HEADER
+from ddi_hw.power.windows import WINDOW_HEADER
+
+
+def read_power(path: Path) -> tuple[pd.DataFrame, int]:
+    """Samples sorted by time, and the number of unreadable rows (e.g. cut by a crash)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"power log {path} not found: run `ddi-hw power log ... --out {path}`")
+    df = pd.read_csv(path, dtype=str, on_bad_lines="skip", engine="c")
+    if list(df.columns) != HEADER:
+        raise UserError(f"{path} is not a power log (columns {list(df.columns)[:6]})")
+    with open(path, "rb") as f:
+        n_lines = sum(1 for line in f if line.strip()) - 1
+    for col in HEADER:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    good = df.dropna(subset=["host_wall_s", "host_mono_s", "watts"])
+    good = good[np.isfinite(good["watts"])].sort_values("host_mono_s").reset_index(drop=True)
+    return good, n_lines - len(good)
+
+
+def read_windows(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"windows file {path} not found: the board driver writes it while running")
+    df = pd.read_csv(path)
+    missing = [c for c in WINDOW_HEADER if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks columns {missing}; expected {WINDOW_HEADER}")
+    if (df["end_mono_s"] < df["start_mono_s"]).any():
+        raise UserError(f"{path} has windows that end before they start; re-record them")
+    return df.sort_values("start_mono_s").reset_index(drop=True)
+
+
+def integrate(t: np.ndarray, p: np.ndarray, a: float, b: float) -> float:
+    """Trapezoid of p(t) over [a, b], with p linearly interpolated at the edges."""
+    inside = (t > a) & (t < b)
+    tt = np.concatenate([[a], t[inside], [b]])
+    pp = np.concatenate([[np.interp(a, t, p)], p[inside], [np.interp(b, t, p)]])
+    return float(np.trapezoid(pp, tt))
+
+
+def _max_dt(t: np.ndarray, a: float, b: float) -> float:
+    lo = max(np.searchsorted(t, a, side="right") - 1, 0)
+    hi = min(np.searchsorted(t, b, side="left"), len(t) - 1)
+    seg = t[lo:hi + 1]
+    return float(np.max(np.diff(seg))) if len(seg) > 1 else float("inf")
+
+
+def window_energies(power: pd.DataFrame, windows: pd.DataFrame, time_col: str = "host_mono_s",
+                    max_gap_s: float = 0.5) -> pd.DataFrame:
+    """One row per run window: gross and baseline-subtracted energy, and per inference."""
+    if power.empty:
+        raise UserError("the power log has no readable samples")
+    t, p = power[time_col].to_numpy(float), power["watts"].to_numpy(float)
+    base = "start_mono_s" if time_col == "host_mono_s" else "start_wall_s"
+    end = base.replace("start", "end")
+    idle = windows[windows["kind"] == "idle"]
+    idle_pts = [((r[base] + r[end]) / 2, integrate(t, p, r[base], r[end]) / (r[end] - r[base]))
+                for _, r in idle.iterrows()
+                if r[base] >= t[0] and r[end] <= t[-1] and r[end] > r[base]]
+    if not idle_pts:
+        raise UserError("no idle window inside the power log: record idle time before and after runs")
+    idle_t = np.array([x for x, _ in idle_pts])
+    idle_p = np.array([y for _, y in idle_pts])
+    rows = []
+    for _, r in windows[windows["kind"] == "run"].iterrows():
+        a, b = float(r[base]), float(r[end])
+        row = {k: r[k] for k in ("config", "repeat", "n_inferences")}
+        row.update(start_s=a, end_s=b, duration_s=b - a)
+        status = "ok"
+        if a < t[0] or b > t[-1]:
+            status = "outside log"
+        elif _max_dt(t, a, b) > max_gap_s:
+            status = "gap in samples"
+        before, after = idle_t[idle_t <= a], idle_t[idle_t >= b]
+        if status == "ok" and len(before) == 0 and len(after) == 0:
+            status = "no idle baseline"
+        if status != "ok":
+            rows.append({**row, "status": status})
+            continue
+        pts_t = [before.max()] if len(before) else []
+        pts_t += [after.min()] if len(after) else []
+        pts_p = [idle_p[idle_t == x][0] for x in pts_t]
+        mid = (a + b) / 2
+        baseline = float(np.interp(mid, pts_t, pts_p)) if len(pts_t) == 2 else float(pts_p[0])
+        gross = integrate(t, p, a, b)
+        net = gross - baseline * (b - a)  # the baseline is linear, so its mean is its midpoint
+        n = max(int(r["n_inferences"]), 1)
+        rows.append({**row, "status": status,
+                     "n_samples": int(((t >= a) & (t <= b)).sum()),
+                     "mean_w": gross / (b - a), "baseline_w": baseline,
+                     "energy_gross_j": gross, "energy_net_j": net,
+                     "gross_per_inference_j": gross / n, "energy_per_inference_j": net / n,
+                     "latency_per_inference_s": (b - a) / n})
+    return pd.DataFrame(rows)
+
+
+def summarize(per_window: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per configuration: mean energy per inference over repeats with a t-interval."""
+    from scipy import stats
+
+    ok = per_window[per_window["status"] == "ok"] if len(per_window) else per_window
+    rows = []
+    for config, g in ok.groupby("config", sort=False):
+        e = g["energy_per_inference_j"].to_numpy(float)
+        n = len(e)
+        sd = float(np.std(e, ddof=1)) if n > 1 else float("nan")
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
+        rows.append({"config": config, "repeats": n,
+                     "energy_per_inference_j": float(e.mean()), "std_j": sd,
+                     f"ci{int(confidence * 100)}_half_j": half,
+                     "gross_per_inference_j": float(g["gross_per_inference_j"].mean()),
+                     "baseline_w": float(g["baseline_w"].mean()),
+                     "latency_per_inference_s": float(g["latency_per_inference_s"].mean()),
+                     "source": "measured"})
+    return pd.DataFrame(rows)
+
+
+def plot_trace(power: pd.DataFrame, windows: pd.DataFrame, per_window: pd.DataFrame,
+               out_png: Path) -> None:
+    """Power vs time with run windows shaded and the baseline drawn: a visual sanity check."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = float(power["host_mono_s"].iloc[0])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(power["host_mono_s"] - t0, power["watts"], lw=0.6, color="k", label="measured power")
+    for _, w in windows.iterrows():
+        color = "tab:orange" if w["kind"] == "run" else "tab:blue"
+        ax.axvspan(w["start_mono_s"] - t0, w["end_mono_s"] - t0, color=color, alpha=0.2)
+    for _, w in per_window[per_window["status"] == "ok"].iterrows():
+        ax.hlines(w["baseline_w"], w["start_s"] - t0, w["end_s"] - t0, color="tab:red")
+    ax.set_xlabel("time since first sample (s)")
+    ax.set_ylabel("power (W)")
+    ax.set_title("measured power; orange = inference windows, blue = idle, red = baseline")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,92 @@
+"""`ddi-hw power log|analyze`: record a power meter, then turn the log into energy per inference."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+power_app = typer.Typer(no_args_is_help=True, help="Power meter logging and energy per inference.")
+
+
+def _atomic_csv(df, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+@power_app.command("log")
+def log_command(
+    out: Path = typer.Option(..., "--out", help="append-only CSV of samples (resumes if it exists)"),
+    meter: Optional[str] = typer.Option(None, "--meter", help="serial meter profile: csv-stream, hp34401a-shunt"),
+    port: Optional[str] = typer.Option(None, "--port", help="serial device, e.g. /dev/ttyUSB0"),
+    visa: Optional[str] = typer.Option(None, "--visa", help="VISA address of a SCPI DMM, e.g. 'USB0::0x2A8D::0x0101::MY1::INSTR'"),
+    visa_backend: str = typer.Option("", "--visa-backend", help="pyvisa backend, e.g. '@py' or '@sim'"),
+    duration: Optional[float] = typer.Option(None, "--duration", help="seconds to log (default: until Ctrl-C)"),
+    baud: Optional[int] = typer.Option(None, "--baud", help="override the profile's baud rate"),
+    supply_v: float = typer.Option(12.0, "--supply-v", help="board supply voltage for shunt meters"),
+    shunt_ohm: float = typer.Option(0.010, "--shunt-ohm", help="shunt resistance (ZedBoard J21: 0.010)"),
+    interval: float = typer.Option(0.0, "--interval", help="minimum seconds between polled readings"),
+) -> None:
+    """Log a meter into OUT; counters of garbage lines, gaps, disconnects go to OUT.status.json."""
+    from rich.live import Live
+    from rich.text import Text
+
+    from ddi_hw.errors import UserError
+    from ddi_hw.power.logger import make_logger, status_path
+    from ddi_hw.power.meters import Shunt
+
+    if shunt_ohm <= 0 or supply_v <= 0:
+        raise UserError("--supply-v and --shunt-ohm must be positive")
+    logger = make_logger(out, meter=meter, port=port, visa=visa, visa_backend=visa_backend,
+                         shunt=Shunt(supply_v, shunt_ohm), baudrate=baud, min_interval_s=interval)
+
+    def line(c) -> Text:
+        w = "-" if c.last_watts is None else f"{c.last_watts:.3f} W"
+        return Text(f"{c.samples} samples  last {w}  garbage {c.garbage_lines}  gaps {c.gaps}  "
+                    f"disconnects {c.disconnects}  clock jumps {c.clock_jumps}  -> {out}")
+
+    with Live(line(logger.counters), refresh_per_second=4, transient=False) as live:
+        try:
+            c = logger.run(duration, on_batch=lambda c: live.update(line(c)))
+        except KeyboardInterrupt:
+            logger.stop.set()
+            c = logger.counters
+    typer.echo(f"logged {c.samples} samples to {out}; status in {status_path(Path(out))}")
+
+
+@power_app.command("analyze")
+def analyze_command(
+    power_csv: Path = typer.Argument(..., help="power log written by `ddi-hw power log`"),
+    windows_csv: Path = typer.Argument(..., help="windows written by the board driver"),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="where results go (default: next to the log)"),
+    max_gap: float = typer.Option(0.5, "--max-gap", help="reject windows with a sample gap longer than this (s)"),
+) -> None:
+    """Energy per inference (baseline-subtracted) per configuration with a 95% t-interval."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ddi_hw.power.analysis import plot_trace, read_power, read_windows, summarize, window_energies
+
+    power, bad = read_power(power_csv)
+    windows = read_windows(windows_csv)
+    per_window = window_energies(power, windows, max_gap_s=max_gap)
+    summary = summarize(per_window)
+    out_dir = Path(out_dir or power_csv.parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_csv(per_window, out_dir / "energy_windows.csv")
+    _atomic_csv(summary, out_dir / "energy_summary.csv")
+    plot_trace(power, windows, per_window, out_dir / "power_trace.png")
+    table = Table(title=f"measured energy per inference ({len(power)} samples, {bad} unreadable rows)")
+    for col in ("config", "repeats", "energy/inf (mJ)", "95% CI (mJ)", "gross/inf (mJ)", "baseline (W)"):
+        table.add_column(col)
+    for _, r in summary.iterrows():
+        table.add_row(str(r["config"]), str(r["repeats"]), f"{r['energy_per_inference_j'] * 1e3:.4f}",
+                      f"±{r['ci95_half_j'] * 1e3:.4f}", f"{r['gross_per_inference_j'] * 1e3:.4f}",
+                      f"{r['baseline_w']:.3f}")
+    Console().print(table)
+    rejected = per_window[per_window["status"] != "ok"] if len(per_window) else per_window
+    if len(rejected):
+        typer.echo(f"{len(rejected)} windows rejected: {rejected['status'].value_counts().to_dict()}")
+    typer.echo(f"wrote {out_dir / 'energy_summary.csv'}, energy_windows.csv, power_trace.png")

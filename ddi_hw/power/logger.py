@@ -1,0 +1,331 @@
+"""Power logger: meter samples -> append-only CSV that survives crashes, plus a status JSON.
+
+Why it is built this way:
+  * every batch is written, flushed and fsync'ed, so a crash loses at most one batch that was
+    never written; a restart appends to the same file (header once, nothing rewritten);
+  * intervals come from time.monotonic (immune to NTP steps); wall time is recorded too and a
+    disagreement between the two is counted as a clock jump;
+  * garbage lines, silent gaps, timeouts and disconnects are counted, never fatal: a lost meter
+    is reopened with exponential backoff on the same path (use /dev/serial/by-id/... on a host).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ddi_hw.errors import UserError
+from ddi_hw.power.meters import VISA_INIT, VISA_QUERY, MeterProfile, Shunt, parse_scpi_number
+
+HEADER = ["host_wall_s", "host_mono_s", "meter_t_s", "volts", "amps", "watts"]
+
+
+@dataclass
+class Counters:
+    """What went wrong (and right) while logging; saved as <out>.status.json after each batch."""
+
+    samples: int = 0
+    batches: int = 0
+    garbage_lines: int = 0
+    timeouts: int = 0
+    gaps: int = 0
+    gap_seconds: float = 0.0
+    disconnects: int = 0
+    reconnects: int = 0
+    open_failures: int = 0
+    clock_jumps: int = 0
+    sessions: int = 0
+    last_watts: float | None = None
+    last_host_wall_s: float | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def status_path(out: Path) -> Path:
+    return out.with_name(out.name + ".status.json")
+
+
+class PowerCsv:
+    """Append-only sample file: header written once, each batch flushed and fsync'ed."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        if not fresh:
+            with open(self.path, "rb") as f:
+                first = f.readline().decode("utf-8", "replace").strip()
+                f.seek(0, os.SEEK_END)
+                f.seek(f.tell() - 1)
+                ends_clean = f.read(1) == b"\n"
+            if first.split(",") != HEADER:
+                raise UserError(
+                    f"{self.path} exists but is not a power log (header {first[:60]!r}); "
+                    "choose another --out"
+                )
+        self._f = open(self.path, "a", newline="", encoding="utf-8")
+        self._w = csv.writer(self._f)
+        if fresh:
+            self._w.writerow(HEADER)
+            self._sync()
+        elif not ends_clean:  # a crash cut the last row: end it so it stays one bad row
+            self._f.write("\n")
+            self._sync()
+
+    def _sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def append(self, rows: list[tuple]) -> None:
+        if rows:
+            self._w.writerows(rows)
+            self._sync()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _opt(x: float | None) -> str:
+    return "" if x is None else repr(float(x))
+
+
+class SerialSource:
+    """A serial meter (pyserial). Streaming profiles push lines; polled ones answer a query."""
+
+    def __init__(self, port: str, profile: MeterProfile, timeout: float = 0.5,
+                 baudrate: int | None = None):
+        self.port, self.profile, self.timeout = port, profile, timeout
+        self.baudrate = baudrate or profile.baudrate
+        self.ser = None
+        self._buf = b""
+        self.idle = False  # the last read() got no bytes at all (counted as a timeout)
+        self.errors: tuple[type[BaseException], ...] = (OSError,)
+
+    @property
+    def label(self) -> str:
+        return f"serial:{self.port}:{self.profile.name}"
+
+    def open(self) -> None:
+        import serial
+
+        self.errors = (OSError, serial.SerialException)
+        p = self.profile
+        self.ser = serial.Serial(self.port, baudrate=self.baudrate, bytesize=p.bytesize,
+                                 parity=p.parity, stopbits=p.stopbits, dsrdtr=p.dsrdtr,
+                                 timeout=self.timeout)
+        self._buf = b""
+        for cmd in p.init:
+            self.ser.write((cmd + p.line_end).encode("ascii"))
+
+    def close(self) -> None:
+        if self.ser is not None:
+            try:
+                self.ser.close()
+            except Exception:  # closing a vanished device must not stop the logger
+                pass
+        self.ser = None
+
+    def read(self) -> list[tuple[str, float, float]]:
+        """Complete lines with host (mono, wall) stamps; [] on timeout. Raises on disconnect."""
+        p = self.profile
+        if p.query is None:
+            data = self.ser.read(max(1, self.ser.in_waiting))
+            self.idle = not data
+            mono, wall = time.monotonic(), time.time()
+            return self._lines(data, mono, wall)
+        t0m, t0w = time.monotonic(), time.time()
+        self.ser.write((p.query + p.line_end).encode("ascii"))
+        self.idle = False
+        deadline = t0m + self.timeout
+        while time.monotonic() < deadline:
+            data = self.ser.read(max(1, self.ser.in_waiting))
+            if b"\n" in data or b"\n" in self._buf:
+                # a polled reading is stamped at the middle of its query/answer exchange
+                m, w = time.monotonic(), time.time()
+                return self._lines(data, (t0m + m) / 2, (t0w + w) / 2)
+            self._buf += data
+        self.idle = True  # no complete answer within the timeout
+        return []
+
+    def _lines(self, data: bytes, mono: float, wall: float) -> list[tuple[str, float, float]]:
+        self._buf += data
+        *done, self._buf = self._buf.split(b"\n")
+        return [(d.decode("ascii", "replace"), mono, wall) for d in done]
+
+
+class VisaSource:
+    """A SCPI DMM over VISA (pyvisa), e.g. a 34465A reading the J21 shunt voltage."""
+
+    def __init__(self, address: str, backend: str = "", timeout: float = 2.0):
+        self.address, self.backend, self.timeout = address, backend, timeout
+        self.rm = self.inst = None
+        self.errors: tuple[type[BaseException], ...] = (OSError,)
+
+    @property
+    def label(self) -> str:
+        return f"visa:{self.address}"
+
+    def open(self) -> None:
+        import pyvisa
+
+        self.errors = (OSError, pyvisa.errors.VisaIOError, pyvisa.errors.InvalidSession)
+        if self.rm is None:
+            self.rm = pyvisa.ResourceManager(self.backend) if self.backend else pyvisa.ResourceManager()
+        self.inst = self.rm.open_resource(self.address)
+        self.inst.timeout = int(self.timeout * 1000)
+        self.inst.read_termination = "\n"
+        self.inst.write_termination = "\n"
+        for cmd in VISA_INIT:
+            self.inst.write(cmd)
+
+    def close(self) -> None:
+        if self.inst is not None:
+            try:
+                self.inst.close()
+            except Exception:
+                pass
+        self.inst = None
+
+    def read(self) -> list[tuple[str, float, float]]:
+        t0m, t0w = time.monotonic(), time.time()
+        text = self.inst.query(VISA_QUERY)
+        m, w = time.monotonic(), time.time()
+        return [(text, (t0m + m) / 2, (t0w + w) / 2)]
+
+
+class PowerLogger:
+    """Reads a source until `duration` or `stop` and appends samples to `out` in batches."""
+
+    def __init__(self, source, parse: Callable, out: Path, shunt: Shunt = Shunt(),
+                 batch_s: float = 0.5, gap_s: float = 0.5, jump_s: float = 0.5,
+                 min_interval_s: float = 0.0, backoff_max_s: float = 2.0,
+                 clock: Callable[[], tuple[float, float]] | None = None):
+        self.source, self.parse, self.shunt = source, parse, shunt
+        self.out = Path(out)
+        self.batch_s, self.gap_s, self.jump_s = batch_s, gap_s, jump_s
+        self.min_interval_s, self.backoff_max_s = min_interval_s, backoff_max_s
+        # clock(mono, wall) -> (mono, wall): identity on a host; tests shift wall time here
+        self.clock = clock or (lambda m, w: (m, w))
+        self.counters = self._load_counters()
+        self.stop = threading.Event()
+
+    def _load_counters(self) -> Counters:
+        path = status_path(self.out)
+        if path.exists() and self.out.exists():
+            try:
+                known = {k: v for k, v in json.loads(path.read_text()).items()
+                         if k in Counters.__dataclass_fields__}
+                return Counters(**known)
+            except (ValueError, TypeError):
+                pass  # a damaged status file only loses counters, never samples
+        return Counters()
+
+    def _write_status(self) -> None:
+        path = status_path(self.out)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self.counters), indent=1))
+        os.replace(tmp, path)
+
+    def run(self, duration: float | None = None,
+            on_batch: Callable[[Counters], None] | None = None) -> Counters:
+        c = self.counters
+        c.sessions += 1
+        c.source = self.source.label
+        sink = PowerCsv(self.out)
+        t_end = None if duration is None else time.monotonic() + duration
+        rows: list[tuple] = []
+        last_flush = time.monotonic()
+        prev: tuple[float, float] | None = None  # (mono, wall) of the previous sample
+        backoff, connected, ever_connected = 0.1, False, False
+        try:
+            while not self.stop.is_set() and (t_end is None or time.monotonic() < t_end):
+                if not connected:
+                    try:
+                        self.source.open()
+                    except Exception as err:  # device absent or busy: retry with backoff
+                        c.open_failures += 1
+                        if c.open_failures == 1 or c.open_failures % 50 == 0:
+                            c.notes.append(f"open failed: {type(err).__name__}: {err}"[:200])
+                        self.stop.wait(backoff)
+                        backoff = min(backoff * 2, self.backoff_max_s)
+                        continue
+                    connected, backoff = True, 0.1
+                    if ever_connected:
+                        c.reconnects += 1
+                    ever_connected = True
+                try:
+                    lines = self.source.read()
+                except self.source.errors:
+                    c.disconnects += 1
+                    self.source.close()
+                    connected = False
+                    continue
+                if not lines and getattr(self.source, "idle", True):
+                    c.timeouts += 1
+                n_before = c.samples
+                for text, mono, wall in lines:
+                    mono, wall = self.clock(mono, wall)
+                    try:
+                        r = self.parse(text, self.shunt)
+                    except ValueError:
+                        c.garbage_lines += 1
+                        continue
+                    if prev is not None:
+                        dm, dw = mono - prev[0], wall - prev[1]
+                        if dm > self.gap_s:
+                            c.gaps += 1
+                            c.gap_seconds += dm
+                        if abs(dw - dm) > self.jump_s:
+                            c.clock_jumps += 1
+                    prev = (mono, wall)
+                    rows.append((repr(wall), repr(mono), _opt(r.meter_t), _opt(r.volts),
+                                 _opt(r.amps), repr(float(r.watts))))
+                    c.samples += 1
+                    c.last_watts, c.last_host_wall_s = r.watts, wall
+                now = time.monotonic()
+                if now - last_flush >= self.batch_s:
+                    self._flush(sink, rows, on_batch)
+                    rows, last_flush = [], now
+                if self.source_is_polled:
+                    # an instrument answering only garbage must not spin a core
+                    pause = self.min_interval_s if c.samples > n_before else max(self.min_interval_s, 0.01)
+                    if pause > 0:
+                        self.stop.wait(pause)
+        finally:
+            self._flush(sink, rows, on_batch)
+            sink.close()
+            self.source.close()
+        return c
+
+    @property
+    def source_is_polled(self) -> bool:
+        return getattr(getattr(self.source, "profile", None), "query", "visa") is not None
+
+    def _flush(self, sink: PowerCsv, rows: list[tuple], on_batch) -> None:
+        sink.append(rows)
+        self.counters.batches += 1
+        self._write_status()
+        if on_batch is not None:
+            on_batch(self.counters)
+
+
+def make_logger(out: Path, meter: str | None = None, port: str | None = None,
+                visa: str | None = None, visa_backend: str = "", shunt: Shunt = Shunt(),
+                baudrate: int | None = None, **kw) -> PowerLogger:
+    """One place that turns CLI-style choices into a logger (serial profile or VISA DMM)."""
+    from ddi_hw.power.meters import get_profile
+
+    if (visa is None) == (port is None):
+        raise UserError("give exactly one of --port (serial meter) or --visa (VISA DMM address)")
+    if visa is not None:
+        return PowerLogger(VisaSource(visa, visa_backend), parse_scpi_number, out, shunt, **kw)
+    if meter is None:
+        raise UserError("--meter is required with --port: e.g. --meter csv-stream")
+    profile = get_profile(meter)
+    return PowerLogger(SerialSource(port, profile, baudrate=baudrate), profile.parse, out,
+                       shunt, **kw)

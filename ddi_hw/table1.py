@@ -1,0 +1,200 @@
+"""`ddi-hw table1`: compute saving vs energy saving vs accuracy, next to the paper's Table I.
+
+Inputs are plain files so this step is rerunnable on its own:
+  * `summary.csv` from `ddi-hw eval` (one row per checkpoint: accuracy, compute saving, MODELLED
+    energy saving from SCALE-Sim + Eq. 6 on the preset the evaluation used, e.g. a calibrated one);
+  * optionally `energy_summary.csv` from `ddi-hw power analyze` (MEASURED energy per inference per
+    configuration, named like the runs, plus one configuration for the static dense network).
+Every number in the outputs says where it comes from: evaluated, counted, modelled, measured or
+paper.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ddi_hw.errors import UserError
+
+# Paper Table I: ResNet74-IADI on CIFAR-10, energy MEASURED on a ZedBoard by the authors.
+PAPER = {"compute_saving_pct": [40.0, 50.0, 60.0, 70.0, 80.0],
+         "energy_saving_pct": [36.08, 47.10, 57.30, 66.79, 78.20],
+         "accuracy_pct": [93.65, 93.33, 93.06, 92.54, 91.90]}
+SUMMARY_NEEDS = ["run", "arch", "stage", "accuracy", "compute_saving", "energy_saving"]
+OUT_COLUMNS = [
+    "run", "arch", "stage", "scale_note",
+    "accuracy_pct",  # evaluated on the test set (float model, `ddi-hw eval`)
+    "compute_saving_pct",  # counted: executed FLOPs vs the dense backbone
+    "energy_saving_modelled_pct", "energy_model",  # SCALE-Sim + Eq. 6 on a preset
+    "energy_saving_measured_pct", "energy_saving_measured_ci95_pct", "energy_measured_source",
+    "paper_compute_saving_pct", "paper_energy_saving_pct", "paper_accuracy_pct",
+]
+
+
+def _paper_match(compute_pct: float, tol: float = 5.0) -> int | None:
+    """Index of the paper column whose compute saving is within `tol` points of ours."""
+    d = [abs(compute_pct - c) for c in PAPER["compute_saving_pct"]]
+    i = min(range(len(d)), key=d.__getitem__)
+    return i if d[i] <= tol else None
+
+
+def measured_savings(energy: "pd.DataFrame", dense_config: str) -> dict[str, tuple[float, float]]:
+    """config -> (saving, 95% half-width) from measured energy per inference.
+
+    saving = 1 - E_cfg / E_dense; the half-width propagates both intervals to first order
+    (independent repeats): h_s = (E_cfg/E_dense) * sqrt((h_cfg/E_cfg)^2 + (h_dense/E_dense)^2).
+    """
+    import math
+
+    rows = {str(r["config"]): r for _, r in energy.iterrows()}
+    if dense_config not in rows:
+        raise UserError(f"measured energy has no configuration {dense_config!r} for the dense network; "
+                        f"found {sorted(rows)[:8]}: pass --dense-config NAME")
+    d = rows[dense_config]
+    e_d, h_d = float(d["energy_per_inference_j"]), float(d.get("ci95_half_j", float("nan")))
+    if not e_d > 0:
+        raise UserError(f"measured dense energy {e_d} J is not positive: check the idle baseline windows")
+    out = {}
+    for name, r in rows.items():
+        if name == dense_config:
+            continue
+        e, h = float(r["energy_per_inference_j"]), float(r.get("ci95_half_j", float("nan")))
+        ratio = e / e_d
+        out[name] = (1.0 - ratio, ratio * math.sqrt((h / e) ** 2 + (h_d / e_d) ** 2) if e > 0 else float("nan"))
+    return out
+
+
+def build_table(summary: "pd.DataFrame", measured: dict[str, tuple[float, float]] | None = None,
+                measured_source: str = "", stages: tuple[str, ...] = ("iadi",)) -> "pd.DataFrame":
+    import numpy as np
+    import pandas as pd
+
+    missing = [c for c in SUMMARY_NEEDS if c not in summary.columns]
+    if missing:
+        raise UserError(f"summary lacks columns {missing}: give the summary.csv written by `ddi-hw eval`")
+    rows = summary[summary["stage"].isin(stages)] if stages else summary
+    if rows.empty:
+        raise UserError(f"no runs of stage {'/'.join(stages)} in the summary; train IADI runs at several "
+                        "--target-saving values and evaluate them")
+    out = []
+    for _, r in rows.sort_values("compute_saving").iterrows():
+        compute = 100 * float(r["compute_saving"])
+        notes = []
+        if r["arch"] != "resnet74":
+            notes.append(f"CPU-scale: {r['arch']} instead of the paper's resnet74")
+        if bool(r.get("smoke_test", False)):
+            notes.append("smoke-test data, not CIFAR-10")
+        if "n_test" in r and pd.notna(r["n_test"]) and int(r["n_test"]) < 10000:
+            notes.append(f"{int(r['n_test'])} test images, not 10000")
+        i = _paper_match(compute)
+        m = (measured or {}).get(str(r["run"]))
+        energy_model = r.get("energy_source") or f"modelled: SCALE-Sim + Eq. 6 ({r.get('hardware', '?')})"
+        out.append({
+            "run": r["run"], "arch": r["arch"], "stage": r["stage"], "scale_note": "; ".join(notes),
+            "accuracy_pct": 100 * float(r["accuracy"]), "compute_saving_pct": compute,
+            "energy_saving_modelled_pct": 100 * float(r["energy_saving"]), "energy_model": energy_model,
+            "energy_saving_measured_pct": 100 * m[0] if m else np.nan,
+            "energy_saving_measured_ci95_pct": 100 * m[1] if m else np.nan,
+            "energy_measured_source": measured_source if m else "",
+            "paper_compute_saving_pct": PAPER["compute_saving_pct"][i] if i is not None else np.nan,
+            "paper_energy_saving_pct": PAPER["energy_saving_pct"][i] if i is not None else np.nan,
+            "paper_accuracy_pct": PAPER["accuracy_pct"][i] if i is not None else np.nan,
+        })
+    return pd.DataFrame(out, columns=OUT_COLUMNS)
+
+
+def _fmt(x: float, ci: float | None = None) -> str:
+    if x != x:  # NaN
+        return "-"
+    return f"{x:.2f} ± {ci:.2f}" if ci is not None and ci == ci else f"{x:.2f}"
+
+
+def to_markdown(table: "pd.DataFrame") -> str:
+    head = ("| run | arch | accuracy % (evaluated) | compute saving % (counted) | energy saving % (modelled) "
+            "| energy saving % (measured, 95% CI) | paper compute % | paper energy % (measured) | paper accuracy % |")
+    lines = ["# Table I: compute saving vs energy saving vs accuracy", "",
+             "Paper: ResNet74-IADI on CIFAR-10, energy measured on a ZedBoard (Table I).", "",
+             head, "|" + "---|" * 9]
+    for _, r in table.iterrows():
+        lines.append(f"| {r.run} | {r.arch} | {_fmt(r.accuracy_pct)} | {_fmt(r.compute_saving_pct)} "
+                     f"| {_fmt(r.energy_saving_modelled_pct)} "
+                     f"| {_fmt(r.energy_saving_measured_pct, r.energy_saving_measured_ci95_pct)} "
+                     f"| {_fmt(r.paper_compute_saving_pct)} | {_fmt(r.paper_energy_saving_pct)} "
+                     f"| {_fmt(r.paper_accuracy_pct)} |")
+    lines.append("")
+    models = sorted(set(table.energy_model) - {""})
+    lines.append(f"Modelled energy: {'; '.join(models)}.")
+    if table.energy_saving_measured_pct.notna().any():
+        lines.append(f"Measured energy: {'; '.join(sorted(set(table.energy_measured_source) - {''}))}.")
+    else:
+        lines.append("Measured energy: none (no power log given; run on the board with `ddi-hw power log`).")
+    for note in sorted(set(table.scale_note) - {""}):
+        lines.append(f"Note: {note}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: "pd.DataFrame", path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a1.plot(PAPER["compute_saving_pct"], PAPER["energy_saving_pct"], "k^--", label="paper (measured, ResNet74)")
+    a1.plot(table.compute_saving_pct, table.energy_saving_modelled_pct, "o-", label="ours, modelled (Eq. 6)")
+    meas = table[table.energy_saving_measured_pct.notna()]
+    if len(meas):
+        a1.errorbar(meas.compute_saving_pct, meas.energy_saving_measured_pct,
+                    yerr=meas.energy_saving_measured_ci95_pct.fillna(0), fmt="s", capsize=3,
+                    label="ours, measured (95% CI)")
+    lim = [0, 100]
+    a1.plot(lim, lim, ":", color="grey", lw=0.8, label="energy = compute saving")
+    a1.set_xlabel("compute saving (%)")
+    a1.set_ylabel("energy saving (%)")
+    a1.legend(fontsize=8)
+    a2.plot(PAPER["compute_saving_pct"], PAPER["accuracy_pct"], "k^--", label="paper (ResNet74)")
+    archs = ", ".join(sorted(set(table.arch)))
+    a2.plot(table.compute_saving_pct, table.accuracy_pct, "o-", label=f"ours ({archs}), evaluated")
+    a2.set_xlabel("compute saving (%)")
+    a2.set_ylabel("top-1 accuracy (%)")
+    a2.legend(fontsize=8)
+    notes = sorted(set(table.scale_note) - {""})
+    fig.suptitle("Table I: IADI compute vs energy saving vs accuracy" + ("\n" + "; ".join(notes) if notes else ""),
+                 fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def table1_command(
+    summary_csv: Path = typer.Argument(..., help="summary.csv written by `ddi-hw eval`"),
+    measured: Optional[Path] = typer.Option(None, "--measured", help="energy_summary.csv from `ddi-hw power analyze`"),
+    dense_config: str = typer.Option("dense", "--dense-config", help="configuration name of the static network in --measured"),
+    stages: str = typer.Option("iadi", "--stages", help="comma list of run stages to tabulate"),
+    out: Path = typer.Option(Path("table1"), "--out", help="directory for table1.csv, table1.md, table1.png"),
+) -> None:
+    """Table I next to the paper's, every number labelled evaluated/counted/modelled/measured."""
+    import pandas as pd
+
+    if not summary_csv.is_file():
+        raise UserError(f"{summary_csv} not found: run `ddi-hw eval RUNS --out DIR` first")
+    summary = pd.read_csv(summary_csv)
+    meas = None
+    if measured is not None:
+        if not measured.is_file():
+            raise UserError(f"{measured} not found: run `ddi-hw power analyze` first")
+        meas = measured_savings(pd.read_csv(measured), dense_config)
+    table = build_table(summary, meas, f"measured: {measured.name}" if measured else "",
+                        tuple(s.strip() for s in stages.split(",") if s.strip()))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("table1.csv", table.to_csv(index=False)), ("table1.md", to_markdown(table))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    plot(table, out / "table1.png")
+    typer.echo(to_markdown(table))
+    typer.echo(f"wrote {out / 'table1.csv'}, table1.md, table1.png")

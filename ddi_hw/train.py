@@ -1,0 +1,486 @@
+"""`ddi-hw train`: static backbone, IADI (two steps) and DDI training from one YAML recipe.
+
+Stages (paper Sec. III-C / IV-A):
+- `static`: the backbone alone, cross-entropy. The baseline and the start of IADI.
+- `iadi`: gates added to a trained static run (`init`). Step 1 freezes the backbone and trains
+  only the gates until the skip ratio is ~0 (so batch-norm statistics stay valid); step 2 trains
+  everything on L + alpha*E, flipping the sign of alpha every batch so the saving of the chosen
+  resource holds `target_saving`. E is the model's per-sample cost (FLOPs, or energy / latency from
+  the cost table of `--hardware`) divided by the dense backbone's cost.
+- `ddi`: exit branches added to a trained IADI run, trained on L_o + sum_i L_i (+ the same alpha
+  term so the IADI saving is held while the backbone adapts).
+
+Everything that decides a step (batch, augmentation, LR) is a function of the global step, and
+the resume file holds weights, optimizer and RNG states, so `--resume` continues bit-exactly.
+Under `torchrun` the model is wrapped in DistributedDataParallel (gloo on CPU); only rank 0
+writes files.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from ddi_hw.errors import UserError
+
+STAGES = ("static", "iadi", "ddi")
+RESOURCES = ("flops", "energy", "latency")
+METRICS_COLUMNS = ["step", "phase", "split", "loss", "acc", "skip_ratio", "saving", "alpha", "lr", "seconds"]
+
+# key -> (default, validator description, check)
+_num = (int, float)
+CONFIG_SCHEMA: dict[str, tuple[Any, str, Any]] = {
+    "description": ("", "text", lambda v: isinstance(v, str)),
+    "arch": (None, "a model name such as resnet38", lambda v: isinstance(v, str) and v),
+    "dataset": ("cifar10", "cifar10|imagenet|smoke", lambda v: v in ("cifar10", "imagenet", "smoke")),
+    "stage": ("static", "static|iadi|ddi", lambda v: v in STAGES),
+    "init": (None, "run directory of the previous stage", lambda v: v is None or isinstance(v, str)),
+    "layer_gates": (True, "true|false", lambda v: isinstance(v, bool)),
+    "channel_gates": (True, "true|false", lambda v: isinstance(v, bool)),
+    "channel_gate_kind": ("cnn", "a gate kind name", lambda v: isinstance(v, str)),
+    "exit_positions": (None, "a list of block indices or null",
+                       lambda v: v is None or (isinstance(v, list) and all(isinstance(i, int) for i in v))),
+    "steps": (None, "a positive integer", lambda v: v is None or (isinstance(v, int) and v > 0)),
+    "epochs": (None, "a positive number", lambda v: v is None or (isinstance(v, _num) and v > 0)),
+    "gate_steps": (2000, "an integer >= 0 (max steps of IADI step 1)", lambda v: isinstance(v, int) and v >= 0),
+    "gate_skip_tol": (0.01, "a number in [0, 1)", lambda v: isinstance(v, _num) and 0 <= v < 1),
+    "batch_size": (128, "a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "eval_batch_size": (500, "a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "lr": (0.05, "a positive number", lambda v: isinstance(v, _num) and v > 0),
+    "lr_schedule": ("cosine", "cosine|constant", lambda v: v in ("cosine", "constant")),
+    "momentum": (0.9, "a number in [0, 1)", lambda v: isinstance(v, _num) and 0 <= v < 1),
+    "weight_decay": (1e-4, "a number >= 0", lambda v: isinstance(v, _num) and v >= 0),
+    "alpha": (2e-4, "a number >= 0", lambda v: isinstance(v, _num) and v >= 0),
+    "resource": ("flops", "flops|energy|latency", lambda v: v in RESOURCES),
+    "hardware": ("eyeriss-65nm", "a hardware preset name", lambda v: isinstance(v, str)),
+    "target_saving": (0.5, "a fraction in [0, 1)", lambda v: isinstance(v, _num) and 0 <= v < 1),
+    "seed": (0, "an integer", lambda v: isinstance(v, int)),
+    "log_every": (10, "a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "eval_every": (0, "an integer >= 0 (0 = only at the end)", lambda v: isinstance(v, int) and v >= 0),
+    "ckpt_every": (200, "a positive integer", lambda v: isinstance(v, int) and v > 0),
+    "eval_limit": (None, "a positive integer or null (test images in periodic evals)",
+                   lambda v: v is None or (isinstance(v, int) and v > 0)),
+}
+
+
+def validate_config(cfg: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Defaults filled in; an unknown key or a bad value raises a one-line UserError."""
+    if not isinstance(cfg, dict):
+        raise UserError(f"{source}: expected a mapping of keys to values")
+    unknown = sorted(set(cfg) - set(CONFIG_SCHEMA))
+    if unknown:
+        raise UserError(f"{source}: unknown key '{unknown[0]}'; allowed keys: {', '.join(CONFIG_SCHEMA)}")
+    out = {k: cfg.get(k, default) for k, (default, _, _) in CONFIG_SCHEMA.items()}
+    for k, (_, expect, check) in CONFIG_SCHEMA.items():
+        v = out[k]
+        if isinstance(v, float) and k in ("steps", "gate_steps", "batch_size", "seed") and v.is_integer():
+            out[k] = v = int(v)
+        if not check(v):
+            raise UserError(f"{source}: '{k}' is {v!r}; expected {expect}")
+    if out["arch"] is None:
+        raise UserError(f"{source}: 'arch' is required (e.g. arch: resnet38)")
+    if (out["steps"] is None) == (out["epochs"] is None):
+        raise UserError(f"{source}: give exactly one of 'steps' or 'epochs'")
+    if out["stage"] != "static" and not out["init"]:
+        raise UserError(f"{source}: stage '{out['stage']}' needs 'init': the run directory of the previous stage")
+    return out
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config {path} not found; see configs/cpu/ and configs/paper/ for recipes")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else "syntax error"
+        raise UserError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "steps" in overrides:  # --steps replaces an epoch count
+        raw.pop("epochs", None)
+    raw.update(overrides)
+    return validate_config(raw, str(path))
+
+
+# ----------------------------------------------------------------------------- model + costs
+
+
+def model_kwargs(cfg: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    gated = cfg["stage"] != "static"
+    return {"name": cfg["arch"], "num_classes": num_classes,
+            "layer_gates": gated and cfg["layer_gates"], "channel_gates": gated and cfg["channel_gates"],
+            "channel_gate_kind": cfg["channel_gate_kind"], "exits": cfg["stage"] == "ddi",
+            "exit_positions": cfg["exit_positions"] if cfg["stage"] == "ddi" else None}
+
+
+def build_model(kwargs: dict[str, Any]):
+    from ddi_hw.models import create_model
+
+    try:
+        return create_model(**kwargs)
+    except (KeyError, ValueError) as err:
+        raise UserError(f"cannot build model {kwargs['name']!r}: {err}") from None
+
+
+def attach_costs(model, metrics: list[str], hardware: str, input_shape) -> dict[str, Any]:
+    """Attach the cost table of `hardware` when energy/latency is needed; return its identity."""
+    if all(m == "flops" for m in metrics):
+        return {"source": "model", "hardware": None, "sha256": None}
+    from energy_models import profile_model
+    from ddi_hw.cost import CostTable
+
+    df = profile_model(model, tuple(input_shape), hardware=hardware)
+    model.attach_cost_table(CostTable.from_frame(df))
+    digest = hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()
+    return {"source": "energy_models.profile_model", "hardware": hardware, "sha256": digest, "rows": len(df)}
+
+
+def gate_parameter_names(model) -> set[str]:
+    """Names of the parameters of gating networks (trained alone in IADI step 1)."""
+    from ddi_hw.models import gates
+
+    kinds = tuple(getattr(gates, k) for k in ("LayerGateEmbed", "SharedLSTMGate", "ChannelGateCNN",
+                                               "ChannelGateRNN", "DenseLightGate") if hasattr(gates, k))
+    names = set()
+    for mname, module in model.named_modules():
+        if isinstance(module, kinds) or getattr(module, "ddi_role", None) == "gate":
+            names |= {f"{mname}.{p}" if mname else p for p, _ in module.named_parameters()}
+    return names
+
+
+def batch_stats(out, resource: str, dense_cost: float, layer_gated: bool):
+    """(normalised cost per sample, saving of the batch, skip ratio of the batch) from an output.
+
+    The skip ratio is the larger of the layer-skip and channel-skip fractions (a skipped block
+    counts its channels as skipped too), so it is 0 only when nothing at all is skipped.
+    """
+    cost = out.cost[resource] / dense_cost
+    saving = 1.0 - float(cost.detach().mean())
+    parts = []
+    if layer_gated and out.layer_decisions is not None and out.layer_decisions.numel():
+        parts.append(float(1 - out.layer_decisions.detach().float().mean()))
+    if out.channel_decisions:
+        tot = sum(float((1 - d.detach().float()).sum()) for d in out.channel_decisions.values())
+        cnt = sum(d.numel() for d in out.channel_decisions.values())
+        parts.append(tot / max(cnt, 1))
+    skip = max(parts) if parts else 0.0
+    return cost, saving, skip
+
+
+def lr_at(cfg: dict[str, Any], phase_step: int, phase_steps: int, phase: str) -> float:
+    if phase == "gates" or cfg["lr_schedule"] == "constant":
+        return cfg["lr"]
+    return 0.5 * cfg["lr"] * (1 + math.cos(math.pi * min(phase_step, phase_steps) / max(phase_steps, 1)))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_model(model, ds, resource: str, dense_cost: float, batch_size: int, limit: int | None = None,
+                   layer_gated: bool = True) -> dict[str, float]:
+    """Test accuracy (final classifier), mean saving and skip ratio with hard gate decisions."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    from ddi_hw.data import test_batches
+
+    correct = n = 0
+    loss_sum = saving_sum = skip_sum = 0.0
+    with torch.no_grad():
+        for x, y, _ in test_batches(ds, batch_size, limit):
+            out = model(x, mode="dense")
+            logits = out.logits
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            _, saving, skip = batch_stats(out, resource, dense_cost, layer_gated)
+            saving_sum += saving * len(y)
+            skip_sum += skip * len(y)
+            n += len(y)
+    model.train(was_training)
+    return {"loss": loss_sum / n, "acc": correct / n, "saving": saving_sum / n, "skip_ratio": skip_sum / n}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _append_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop rows logged after the resumed checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    from ddi_hw.checkpoint import atomic_write_text
+    import io
+
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= last_step]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRICS_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_mean(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / world
+
+
+def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None = None, resume: bool = False,
+          stop_after: Optional[int] = None, show_progress: bool = True,
+          on_finish: Optional[Callable[[Any], None]] = None) -> dict[str, Any]:
+    """Run one stage described by a validated config; returns the final metrics (rank 0).
+
+    `stop_after` ends the run after that many global steps (as if interrupted) having written the
+    resume file; tests use it to prove that `resume=True` continues exactly. `on_finish(model)` is
+    called on every rank with the final model (tests compare the ranks' weights).
+    """
+    import numpy as np
+    import random
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from ddi_hw import checkpoint as ck
+    from ddi_hw.data import load_dataset, steps_per_epoch, train_batch
+
+    out_dir = Path(out_dir)
+    rank, world = _dist_info()
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"] % 2**32)
+    random.seed(cfg["seed"])
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+    ds = load_dataset(cfg["dataset"], data_dir)
+    spe = steps_per_epoch(ds, cfg["batch_size"], world)
+    main_steps = cfg["steps"] if cfg["steps"] is not None else max(1, round(cfg["epochs"] * spe))
+
+    kwargs = model_kwargs(cfg, ds.num_classes)
+    model = build_model(kwargs)
+    cost_id = attach_costs(model, [cfg["resource"]], cfg["hardware"], ds.input_shape)
+    dense_cost = float(model.dense_cost(cfg["resource"]))
+    init_info = None
+    if cfg["stage"] != "static" and not resume:
+        state, side = ck.load_model_state(cfg["init"])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise UserError(f"init {cfg['init']} has weights this {cfg['stage']} model lacks ({unexpected[0]}, ...); "
+                            "check that 'arch' matches the init run")
+        init_info = {"run": str(cfg["init"]), "stage": side.get("config", {}).get("stage"),
+                     "metrics": side.get("metrics", {})}
+
+    gate_names = gate_parameter_names(model) if cfg["stage"] == "iadi" else set()
+    if cfg["stage"] == "iadi" and not gate_names:
+        raise UserError(f"stage iadi: model {cfg['arch']} has no gate parameters; enable layer_gates or channel_gates")
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                weight_decay=cfg["weight_decay"])
+
+    state = {"step": 0, "phase": "gates" if cfg["stage"] == "iadi" and cfg["gate_steps"] > 0 else "main",
+             "phase_start": 0, "low_skip_run": 0, "init": init_info}
+    metrics_path = out_dir / "metrics.csv"
+    if resume:
+        state = ck.load_resume(out_dir, model, optimizer)
+        if rank == 0:
+            _truncate_metrics(metrics_path, state["step"])
+    elif rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if (out_dir / ck.RESUME_FILE).exists() or (out_dir / ck.MODEL_FILE).exists():
+            raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if world > 1:
+        dist.barrier()
+
+    gate_modules = {n.rsplit(".", 1)[0] for n in gate_names}
+
+    def set_train_mode(phase: str):
+        """Train mode; in IADI step 1 the backbone's batch-norm statistics stay frozen too."""
+        model.train()
+        if phase == "gates":
+            for n, m in model.named_modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and \
+                        not any(n == g or n.startswith(g + ".") for g in gate_modules):
+                    m.eval()
+
+    def configure_phase(phase: str):
+        gates_only = phase == "gates"
+        for n, p in model.named_parameters():
+            p.requires_grad_(not gates_only or n in gate_names)
+        set_train_mode(phase)
+        if world > 1:
+            return DDP(model, find_unused_parameters=True)
+        return model
+
+    net = configure_phase(state["phase"])
+
+    def save_all(final_metrics: dict[str, Any] | None = None):
+        if rank != 0:
+            return
+        ck.save_resume(out_dir, model, optimizer, state)
+        if final_metrics is not None:
+            ck.save_model(out_dir, model, {"config": cfg, "model": kwargs, "metrics": final_metrics,
+                                           "cost_table": cost_id, "step": state["step"], "init": state["init"],
+                                           "dataset": ds.description, "smoke_test": ds.smoke_test,
+                                           "dense_cost": {cfg["resource"]: dense_cost}, "world_size": world})
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    gate_budget = cfg["gate_steps"] if cfg["stage"] == "iadi" else 0
+    total_est = (gate_budget if state["phase"] == "gates" else state["phase_start"]) + main_steps
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} skip {task.fields[skip]:.2f} "
+                          "saving {task.fields[saving]:.2f}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    progress = Progress(*columns, disable=not show_progress or rank != 0, transient=False)
+    rows: list[dict[str, Any]] = []
+    t0 = time.time()
+    window = {"loss": 0.0, "acc": 0.0, "skip": 0.0, "saving": 0.0, "n": 0}
+    target = cfg["target_saving"]
+    final: dict[str, Any] = {}
+    with progress:
+        task = progress.add_task(f"{cfg['stage']} {cfg['arch']}", total=total_est, completed=state["step"],
+                                 loss=float("nan"), acc=0.0, skip=0.0, saving=0.0)
+        try:
+            while True:
+                phase = state["phase"]
+                phase_step = state["step"] - state["phase_start"]
+                if phase == "main" and phase_step >= main_steps:
+                    break
+                if stop_after is not None and state["step"] >= stop_after:
+                    save_all()
+                    return {"stopped_at": state["step"]}
+                lr = lr_at(cfg, phase_step, main_steps, phase)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                x, y = train_batch(ds, state["step"], cfg["batch_size"], cfg["seed"], rank, world)
+                out = net(x, mode="dense")
+                loss_ce = torch.nn.functional.cross_entropy(out.logits, y)
+                if cfg["stage"] == "ddi" and out.exit_logits:
+                    loss_ce = loss_ce + sum(torch.nn.functional.cross_entropy(e, y) for e in out.exit_logits)
+                loss = loss_ce
+                alpha = 0.0
+                skip = saving = 0.0
+                if cfg["stage"] != "static":
+                    cost, saving, skip = batch_stats(out, cfg["resource"], dense_cost, kwargs["layer_gates"])
+                    saving = _all_mean(saving, world)
+                    skip = _all_mean(skip, world)
+                    goal = 0.0 if phase == "gates" else target
+                    alpha = cfg["alpha"] if saving < goal else -cfg["alpha"]
+                    loss = loss + alpha * cost.mean().to(loss.dtype)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                acc = float((out.logits.argmax(1) == y).float().mean())
+                state["step"] += 1
+                for k, v in (("loss", float(loss_ce.detach())), ("acc", acc), ("skip", skip), ("saving", saving)):
+                    window[k] += v
+                window["n"] += 1
+                if phase == "gates":  # step 1 ends when (nearly) nothing is skipped, or at its budget
+                    state["low_skip_run"] = state["low_skip_run"] + 1 if skip <= cfg["gate_skip_tol"] else 0
+                    if state["low_skip_run"] >= 10 or phase_step + 1 >= cfg["gate_steps"]:
+                        state["phase"], state["phase_start"] = "main", state["step"]
+                        net = configure_phase("main")
+                        progress.update(task, total=state["step"] + main_steps)
+                if state["step"] % cfg["log_every"] == 0:
+                    n = window["n"]
+                    rows.append({"step": state["step"], "phase": phase, "split": "train",
+                                 "loss": window["loss"] / n, "acc": window["acc"] / n,
+                                 "skip_ratio": window["skip"] / n, "saving": window["saving"] / n,
+                                 "alpha": alpha, "lr": lr, "seconds": round(time.time() - t0, 3)})
+                    progress.update(task, loss=window["loss"] / n, acc=window["acc"] / n, skip=window["skip"] / n,
+                                    saving=window["saving"] / n)
+                    window = {k: 0.0 for k in window} | {"n": 0}
+                progress.update(task, completed=state["step"])
+                if cfg["eval_every"] and state["step"] % cfg["eval_every"] == 0 and rank == 0:
+                    ev = evaluate_model(model, ds, cfg["resource"], dense_cost, cfg["eval_batch_size"], cfg["eval_limit"],
+                                        kwargs["layer_gates"])
+                    rows.append({"step": state["step"], "phase": phase, "split": "test", **ev, "alpha": "",
+                                 "lr": lr, "seconds": round(time.time() - t0, 3)})
+                    set_train_mode(state["phase"])
+                if state["step"] % cfg["ckpt_every"] == 0:
+                    if rank == 0:
+                        _append_metrics(metrics_path, rows)
+                        rows = []
+                    save_all()
+        except KeyboardInterrupt:
+            if rank == 0:
+                _append_metrics(metrics_path, rows)
+                save_all()
+                progress.console.print(f"interrupted at step {state['step']}: resume with --resume")
+            raise
+    if world > 1:  # BN running statistics differ per rank after the last forward: take rank 0's
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+    if rank == 0:
+        final = evaluate_model(model, ds, cfg["resource"], dense_cost, cfg["eval_batch_size"],
+                               layer_gated=kwargs["layer_gates"])
+        final.update({"step": state["step"], "train_seconds": round(time.time() - t0, 3)})
+        rows.append({"step": state["step"], "phase": "final", "split": "test", **{k: final[k] for k in
+                     ("loss", "acc", "skip_ratio", "saving")}, "alpha": "", "lr": "",
+                     "seconds": final["train_seconds"]})
+        _append_metrics(metrics_path, rows)
+        save_all(final)
+    if on_finish is not None:
+        on_finish(model)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def train_command(
+    config: Path = typer.Option(..., "--config", help="YAML recipe (configs/cpu/*.yaml or configs/paper/*.yaml)"),
+    resource: Optional[str] = typer.Option(None, help="resource to save: flops|energy|latency"),
+    hardware: Optional[str] = typer.Option(None, help="hardware preset for the energy/latency cost table"),
+    target_saving: Optional[float] = typer.Option(None, help="fraction of the resource to save (IADI/DDI)"),
+    data_dir: Optional[Path] = typer.Option(None, help="cifar-10-batches-py/ directory or .tar.gz (ImageNet: root with train/ val/)"),
+    out: Optional[Path] = typer.Option(None, help="run directory (default runs/<config name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out exactly where it stopped"),
+    steps: Optional[int] = typer.Option(None, help="override the number of training steps"),
+    init: Optional[str] = typer.Option(None, help="run directory of the previous stage (iadi/ddi)"),
+    dataset: Optional[str] = typer.Option(None, help="override the data set: cifar10|imagenet|smoke"),
+) -> None:
+    """Train a static backbone, IADI or DDI model from a recipe."""
+    overrides = {"resource": resource, "hardware": hardware, "target_saving": target_saving, "init": init,
+                 "dataset": dataset, "steps": steps}
+    cfg_path = Path(config)
+    cfg = load_config(cfg_path, overrides)
+    out_dir = out or Path("runs") / cfg_path.stem
+    final = train(cfg, out_dir, data_dir=data_dir, resume=resume)
+    if final:
+        typer.echo(f"{out_dir}: test acc {final['acc']:.4f}, {cfg['resource']} saving {final['saving']:.3f}, "
+                   f"skip ratio {final['skip_ratio']:.3f} ({final['step']} steps)")

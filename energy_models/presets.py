@@ -1,0 +1,129 @@
+"""Hardware presets: what the accelerator is (SCALE-Sim array and SRAMs) and what each action costs.
+
+Presets are YAML files shipped in `energy_models/presets/` (name them by file stem) or any YAML
+file a user copies from one. Every field is checked so a typo gives one line naming the field.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from ddi_hw.errors import UserError
+
+DATAFLOWS = ("os", "ws", "is")
+ENERGY_FIELDS = ("mac_pj", "rf_pj", "noc_pj", "sram_pj", "dram_pj")
+SIM_INT_FIELDS = ("array_rows", "array_cols", "ifmap_sram_kb", "filter_sram_kb", "ofmap_sram_kb")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    array_rows: int
+    array_cols: int
+    ifmap_sram_kb: int
+    filter_sram_kb: int
+    ofmap_sram_kb: int
+    dataflow: str
+    bandwidth_mode: str
+    mac_pj: float
+    rf_pj: float
+    noc_pj: float
+    sram_pj: float
+    dram_pj: float
+    clock_hz: float
+    static_power_w: float
+
+    def simulator_fields(self, dataflow: str | None = None) -> dict:
+        """What SCALE-Sim sees: the only preset fields that may change access counts."""
+        d = {k: getattr(self, k) for k in SIM_INT_FIELDS}
+        d["dataflow"] = dataflow or self.dataflow
+        d["bandwidth_mode"] = self.bandwidth_mode
+        return d
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def available_presets() -> list[str]:
+    folder = resources.files("energy_models") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path) -> Preset:
+    """A shipped preset by name (e.g. "eyeriss-65nm") or a user YAML file, fully validated."""
+    import yaml
+
+    if isinstance(name_or_path, Preset):
+        return name_or_path
+    text, label = _read(str(name_or_path))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise UserError(f"preset {label}: not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"preset {label}: expected a mapping with 'simulator' and 'energy' sections")
+
+    def section(key):
+        sec = data.get(key)
+        if not isinstance(sec, dict):
+            raise UserError(f"preset {label}: section '{key}' is missing or not a mapping")
+        return sec
+
+    def positive(value, field, integer=False):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        if integer:
+            ok = ok and float(value).is_integer()
+        if not ok:
+            kind = "a positive integer" if integer else "a positive number"
+            raise UserError(f"preset {label}: field '{field}' must be {kind} (got {value!r})")
+        return int(value) if integer else float(value)
+
+    def non_negative(value, field):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+            raise UserError(f"preset {label}: field '{field}' must be a number >= 0 "
+                            f"(got {value!r})")
+        return float(value)
+
+    sim, energy = section("simulator"), section("energy")
+    for sec, key, allowed in (
+            (data, None, {"name", "description", "simulator", "energy", "clock_hz",
+                          "static_power_w"}),
+            (sim, "simulator", set(SIM_INT_FIELDS) | {"dataflow", "bandwidth_mode"}),
+            (energy, "energy", set(ENERGY_FIELDS))):
+        for extra in sorted(set(sec) - allowed):
+            field = f"{key}.{extra}" if key else extra
+            raise UserError(f"preset {label}: unknown field '{field}'; allowed: "
+                            f"{', '.join(sorted(allowed))}")
+    fields = {f: positive(sim.get(f), f"simulator.{f}", integer=True) for f in SIM_INT_FIELDS}
+    dataflow = sim.get("dataflow", "os")
+    if dataflow not in DATAFLOWS:
+        raise UserError(f"preset {label}: field 'simulator.dataflow' must be one of "
+                        f"{', '.join(DATAFLOWS)} (got {dataflow!r})")
+    if sim.get("bandwidth_mode", "CALC") != "CALC":
+        raise UserError(f"preset {label}: field 'simulator.bandwidth_mode' must be CALC "
+                        "(the only mode the profiler runs SCALE-Sim in)")
+    for f in ENERGY_FIELDS:
+        fields[f] = positive(energy.get(f), f"energy.{f}")
+    name = data.get("name", Path(label).stem)
+    return Preset(
+        name=str(name), description=str(data.get("description", "")), dataflow=dataflow,
+        bandwidth_mode="CALC", clock_hz=positive(data.get("clock_hz"), "clock_hz"),
+        static_power_w=non_negative(data.get("static_power_w"), "static_power_w"), **fields)
+
+
+def _read(name: str) -> tuple[str, str]:
+    path = Path(name).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"preset file {name} not found; give a shipped preset "
+                            f"({', '.join(available_presets())}) or a YAML file")
+        return path.read_text(), path.name
+    shipped = resources.files("energy_models") / "presets" / f"{name}.yaml"
+    if not shipped.is_file():
+        raise UserError(f"unknown hardware preset '{name}'; choose one of "
+                        f"{', '.join(available_presets())} or give a YAML file")
+    return shipped.read_text(), f"{name}.yaml"

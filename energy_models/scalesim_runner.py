@@ -1,0 +1,440 @@
+"""SCALE-Sim runner: access counts of one conv/linear layer for every number of active channels.
+
+SCALE-Sim 3.x is driven through its Python classes, in memory, with no trace files. Two paths give
+the same numbers (tests/test_scalesim_runner.py checks this on sampled layers, channel counts,
+array sizes and all three dataflows):
+
+- `simulate_direct`: SCALE-Sim's own `single_layer_sim.run()` for one layer, as its CLI would.
+- `simulate_fast` (used by `run_sweep`): the same SCALE-Sim compute classes build the same demand
+  matrices, then the three memories are served separately, because in CALC bandwidth mode
+  (the only mode we use) the ifmap/filter read buffers never stall, so they cannot influence each
+  other or the ofmap buffer. Savings, all exact:
+  * the prefetch matrices (unused in CALC mode, a Python loop per element) are not built;
+  * a read buffer's DRAM count depends only on its address stream, so identical streams (the
+    ifmap stream is the same for every k within one fold of the array) are counted once;
+  * `count_estimate_bw_reads` replays `ReadBufferEstimateBw`'s set/prefetch bookkeeping with a
+    dict instead of a scan over sets (same decisions, ~10x faster);
+  * `serve_ofmap_writes` replays the ofmap `write_buffer` (fills, drains, stalls) on the number of
+    outputs per demand line instead of element by element.
+- numpy >= 2.4 no longer converts 1-element arrays to int, which breaks SCALE-Sim 3.0.0's
+  `int(max(ofmap_serviced_cycles))`; `_CompatWriteBuffer` returns the same cycles as a flat array.
+
+Input sizes handed to SCALE-Sim are padded (it does not pad); see `LayerSpec.sim_input_hw`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from importlib.metadata import version as _version
+from pathlib import Path
+
+import numpy as np
+
+RUNNER_VERSION = 1  # bump when the meaning of cached counts changes
+COUNT_COLUMNS = ("macs", "cycles", "sram_reads_ifmap", "sram_reads_filter", "sram_writes_ofmap",
+                 "dram_reads_ifmap", "dram_reads_filter", "dram_writes_ofmap")
+_SIM_KEYS = ("array_rows", "array_cols", "ifmap_sram_kb", "filter_sram_kb", "ofmap_sram_kb",
+             "dataflow")
+
+
+def scalesim_version() -> str:
+    return _version("scalesim")
+
+
+@dataclass(frozen=True)
+class SimLayer:
+    """One layer exactly as SCALE-Sim sees it (input already padded, no groups)."""
+    ifmap_h: int
+    ifmap_w: int
+    kernel_h: int
+    kernel_w: int
+    channels: int
+    filters: int
+    stride: int
+
+    def with_active(self, axis: str, active: int) -> "SimLayer":
+        d = asdict(self)
+        d["filters" if axis == "out" else "channels"] = active
+        return SimLayer(**d)
+
+
+# --------------------------------------------------------------------------- SCALE-Sim plumbing
+def _scalesim_objects(layer: SimLayer, sim: dict):
+    from scalesim.layout_utils import layouts
+    from scalesim.scale_config import scale_config
+    from scalesim.topology_utils import topologies
+
+    cfg = scale_config()
+    cfg.update_from_list(["ddi", sim["array_rows"], sim["array_cols"], sim["ifmap_sram_kb"],
+                          sim["filter_sram_kb"], sim["ofmap_sram_kb"], 0, 10000000, 20000000,
+                          sim["dataflow"], "CALC", None])
+    topo = topologies()
+    topo.load_layer_params_from_list("L", [
+        "L", layer.ifmap_h, layer.ifmap_w, layer.kernel_h, layer.kernel_w, layer.channels,
+        layer.filters, layer.stride, layer.stride, 1, 1])
+    return cfg, topo, layouts()
+
+
+def _compat_write_buffer():
+    from scalesim.memory.write_buffer import write_buffer
+
+    class _CompatWriteBuffer(write_buffer):
+        """SCALE-Sim's write buffer, returning its per-line cycles flat (numpy >= 2.4 fix)."""
+
+        def service_writes(self, incoming_requests_arr_np, incoming_cycles_arr_np):
+            return super().service_writes(incoming_requests_arr_np,
+                                          incoming_cycles_arr_np).reshape(-1)
+
+    return _CompatWriteBuffer()
+
+
+def simulate_direct(layer: SimLayer, sim: dict) -> dict:
+    """One full SCALE-Sim `single_layer_sim` run (the reference the fast path must equal)."""
+    from scalesim.single_layer_sim import single_layer_sim
+
+    if layer.filters == 0 or layer.channels == 0:
+        return dict.fromkeys(COUNT_COLUMNS, 0)
+    cfg, topo, lay = _scalesim_objects(layer, sim)
+    s = single_layer_sim()
+    with contextlib.redirect_stdout(io.StringIO()):
+        s.set_params(layer_id=0, config_obj=cfg, topology_obj=topo, layout_obj=lay, verbose=False)
+        s.memory_system.ofmap_buf = _compat_write_buffer()
+        s.run()
+        s.calc_report_data()
+    return dict(macs=int(s.num_compute), cycles=int(s.total_cycles),
+                sram_reads_ifmap=int(s.ifmap_sram_reads), sram_reads_filter=int(s.filter_sram_reads),
+                sram_writes_ofmap=int(s.ofmap_sram_writes), dram_reads_ifmap=int(s.ifmap_dram_reads),
+                dram_reads_filter=int(s.filter_dram_reads),
+                dram_writes_ofmap=int(s.ofmap_dram_writes))
+
+
+def count_estimate_bw_reads(runs, total_size_bytes: int, word_size: int = 1,
+                            active_buf_frac: float = 0.5) -> int:
+    """DRAM reads SCALE-Sim's `ReadBufferEstimateBw` makes for an address stream given as runs
+    `[(addresses, repeat), ...]` (the stream is each run's addresses `repeat` times in a row).
+
+    Same bookkeeping as the original: new addresses fill sets of total/100 words; an address is
+    a hit while a set holding it lies in the active window; the window moves by the prefetch
+    buffer's sets when the set after it completes; every address placed in a set is fetched once.
+    A hit or an address already in the filling set changes nothing, so once a whole pass of a run
+    places no address, its remaining passes cannot either and are skipped.
+    """
+    total = math.floor(total_size_bytes / word_size)
+    per_set = math.floor(total / 100)
+    n_active = int(round(active_buf_frac, 2) * 100)
+    n_prefetch = 100 - n_active
+    where: dict[int, list[int]] = {}
+    current: set[int] = set()
+    set_id, start, read_end, inserted = 0, 0, n_active - 1, 0
+    end = 0  # = min(set_id, read_end + 1): sets [start, end) can hit
+    for addresses, repeat in runs:
+        for _ in range(repeat):
+            before = inserted
+            for addr in addresses:
+                ids = where.get(addr)
+                if ids is not None:
+                    if start <= ids[-1] < end:
+                        continue
+                    if len(ids) > 1 and any(start <= i < end for i in ids):
+                        continue
+                if addr in current:
+                    continue
+                current.add(addr)
+                inserted += 1
+                if len(current) == per_set:
+                    for a in current:
+                        lst = where.get(a)
+                        if lst is None:
+                            where[a] = [set_id]
+                        else:
+                            lst.append(set_id)
+                    current = set()
+                    set_id += 1
+                    if set_id == read_end + 1:
+                        start += n_prefetch
+                        read_end += n_prefetch
+                    end = min(set_id, read_end + 1)
+            if inserted == before:
+                break
+    return inserted
+
+
+def _compute_system(layer: SimLayer, sim: dict):
+    """SCALE-Sim's operand and compute classes with the demand matrices built."""
+    from scalesim.compute.operand_matrix import operand_matrix
+    from scalesim.compute.systolic_compute_is import systolic_compute_is
+    from scalesim.compute.systolic_compute_os import systolic_compute_os
+    from scalesim.compute.systolic_compute_ws import systolic_compute_ws
+
+    cfg, topo, lay = _scalesim_objects(layer, sim)
+    op = operand_matrix()
+    op.set_params(config_obj=cfg, topoutil_obj=topo, layoututil_obj=lay, layer_id=0)
+    _, ifm = op.get_ifmap_matrix()
+    _, fil = op.get_filter_matrix()
+    _, ofm = op.get_ofmap_matrix()
+    cls = {"os": systolic_compute_os, "ws": systolic_compute_ws, "is": systolic_compute_is}
+    comp = cls[sim["dataflow"]]()
+    if sim["dataflow"] == "ws":
+        comp.set_params(config_obj=cfg, ifmap_op_mat=ifm, filter_op_mat=fil, ofmap_op_mat=ofm,
+                        ifmap_op_mat_original=op.ifmap_addr_matrix_original,
+                        sparsity_filter_array=op.sparse_filter_array)
+    else:
+        comp.set_params(config_obj=cfg, ifmap_op_mat=ifm, filter_op_mat=fil, ofmap_op_mat=ofm)
+    comp.create_demand_matrices()
+    return comp, topo
+
+
+def _runs(demand, n_folds: int) -> list:
+    """The demand matrix's address stream as runs of identical consecutive folds."""
+    demand = np.asarray(demand)
+    if n_folds < 1 or demand.shape[0] % n_folds:
+        n_folds = 1
+    blocks = np.split(demand, n_folds)
+    runs: list = []
+    for blk in blocks:
+        if runs and runs[-1][0].shape == blk.shape and np.array_equal(runs[-1][0], blk):
+            runs[-1][1] += 1
+        else:
+            runs.append([blk, 1])
+    out = []
+    for blk, rep in runs:
+        flat = blk.reshape(-1)
+        out.append((flat[flat != -1].astype(np.int64), rep))
+    return out
+
+
+def simulate_fast(layer: SimLayer, sim: dict, memo: dict | None = None) -> dict:
+    """Same counts as `simulate_direct`, computed from SCALE-Sim's own demand matrices (see module
+    docstring). `memo` caches read-buffer counts by address-stream hash between calls."""
+    if layer.filters == 0 or layer.channels == 0:
+        return dict.fromkeys(COUNT_COLUMNS, 0)
+    memo = {} if memo is None else memo
+    comp, topo = _compute_system(layer, sim)
+    ifd, fid, ofd = comp.get_demand_matrices()
+
+    n_folds = comp.col_fold * getattr(comp, "row_fold_demand_matrices", comp.row_fold)
+
+    def reads(demand, size_kb, tag):
+        runs = _runs(demand, n_folds)
+        h = hashlib.blake2b(digest_size=16)
+        for addrs, rep in runs:
+            h.update(addrs.tobytes())
+            h.update(str(rep).encode())
+        key = (tag, size_kb, h.hexdigest())
+        if key not in memo:
+            memo[key] = count_estimate_bw_reads([(a.tolist(), r) for a, r in runs],
+                                                1024 * size_kb)
+        return memo[key]
+
+    cycles, dram_writes = serve_ofmap_writes(
+        np.count_nonzero(ofd != -1, axis=1).tolist(), 1024 * sim["ofmap_sram_kb"],
+        sim["array_cols"])
+    return dict(
+        macs=int(topo.get_layer_num_ofmap_px(0) * topo.get_layer_window_size(0)), cycles=cycles,
+        sram_reads_ifmap=int(comp.get_ifmap_requests()),
+        sram_reads_filter=int(comp.get_filter_requests()),
+        sram_writes_ofmap=int(comp.get_ofmap_requests()),
+        dram_reads_ifmap=reads(ifd, sim["ifmap_sram_kb"], "ifmap"),
+        dram_reads_filter=reads(fid, sim["filter_sram_kb"], "filter"),
+        dram_writes_ofmap=dram_writes)
+
+
+def serve_ofmap_writes(line_counts, total_size_bytes: int, bandwidth: int) -> tuple[int, int]:
+    """(compute cycles, DRAM writes) of SCALE-Sim's ofmap `write_buffer` for a demand matrix whose
+    line i holds `line_counts[i]` outputs, served in the per-line loop of
+    `double_buffered_scratchpad.service_memory_requests` (CALC mode: only this buffer stalls).
+
+    Same bookkeeping as the original, on counts instead of addresses: outputs fill lines of
+    `bandwidth` words; when the active half is full a drain of ceil(half/bandwidth) lines starts
+    (a partial line is flushed first); a drain counts every word of its lines except the padding
+    of its last line (SCALE-Sim's rule); a store with no free space stalls until the drain ends.
+    """
+    total = math.floor(total_size_bytes)
+    drain_size = total - int(math.ceil(total * 0.5))
+    threshold = total - drain_size
+    lines_per_drain = int(math.ceil(drain_size / bandwidth))
+    st = dict(free=total, n_lines=0, line_idx=0, dstart=0, acc=0)
+    partial: dict[int, int] = {}
+
+    def store(m):
+        st["free"] -= m
+        filled = st["line_idx"] + m
+        st["n_lines"] += filled // bandwidth
+        st["line_idx"] = filled % bandwidth
+
+    def flush():
+        if st["line_idx"]:
+            partial[st["n_lines"]] = st["line_idx"]
+            st["n_lines"] += 1
+            st["line_idx"] = 0
+
+    def drain(start):
+        end = min(st["dstart"] + lines_per_drain, st["n_lines"])
+        num = end - st["dstart"]
+        data = (num - 1) * bandwidth + partial.get(end - 1, bandwidth)
+        st["acc"] += data
+        st["free"] += data
+        st["dstart"] = end
+        return start + num - 1
+
+    drain_end, offset, cur = 0, 0, 0
+    for i, n in enumerate(line_counts):
+        cur = i + offset
+        while n > 0:
+            if cur < drain_end:
+                m = min(n, st["free"] - 1) if st["free"] >= 1 else 0
+                if m > 0:
+                    store(m)
+                    n -= m
+                    continue
+                store(1)
+                n -= 1
+                if not st["free"] > 0:
+                    offset += max(drain_end - cur, 0)
+                    cur = drain_end
+            else:
+                j = max(1, st["free"] - threshold + 1)
+                if j > n:
+                    store(n)
+                    n = 0
+                else:
+                    store(j)
+                    n -= j
+                    flush()
+                    drain_end = drain(cur)
+    flush()
+    cycle = cur
+    while st["dstart"] < st["n_lines"]:
+        cycle = drain(cycle) + 1
+    return cur, st["acc"]
+
+
+# --------------------------------------------------------------------------- sweeps, cache, pool
+def sim_fields(preset, dataflow: str | None = None) -> dict:
+    d = preset.simulator_fields(dataflow)
+    return {k: d[k] for k in _SIM_KEYS}
+
+
+def _sweep_job(layer: SimLayer, axis: str, actives: list[int], sim: dict, groups: int) -> dict:
+    """Counts for each active count of one layer and axis (one process; shares a stream memo).
+
+    A grouped conv runs as `groups` independent convs one after another: `active` channels are
+    whole groups plus one partial group."""
+    memo: dict = {}
+    per_group = (layer.filters if axis == "out" else layer.channels)
+    out = {}
+    for a in actives:
+        full, rest = divmod(a, per_group) if groups > 1 else (0, a)
+        tot = dict.fromkeys(COUNT_COLUMNS, 0)
+        for n, act in ((full, per_group), (1, rest)):
+            if n and act:
+                r = simulate_fast(layer.with_active(axis, act), sim, memo)
+                for c in COUNT_COLUMNS:
+                    tot[c] += n * r[c]
+        out[a] = tot
+    return out
+
+
+def _cache_key(layer: SimLayer, axis: str, actives: list[int], sim: dict, groups: int) -> dict:
+    return dict(layer=asdict(layer), axis=axis, actives=list(actives), groups=groups, sim=sim,
+                scalesim=scalesim_version(), runner=RUNNER_VERSION)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_load(path: Path, key: dict) -> dict | None:
+    """Counts from a cache entry, or None if missing, corrupt, or for another key (stale)."""
+    try:
+        entry = json.loads(path.read_text())
+        counts = entry["counts"]
+        if entry["key"] != key or entry["checksum"] != _digest(counts):
+            return None
+        return {int(a): {c: int(v[c]) for c in COUNT_COLUMNS} for a, v in counts.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _cache_store(path: Path, key: dict, counts: dict) -> None:
+    counts = {str(a): v for a, v in counts.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(dict(key=key, counts=counts, checksum=_digest(counts))))
+    os.replace(tmp, path)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DDI_HW_CACHE") or Path.home() / ".cache" / "ddi-hw" / "scalesim")
+
+
+def _chunks(actives: list[int], width: int) -> list[list[int]]:
+    """Split active counts at array-fold boundaries: k in one fold share the ifmap stream."""
+    groups: dict[int, list[int]] = {}
+    for a in actives:
+        groups.setdefault(math.ceil(a / width), []).append(a)
+    return list(groups.values())
+
+
+def run_sweeps(requests, sim: dict, cache_dir=None, jobs: int | None = None,
+               progress=None) -> dict:
+    """Counts for many (layer, axis, actives, groups) requests: identical requests are simulated
+    once, cached on disk, and the rest run in parallel processes.
+
+    `requests`: iterable of (SimLayer, axis, list of actives, groups).
+    Returns {(SimLayer, axis, groups): {active: counts}}. `progress(done, total)` is called as
+    chunks finish."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import multiprocessing as mp
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    todo, results = [], {}
+    for layer, axis, actives, groups in requests:
+        rkey = (layer, axis, groups)
+        results.setdefault(rkey, {})
+        for chunk in _chunks(sorted(set(actives)), sim["array_cols"]):
+            todo.append((rkey, chunk))
+    todo = list({(r, tuple(c)): (r, c) for r, c in todo}.values())
+    pending = []
+    for rkey, chunk in todo:
+        key = _cache_key(rkey[0], rkey[1], chunk, sim, rkey[2])
+        path = cache / key["scalesim"] / f"{_digest(key)[:40]}.json"
+        hit = _cache_load(path, key)
+        if hit is not None:
+            results[rkey].update(hit)
+        else:
+            pending.append((rkey, chunk, key, path))
+    total, done = len(todo), len(todo) - len(pending)
+    if progress:
+        progress(done, total)
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    # biggest first so the pool ends together
+    pending.sort(key=lambda p: -(p[0][0].ifmap_h * p[0][0].ifmap_w * p[0][0].channels
+                                 * p[0][0].kernel_h * p[0][0].kernel_w * max(p[1])))
+
+    def finish(item, counts):
+        nonlocal done
+        rkey, chunk, key, path = item
+        _cache_store(path, key, counts)
+        results[rkey].update(counts)
+        done += 1
+        if progress:
+            progress(done, total)
+
+    if jobs == 1 or len(pending) <= 1:
+        for item in pending:
+            rkey, chunk = item[0], item[1]
+            finish(item, _sweep_job(rkey[0], rkey[1], chunk, sim, rkey[2]))
+    else:
+        ctx = mp.get_context("fork" if os.name == "posix" else "spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx) as pool:
+            futs = {pool.submit(_sweep_job, it[0][0], it[0][1], it[1], sim, it[0][2]): it
+                    for it in pending}
+            for fut in as_completed(futs):
+                finish(futs[fut], fut.result())
+    return results

@@ -1,0 +1,103 @@
+"""`ddi-hw eval` on tiny real checkpoints: numbers re-derived independently from saved predictions."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ddi_hw.errors import UserError
+from ddi_hw.evaluate import SUMMARY_COLUMNS, evaluate_runs
+from ddi_hw.train import train, validate_config
+
+TINY = dict(dataset="smoke", batch_size=16, eval_batch_size=100, eval_limit=100, log_every=5,
+            ckpt_every=1000, seed=5, lr=0.1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    train(validate_config({**TINY, "arch": "resnet14", "steps": 25}), root / "r14", show_progress=False)
+    train(validate_config({**TINY, "arch": "resnet20", "steps": 25}), root / "r20", show_progress=False)
+    train(validate_config({**TINY, "arch": "resnet20", "stage": "iadi", "init": str(root / "r20"), "steps": 15,
+                           "gate_steps": 0, "alpha": 2.0, "target_saving": 0.4}), root / "iadi", show_progress=False)
+    train(validate_config({**TINY, "arch": "resnet20", "stage": "ddi", "init": str(root / "iadi"), "steps": 15,
+                           "alpha": 2.0, "target_saving": 0.4}), root / "ddi", show_progress=False)
+    out = root / "eval"
+    res = evaluate_runs([root / "r14", root / "r20", root / "iadi", root / "ddi"], out, metrics=("flops",),
+                        limit=120, batch_size=60, show_progress=False)
+    return root, out, res
+
+
+def test_summary_recomputed_from_predictions(runs):
+    root, out, res = runs
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert list(summary.run) == ["r14", "r20", "iadi", "ddi"]
+    from ddi_hw.models import create_model
+
+    for _, r in summary.iterrows():
+        pf = pd.read_csv(out / f"predictions_{r.run}.csv")
+        assert len(pf) == r.n_test == 120
+        assert r.accuracy == pytest.approx((pf.pred == pf.label).mean())
+        assert r.flops == pytest.approx(pf.cost_flops.mean())
+        dense = create_model(r.arch).dense_cost("flops")  # static backbone, independent of the run
+        assert r.dense_flops == pytest.approx(dense)
+        assert r.compute_saving == pytest.approx(1 - pf.cost_flops.mean() / dense)
+    static = summary[summary.stage == "static"]
+    assert (static.compute_saving.abs() < 1e-9).all()  # a static net saves nothing
+    # labels are the smoke test split, in order
+    from ddi_hw.data import load_smoke
+
+    labels = load_smoke().test.labels[:120].numpy()
+    assert (pd.read_csv(out / "predictions_r14.csv").label.to_numpy() == labels).all()
+    assert summary.smoke_test.all()
+
+
+def test_budget_table_monotone_and_consistent(runs):
+    root, out, res = runs
+    b = pd.read_csv(out / "budgets.csv")
+    assert set(b.run) == {"ddi"} and len(b) >= 4
+    b = b.sort_values("budget")
+    assert (np.diff(b.mean_cost) >= -1e-6).all()  # more budget never costs less
+    bp = pd.read_csv(out / "budget_predictions_ddi.csv")
+    dense_pred = pd.read_csv(out / "predictions_ddi.csv")
+    exit_cols = sorted(c for c in dense_pred.columns if c.startswith("exit"))
+    assert len(exit_cols) == 6  # 1/4 and 3/4 of each of 3 stages
+    for _, row in b.iterrows():
+        g = bp[bp.budget == row.budget].sort_values("index")
+        assert row.accuracy == pytest.approx((g.pred == g.label).mean())
+        # a sample exceeds the budget only when even exit 0 does not fit
+        assert ((g.cost <= row.budget * (1 + 1e-9)) | (g.exit_taken == 0)).all()
+        # the prediction is the one of the exit it took (from the independent dense pass)
+        ex = g.exit_taken.to_numpy()
+        ref = np.where(ex < 0, dense_pred.pred.to_numpy(),
+                       dense_pred[exit_cols].to_numpy()[np.arange(len(ex)), np.clip(ex, 0, None)])
+        assert (g.pred.to_numpy() == ref).all()
+        # baseline: the most expensive static run that fits in the budget
+        st = res["summary"][(res["summary"].stage == "static") & (res["summary"].flops <= row.budget * (1 + 1e-9))]
+        if len(st):
+            assert row.base_run == st.sort_values("flops").run.iloc[-1]
+    # at the full dense cost every sample reaches the final classifier
+    full = b.iloc[-1]
+    assert full.final_share == pytest.approx((bp[bp.budget == full.budget].exit_taken == -1).mean())
+
+
+def test_skip_stats_and_plots(runs):
+    root, out, res = runs
+    blocks = pd.read_csv(out / "skip_blocks.csv")
+    chans = pd.read_csv(out / "skip_channels.csv")
+    assert set(blocks.run) == {"iadi", "ddi"}
+    assert len(blocks[blocks.run == "iadi"]) == 7  # resnet20: 9 blocks, 2 stage transitions not skippable
+    assert len(chans[chans.run == "iadi"].gate.unique()) == 9
+    assert blocks.skip_ratio.between(0, 1).all() and chans.skip_ratio.between(0, 1).all()
+    for f in ("acc_vs_cost.png", "budgets.png", "skip_iadi.png", "easy_hard_iadi.png"):
+        assert (out / f).stat().st_size > 5000
+    assert not (out / "skip_r14.png").exists()
+
+
+def test_eval_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        evaluate_runs([tmp_path / "nope"], tmp_path / "o", show_progress=False)
+    with pytest.raises(UserError, match="at least one"):
+        evaluate_runs([], tmp_path / "o", show_progress=False)

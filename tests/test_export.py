@@ -1,0 +1,200 @@
+"""Export round trip, manifest validation, and bundle inference (reference vs float model, csim
+vs reference) on a tiny gated ResNet-14 with random weights and non-trivial BN statistics."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ddi_hw.backends import CsimBackend, ReferenceBackend, run_image
+from ddi_hw.errors import UserError
+from ddi_hw.export import ENGINE_BLOB, MANIFEST, PROC_BLOB, export_model, load_bundle
+from ddi_hw.fixedpoint import quantize
+from ddi_hw.models import create_model
+from ddi_hw.models.sparse_ops import fold_bn
+
+N_IMAGES = 24
+AGREEMENT = 0.9  # stated rate: quantised predictions agree with the float sparse model on >= 90%
+
+
+def gated_model(seed=0, kind="cnn"):
+    """Layer gates that really decide (some blocks skipped) and channel gates that close ~half."""
+    torch.manual_seed(seed)
+    m = create_model("resnet14", layer_gates=True, channel_gates=True, channel_gate_kind=kind, exits=True)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 2)
+                mod.weight.normal_(1, 0.2)
+                mod.bias.normal_(0, 0.1)
+        m.layer_gate.proj.weight.normal_(0, 3.0)
+        for b in m.blocks:
+            b.cgate.fc.bias.normal_(0, 0.3)
+            if b.lgate is not None:
+                b.lgate.conv.weight.normal_(0, 3.0)
+        m.eval()
+        p = m(torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(9))).layer_probs
+        m.layer_gate.proj.bias -= torch.logit(p.double()).median().float()  # about half the blocks skip
+    return m
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    m = gated_model()
+    x = torch.randn(N_IMAGES, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    path = export_model(m, tmp_path_factory.mktemp("bundle"), x[:16])
+    return m, x, path
+
+
+def test_round_trip_layers_are_folded_quantised_weights(exported):
+    m, _, path = exported
+    b = load_bundle(path)
+    names = [l.name for l in b.layers]
+    assert names[0] == "stem.conv" and names.count("blocks.2.sc_conv") == 1 and len(names) == 1 + 6 * 2 + 2
+    l = b.layers[names.index("blocks.3.conv1")]
+    w, bias = fold_bn(m.blocks[3].conv1.weight, m.blocks[3].bn1)
+    np.testing.assert_array_equal(l.weights, quantize(w.double().numpy(), l.f_w))
+    np.testing.assert_array_equal(l.bias, quantize(bias.double().numpy(), l.f_in + l.f_w, -2**31, 2**31 - 1, np.int32))
+    assert np.abs(l.weights / 2.0 ** l.f_w - w.numpy()).max() <= 2.0 ** -(l.f_w + 1) + 1e-9
+    assert l.params.acc_shift == l.f_in + l.f_w - l.f_out
+    man = json.loads((path / MANIFEST).read_text())
+    # a skippable block's output keeps its input's Q format (identity when skipped)
+    assert man["tensors"]["b1.out"]["frac"] == man["tensors"]["b0.out"]["frac"] == man["tensors"]["stem"]["frac"]
+    assert all(e["weights"]["offset"] % 64 == 0 for e in man["layers"])
+    assert set(b.processor) >= {"layer_gate.lstm.weight_ih", "fc.weight", "exits.0.conv1.weight"}
+
+
+def test_reference_agrees_with_float_model(exported):
+    m, x, path = exported
+    b = load_bundle(path)
+    with torch.no_grad():
+        out = m(x, mode="sparse")
+    ref = ReferenceBackend()
+    agree = same_decisions = 0
+    skipped = []
+    for i in range(N_IMAGES):
+        r = run_image(b, x[i].numpy(), ref)
+        agree += r.prediction == int(out.logits[i].argmax())
+        same = r.block_run == out.block_run[i].int().tolist() and all(
+            np.array_equal(r.channel_masks.get(g, np.zeros(0)), out.channel_decisions[g][i].numpy().astype(np.uint8))
+            for g in out.channel_decisions if r.block_run[int(g.split(".")[1])])
+        same_decisions += same
+        if same:  # same decisions -> logits differ only by 16-bit rounding
+            assert np.abs(r.logits - out.logits[i].numpy()).max() < 1e-3
+        skipped.append(len(r.block_run) - sum(r.block_run))
+        assert r.iterations < r.dense_iterations  # channel/layer skipping shortens the engine loops
+    assert agree / N_IMAGES >= AGREEMENT
+    assert same_decisions / N_IMAGES >= AGREEMENT
+    assert sum(skipped) > 0  # the test exercises layer skipping
+
+
+def test_csim_backend_bit_exact_with_reference(exported):
+    from ddi_hw.csim import toolchain_missing
+    if toolchain_missing():
+        pytest.skip(toolchain_missing())
+    _, x, path = exported
+    b = load_bundle(path)
+    for i in range(3):
+        r = run_image(b, x[i].numpy(), ReferenceBackend())
+        c = run_image(b, x[i].numpy(), CsimBackend())
+        np.testing.assert_array_equal(r.logits, c.logits)
+        assert r.iterations == c.iterations and r.block_run == c.block_run and r.launches == c.launches
+
+
+def test_exit_branch_runs_on_processor(exported):
+    """Exit 0 from the bundle vs the float model's exit 0 under the same gate decisions (forced)."""
+    m, x, path = exported
+    b = load_bundle(path)
+    for i in range(4):
+        r = run_image(b, x[i].numpy(), ReferenceBackend(), exit_at=0)
+        assert r.exit_taken == 0 and r.launches < len(b.layers)
+        run = r.block_run + [1] * (len(m.blocks) - len(r.block_run))  # blocks after the exit: unused
+        force = {"layer": torch.tensor([[run[j] for j in m.skippable_idx]], dtype=torch.float32),
+                 "channel": {g: torch.tensor(v[None], dtype=torch.float32) for g, v in r.channel_masks.items()}}
+        with torch.no_grad():
+            want = m(x[i:i + 1], mode="dense", force=force).exit_logits[0][0].numpy()
+        assert np.abs(r.logits - want).max() < 1e-3
+
+
+@pytest.fixture
+def bundle_copy(exported, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(exported[2], dst)
+    return dst
+
+
+def _edit_manifest(path, fn):
+    man = json.loads((path / MANIFEST).read_text())
+    fn(man)
+    (path / MANIFEST).write_text(json.dumps(man))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["layers"][3]["weights"].__setitem__("offset", 10 ** 7), "outside"),
+    (lambda m: m["layers"][3]["bias"].__setitem__("offset", 65), "aligned"),
+    (lambda m: m["layers"][2]["weights"].__setitem__("shape", [16, 16, 1, 1]), "shape"),
+    (lambda m: m["layers"][2]["params"].__setitem__("acc_shift", 3), "shifts"),
+    (lambda m: m.__setitem__("regmap_version", 999), "register-map version"),
+    (lambda m: m["program"].append({"op": "format_disk"}), "unknown op"),
+    (lambda m: m["program"][1].__setitem__("layer", 99), "layer 99"),
+    (lambda m: m["processor_shapes"].__setitem__("fc.weight", [3, 3]), "fc.weight"),
+])
+def test_manifest_validation(bundle_copy, edit, match):
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises(UserError, match=match):
+        load_bundle(bundle_copy)
+
+
+def test_blob_hash_truncation_and_missing(bundle_copy):
+    blob = bundle_copy / ENGINE_BLOB
+    good = blob.read_bytes()
+    data = bytearray(good)
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256"):
+        load_bundle(bundle_copy)
+    blob.write_bytes(bytes(data[:-10]))
+    with pytest.raises(UserError, match="truncated"):
+        load_bundle(bundle_copy)
+    blob.write_bytes(good)
+    load_bundle(bundle_copy)  # restored: loads again
+    (bundle_copy / PROC_BLOB).unlink()
+    with pytest.raises(UserError, match="missing"):
+        load_bundle(bundle_copy)
+    with pytest.raises(UserError, match="not found"):
+        load_bundle(bundle_copy / "nope")
+
+
+def test_cli_export_then_run_from_checkpoint(tmp_path):
+    """The user-story path: run directory -> `ddi-hw export` -> `ddi-hw run --backend csim/reference`."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from ddi_hw.checkpoint import save_model
+    from ddi_hw.csim import toolchain_missing
+
+    m = gated_model(seed=2)
+    kwargs = {"name": "resnet14", "num_classes": 10, "layer_gates": True, "channel_gates": True,
+              "channel_gate_kind": "cnn", "exits": True, "exit_positions": None}
+    save_model(tmp_path / "run", m, {"config": {"dataset": "smoke"}, "model": kwargs})
+    cli = [sys.executable, "-m", "ddi_hw.cli"]
+    res = subprocess.run(cli + ["export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"),
+                                "--calib", "32", "--eval-limit", "12"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "drop" in res.stdout and "agreement" in res.stdout
+    summary = json.loads((tmp_path / "bundle" / "quantization_summary.json").read_text())
+    assert summary["images"] == 12 and summary["agreement_with_float"] >= AGREEMENT
+    backend = "reference" if toolchain_missing() else "csim"
+    res = subprocess.run(cli + ["run", str(tmp_path / "bundle"), "--backend", backend, "--limit", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    df = pd.read_csv(tmp_path / "bundle" / f"run_{backend}.csv")
+    ref = pd.read_csv(tmp_path / "bundle" / "quantization_report.csv").head(3)
+    assert df.prediction.tolist() == ref.prediction.tolist() and df.iterations.tolist() == ref.iterations.tolist()
+    # bad input: one line, exit code 2, no traceback
+    res = subprocess.run(cli + ["run", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,179 @@
+"""The sparse path (skipped work not executed) must give the dense path's logits, decisions,
+exits and costs for the same forced decisions; costs must match a per-sample brute-force sum."""
+import math
+
+import pytest
+import torch
+
+from ddi_hw.models import create_model
+
+
+def randomize(model, seed=0):
+    """Non-trivial BN statistics so BN folding and slicing are really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.weight.data = torch.rand(c, generator=g) + 0.5
+            m.bias.data = torch.randn(c, generator=g) * 0.2
+            m.running_mean = torch.randn(c, generator=g) * 0.2
+            m.running_var = torch.rand(c, generator=g) + 0.5
+    return model.eval()
+
+
+def random_force(model, n, g, p_layer=0.5, p_chan=0.5):
+    layer = (torch.rand(n, model.num_skippable, generator=g) > p_layer).float()
+    chan = {}
+    for name, k in model.gate_widths.items():
+        m = (torch.rand(n, k, generator=g) > p_chan).float()
+        m[0] = 0  # one sample with every channel off, one with every channel on
+        if n > 1:
+            m[1] = 1
+        chan[name] = m
+    return {"layer": layer, "channel": chan}
+
+
+def given(v):
+    return isinstance(v, str) and v not in ("", "nan", "None")
+
+
+def brute_cost(model, force, metric="flops", upto_exit=None):
+    """Per-sample executed cost summed row by row over the cost table (independent of the
+    vectorised plan): gates, blocks with their active channels, exits passed."""
+    table = model.cost_table
+    rows_by_block = {}
+    for name, row in table.rows.items():
+        rows_by_block.setdefault(row["block"], []).append((name, row))
+    skip_col = {j: i for i, j in enumerate(model.skippable_idx)}
+    n = force["layer"].shape[0]
+    out = []
+    for s in range(n):
+        total, j, seen_exits = 0.0, 0, 0
+        for kind, blk in model.events:
+            rows = rows_by_block.get(blk, [])
+            if kind == "exit":
+                if upto_exit is None:
+                    continue
+                total += sum(table.dense(r, metric) for r, _ in rows)
+                if seen_exits == upto_exit:
+                    break
+                seen_exits += 1
+                continue
+            if kind == "fixed":
+                total += sum(table.dense(r, metric) for r, _ in rows)
+                continue
+            run = 1.0 if j not in skip_col else float(force["layer"][s, skip_col[j]])
+            gate = f"{blk}.cgate"
+            for r, row in rows:
+                if row["role"] == "gate" and not given(row.get("layer_gate")):
+                    total += table.dense(r, metric)  # layer gate: evaluated whenever reached
+                elif not run:
+                    continue
+                elif given(row.get("out_gate")):
+                    k = int(force["channel"][gate][s].sum())
+                    total += float(table.curve(r, "out", metric)[k])
+                elif given(row.get("in_gate")):
+                    k = int(force["channel"][gate][s].sum())
+                    total += float(table.curve(r, "in", metric)[k])
+                else:
+                    total += table.dense(r, metric)
+            j += 1
+        out.append(total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+CASES = [
+    ("resnet20", dict(layer_gates=True, channel_gates=True), 32),
+    ("resnet20", dict(layer_gates=True, channel_gates=True, channel_gate_kind="rnn"), 32),
+    ("resnet14", dict(layer_gates=True), 32),
+    ("resnet14", dict(channel_gates=True), 32),
+    ("densenet_tiny", dict(layer_gates=True, channel_gates=True), 16),
+    ("densenet_tiny", dict(layer_gates=True, channel_gates=True, channel_gate_kind="rnn"), 16),
+]
+
+
+@pytest.mark.parametrize("name,kw,size", CASES)
+def test_sparse_matches_dense_forced(name, kw, size):
+    model = randomize(create_model(name, exits=True, **kw))
+    g = torch.Generator().manual_seed(1)
+    for trial in range(3):
+        n = 5
+        x = torch.randn(n, 3, size, size, generator=g)
+        force = random_force(model, n, g, p_layer=[0.0, 0.5, 0.9][trial], p_chan=[0.3, 0.5, 0.8][trial])
+        with torch.no_grad():
+            d = model(x, mode="dense", force=force)
+        s = model(x, mode="sparse", force=force)
+        assert torch.allclose(d.logits, s.logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(d.layer_decisions, s.layer_decisions)
+        for gname in model.gate_widths:
+            assert torch.equal(d.channel_decisions[gname], s.channel_decisions[gname])
+        assert torch.equal(d.cost["flops"], s.cost["flops"])
+        assert torch.allclose(d.cost["flops"], brute_cost(model, force), rtol=1e-12)
+
+
+@pytest.mark.parametrize("max_groups", [1, 64])
+def test_channel_grouping_modes_agree(max_groups):
+    """Both batched strategies (group identical masks / union of channels) are exact."""
+    model = randomize(create_model("resnet20", channel_gates=True))
+    model.max_channel_groups = max_groups
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, 32, 32, generator=g)
+    force = random_force(model, 6, g)
+    force["channel"] = {k: torch.cat([v[:3], v[:3]]) for k, v in force["channel"].items()}  # shared masks
+    with torch.no_grad():
+        d = model(x, force=force)
+    s = model(x, mode="sparse", force=force)
+    assert torch.allclose(d.logits, s.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_unforced_gates_agree():
+    """Gate decisions computed by each path (fused LSTM step in sparse) agree."""
+    model = randomize(create_model("resnet20", layer_gates=True, channel_gates=True))
+    model.layer_gate.proj.bias.data.zero_()  # gates that really decide both ways
+    model.layer_gate.proj.weight.data.mul_(20)
+    for gname in model.gate_widths:
+        model.get_submodule(gname).fc.bias.data.zero_()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # threshold between samples: half of them skip the first block
+        first = torch.logit(model(x).layer_probs[:, 0].double()).sort().values
+        model.layer_gate.proj.bias.data.fill_(-float(first[3] + first[4]) / 2)
+        d = model(x)
+    s = model(x, mode="sparse")
+    assert torch.equal(d.layer_decisions, s.layer_decisions)
+    assert 0 < d.layer_decisions.mean() < 1
+    some = next(iter(model.gate_widths))
+    assert 0 < d.channel_decisions[some].mean() < 1
+    for gname in model.gate_widths:
+        assert torch.equal(d.channel_decisions[gname], s.channel_decisions[gname])
+    assert torch.allclose(d.logits, s.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,size", [("resnet20", 32), ("densenet_tiny", 16)])
+def test_budget_exits_match(name, size):
+    model = randomize(create_model(name, layer_gates=True, channel_gates=True, exits=True))
+    g = torch.Generator().manual_seed(4)
+    n = 8
+    x = torch.randn(n, 3, size, size, generator=g)
+    force = random_force(model, n, g)
+    n_exits = len(model.exits)
+    exit_costs = torch.stack([brute_cost(model, force, upto_exit=i) for i in range(n_exits)], 1)
+    final = brute_cost(model, force, upto_exit=n_exits)  # every branch passed, then the head
+    budgets = [float(exit_costs.min()) * 0.5, float(exit_costs[:, 2].median()),
+               float(exit_costs[:, -1].max()), math.inf]
+    for budget in budgets:
+        with torch.no_grad():
+            d = model(x, force=force, budget=budget)
+            s = model(x, mode="sparse", force=force, budget=budget)
+        assert torch.equal(d.exit_taken, s.exit_taken)
+        assert torch.allclose(d.logits, s.logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(d.cost["flops"], s.cost["flops"])
+        # brute force: last exit within the budget (exit 0 if none fits), -1 if the head fits
+        for i in range(n):
+            fits = [e for e in range(n_exits) if exit_costs[i, e] <= budget]
+            want = -1 if final[i] <= budget else (fits[-1] if fits else 0)
+            assert int(d.exit_taken[i]) == want
+            want_cost = final[i] if want == -1 else exit_costs[i, want]
+            assert abs(float(d.cost["flops"][i]) - float(want_cost)) <= 1e-6 * float(want_cost)
+            if want >= 0:
+                assert torch.allclose(d.logits[i], d.exit_logits[want][i])
+    assert (d.exit_taken == -1).all()  # infinite budget: everyone reaches the head
