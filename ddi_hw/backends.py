@@ -7,9 +7,11 @@
 Everything else of a dynamic inference runs on the processor, identically for all three, in
 numpy float32/float64 from the dequantised int16 feature maps: layer gates (global average pool,
 1x1 embedding, shared LSTM cell, linear), channel gates (3x3/2 conv, ReLU, pool, linear -- or the
-RNN variant), exit branches (max pools, two 3x3 conv+BN+ReLU, pool, linear) and the final
-average pool + classifier. Layer skipping = the processor does not launch the engine; channel
-skipping = the engine's output/input channel masks.
+RNN variant, or DenseNet's light 1x1/3x3 gate), exit branches (max pools, two 3x3 conv+BN+ReLU,
+pool, linear), the final average pool + classifier, and the budgeted-exit decisions (RADI) from
+the exported cost plan. DenseNet concatenation and 2x2 average pooling also run there, in integer
+arithmetic. Layer skipping = the processor does not launch the engine; channel skipping = the
+engine's output/input channel masks.
 
 Implementing a backend (the contract engineer D's board backend follows):
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-
 from typing import Optional
 
 import numpy as np
@@ -40,7 +41,7 @@ import typer
 from ddi_hw.errors import UserError
 from ddi_hw.fixedpoint import conv_layer, dequantize, quantize
 
-PROGRAM_OPS = ("input", "block", "conv", "exit", "head")
+PROGRAM_OPS = ("input", "block", "conv", "concat", "avgpool2", "exit", "head")
 
 
 def step_processor_keys(step: dict) -> list[str]:
@@ -54,7 +55,9 @@ def step_processor_keys(step: dict) -> list[str]:
                                             "proj.weight", "proj.bias")]
         if step.get("channel_gate"):
             cg = step["channel_gate"]
-            keys += [f"{cg['prefix']}.{n}" for n in ("conv.weight", "conv.bias", "fc.weight", "fc.bias")]
+            convs = ("conv1", "conv2") if cg["kind"] == "dense_light" else ("conv",)
+            keys += [f"{cg['prefix']}.{c}.{n}" for c in convs for n in ("weight", "bias")]
+            keys += [f"{cg['prefix']}.fc.weight", f"{cg['prefix']}.fc.bias"]
             if cg["kind"] == "rnn":
                 keys += [f"channel_rnn.lstm.{n}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     elif op == "exit":
@@ -62,6 +65,8 @@ def step_processor_keys(step: dict) -> list[str]:
                                                    "fc.weight", "fc.bias")]
     elif op == "head":
         keys += [f"{step['prefix']}.weight", f"{step['prefix']}.bias"]
+        if step.get("norm"):
+            keys += [f"{step['norm']}.scale", f"{step['norm']}.shift"]
     return keys
 
 
@@ -178,6 +183,7 @@ class ImageResult:
     launches: int = 0  # engine launches
     iterations: int = 0  # summed engine compute-loop iterations (cycle proxy)
     dense_iterations: int = 0  # the same with every block and channel on (for the saving ratio)
+    cost: float = 0.0  # executed cost from the model's cost table (manifest cost_plan), exits if budgeted
 
     @property
     def prediction(self) -> int:
@@ -211,6 +217,10 @@ class _Processor:
         if step["kind"] == "cnn":
             h = np.maximum(conv2d_f(x, p[f"{pre}.conv.weight"], p[f"{pre}.conv.bias"], 2, 1), 0)
             logit = p[f"{pre}.fc.weight"] @ h.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
+        elif step["kind"] == "dense_light":
+            h = np.maximum(conv2d_f(x, p[f"{pre}.conv1.weight"], p[f"{pre}.conv1.bias"], 2, 0), 0)
+            h = np.maximum(conv2d_f(h, p[f"{pre}.conv2.weight"], p[f"{pre}.conv2.bias"], 1, 1), 0)
+            logit = p[f"{pre}.fc.weight"] @ h.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
         elif step["kind"] == "rnn":
             w = p[f"{pre}.conv.weight"]
             emb = w.reshape(w.shape[0], -1) @ x.mean(axis=(1, 2)) + p[f"{pre}.conv.bias"]
@@ -234,19 +244,64 @@ class _Processor:
 
     def head(self, step, x) -> np.ndarray:
         p = self.p
+        if step.get("norm"):  # DenseNet: final BN + ReLU before the pool
+            x = np.maximum(x * p[f"{step['norm']}.scale"][:, None, None] + p[f"{step['norm']}.shift"][:, None, None], 0)
         return p[f"{step['prefix']}.weight"] @ x.mean(axis=(1, 2)) + p[f"{step['prefix']}.bias"]
 
 
-def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None = None) -> ImageResult:
+class _Budget:
+    """Executed cost from the exported cost plan and the budgeted-exit rules of
+    ddi_hw.models.base (SparseRun): exit 0 always runs as the fallback; exit i > 0 runs if the
+    cost so far fits; the image continues only if the cheapest way to its next exit still fits;
+    the final classifier is used if the whole cost fits."""
+
+    def __init__(self, plan: dict, budget: float | None):
+        self.ev, self.min_ev, self.budget = plan["events"], plan["min_event"], budget
+        self.L: dict[int, int] = {}
+        self.k: dict[int, int] = {}
+        self.exit_cols = [c for c, e in enumerate(self.ev) if e["kind"] == "exit"]
+
+    def cum(self, upto: int, with_exits: bool) -> float:
+        total = 0.0
+        for e in self.ev[:upto + 1]:
+            if e["kind"] == "fixed":
+                total += e["cost"]
+            elif e["kind"] == "exit":
+                total += e["cost"] if with_exits else 0.0
+            else:
+                j = e["index"]
+                run = self.L.get(j, 1)
+                total += e["g"] + run * (e["f"] + e["c"] + e["V"][self.k.get(j, len(e["V"]) - 1)])
+        return total
+
+    def at_exit(self, i: int) -> tuple[bool, bool]:
+        """(run exit i's branch, continue past it)."""
+        col = self.exit_cols[i]
+        cum = self.cum(col, True)
+        fits = cum <= self.budget
+        nxt = [c for c in self.exit_cols if c > col]
+        stop = nxt[0] if nxt else len(self.ev) - 1
+        look = sum(self.min_ev[col + 1: stop + 1])
+        return (i == 0 or fits), (fits and cum + look <= self.budget)
+
+
+def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None = None,
+              budget: float | None = None) -> ImageResult:
     """One normalised (3, H, W) float image through the bundle's program.
 
     Steps: `input` quantises the image; `conv` launches the engine; `block` opens a residual block
-    (its `layer_gate` may skip it: output = input, nothing launched); `channel_gate` sets the masks
-    of the block's convs; `exit` runs an exit branch only when `exit_at` asks for that exit (the
-    image then stops there); `head` pools and classifies."""
+    or dense layer (its `layer_gate` may skip it: nothing is launched, the output is the input or
+    the previous layer's features); `channel_gate` sets the masks of the block's convs; `concat` /
+    `avgpool2` are integer processor ops; `exit` runs an exit branch when `exit_at` names it or a
+    `budget` (in the cost plan's metric, FLOPs) calls for it; `head` pools and classifies."""
     proc, env = _Processor(bundle), {}
     res = ImageResult(logits=np.zeros(0))
     masks: dict[str, np.ndarray] = {}
+    plan = bundle.manifest.get("cost_plan")
+    if budget is not None and (plan is None or not any(e["kind"] == "exit" for e in plan["events"])):
+        raise UserError("a budget needs a bundle exported from a model with exit branches")
+    bud = _Budget(plan, budget) if plan else None
+    fallback = None
     prog = bundle.program
     i = 0
     while i < len(prog):
@@ -259,13 +314,17 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
             if st.get("layer_gate"):
                 run = proc.layer_gate(st["layer_gate"], proc.f(env, st["in"]))
             res.block_run.append(int(run))
+            if bud:
+                bud.L[st["index"]] = int(run)
             if st.get("channel_gate") and run:
                 cg = st["channel_gate"]
                 masks[cg["name"]] = proc.channel_gate(cg, proc.f(env, st["in"]))
                 res.channel_masks[cg["name"]] = masks[cg["name"]]
+                if bud:
+                    bud.k[st["index"]] = int(masks[cg["name"]].sum())
             res.dense_iterations += st["dense_iterations"]
-            if not run:  # skipped block: the processor launches nothing, output = input
-                env[st["out"]] = env[st["in"]]
+            if not run:  # skipped block: nothing launched; output = input (ResNet) or a copy of
+                env[st["out"]] = env[st.get("skip_from") or st["in"]]  # the previous layer's (DenseNet)
                 i = st["end"]
                 continue
         elif op == "conv":
@@ -276,20 +335,41 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
             env[st["out"]] = r.output
             res.launches += 1
             res.iterations += r.iterations or 0
-            if st.get("dense_iterations"):  # a conv outside any block (the stem)
+            if st.get("dense_iterations"):  # a conv outside any block (stem, transition)
                 res.dense_iterations += st["dense_iterations"]
+        elif op == "concat":  # channel concatenation (same Q format by construction)
+            env[st["out"]] = np.concatenate([env[t] for t in st["in"]], axis=0)
+        elif op == "avgpool2":  # 2x2 average pool in integers: (sum + 2) >> 2, round half up
+            a = env[st["in"]].astype(np.int32)
+            c, h, w = a.shape
+            a = a[:, : h // 2 * 2, : w // 2 * 2].reshape(c, h // 2, 2, w // 2, 2).sum(axis=(2, 4))
+            env[st["out"]] = ((a + 2) >> 2).astype(np.int16)
         elif op == "exit":
             if exit_at is not None and st["index"] == exit_at:
                 res.logits, res.exit_taken = proc.exit_branch(st, proc.f(env, st["in"])), st["index"]
+                if bud:
+                    res.cost = bud.cum(bud.exit_cols[st["index"]], True)
                 return res
+            if budget is not None:
+                run_branch, go_on = bud.at_exit(st["index"])
+                if run_branch:
+                    fallback = (proc.exit_branch(st, proc.f(env, st["in"])), st["index"],
+                                bud.cum(bud.exit_cols[st["index"]], True))
+                if not go_on:
+                    res.logits, res.exit_taken, res.cost = fallback
+                    return res
         elif op == "head":
             res.logits = proc.head(st, proc.f(env, st["in"]))
         i += 1
+    if bud:
+        res.cost = bud.cum(len(bud.ev) - 1, budget is not None)
+        if budget is not None and res.cost > budget:  # the final classifier does not fit: last exit
+            res.logits, res.exit_taken, res.cost = fallback
     return res
 
 
 def run_images(bundle, images: np.ndarray, labels: np.ndarray, backend: Backend, exit_at: int | None = None,
-               float_predictions: np.ndarray | None = None, progress: bool = True):
+               budget: float | None = None, float_predictions: np.ndarray | None = None, progress: bool = True):
     """Run normalised images (N, 3, H, W) through the bundle; one row per image (pandas DataFrame)."""
     import pandas as pd
     from rich.progress import Progress
@@ -299,10 +379,10 @@ def run_images(bundle, images: np.ndarray, labels: np.ndarray, backend: Backend,
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"{backend.name}: images", total=len(images))
         for i, (img, y) in enumerate(zip(images, labels)):
-            r = run_image(bundle, np.asarray(img, dtype=np.float32), backend, exit_at=exit_at)
+            r = run_image(bundle, np.asarray(img, dtype=np.float32), backend, exit_at=exit_at, budget=budget)
             row = {"index": i, "label": int(y), "prediction": r.prediction, "exit_taken": r.exit_taken,
                    "blocks_run": sum(r.block_run), "blocks": len(r.block_run), "launches": r.launches,
-                   "iterations": r.iterations, "dense_iterations": r.dense_iterations}
+                   "iterations": r.iterations, "dense_iterations": r.dense_iterations, "cost": r.cost}
             if float_predictions is not None:
                 row["float_prediction"] = int(float_predictions[i])
             rows.append(row)
@@ -313,7 +393,7 @@ def run_images(bundle, images: np.ndarray, labels: np.ndarray, backend: Backend,
 def summarize(df) -> dict:
     """Accuracy, iteration saving (engine cycle proxy) and float agreement of a run_images frame."""
     out = {"images": len(df), "accuracy": float((df.prediction == df.label).mean()),
-           "mean_blocks_run": float(df.blocks_run.mean()),
+           "mean_blocks_run": float(df.blocks_run.mean()), "mean_cost": float(df.cost.mean()),
            "engine_iteration_saving": float(1 - df.iterations.sum() / df.dense_iterations.sum())}
     if "float_prediction" in df:
         out["float_accuracy"] = float((df.float_prediction == df.label).mean())
@@ -328,7 +408,8 @@ def run_command(
     dataset: Optional[str] = typer.Option(None, help="data set (default: the one the bundle was exported with)"),
     data_dir: Optional[str] = typer.Option(None, help="data directory (CIFAR-10 python batches)"),
     limit: int = typer.Option(200, help="number of test images"),
-    exit_at: Optional[int] = typer.Option(None, "--exit", help="stop every image at this exit branch (anytime prediction)"),
+    exit_at: Optional[int] = typer.Option(None, "--exit", help="stop every image at this exit branch"),
+    budget: Optional[float] = typer.Option(None, help="per-image budget in FLOPs: anytime exits (RADI)"),
     out: Optional[str] = typer.Option(None, help="per-image CSV (default BUNDLE/run_<backend>.csv)"),
 ) -> None:
     """Run a bundle on test images with the reference, C-simulation or board backend."""
@@ -345,7 +426,7 @@ def run_command(
     x, y = test_images(name, data_dir, limit)
     be = get_backend(backend)
     try:
-        df = run_images(b, x, y, be, exit_at=exit_at)
+        df = run_images(b, x, y, be, exit_at=exit_at, budget=budget)
     finally:
         be.close()
     path = Path(out) if out else Path(bundle) / f"run_{backend}.csv"

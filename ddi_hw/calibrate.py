@@ -3,7 +3,8 @@
 Each measured configuration (a set of layers run at some channel counts) contributes one row:
 its total access counts from the cost table and the energy measured per inference. The model is
 linear and every coefficient is physically non-negative, so non-negative least squares is the
-right tool:  E = e_dram*D + e_sram*S + e_rf*R + e_mac*M + P_static * cycles / f_clk.
+right tool:  E = e_dram*D + e_sram*S + e_noc*N + e_rf*R + e_mac*M + P_static * cycles / f_clk,
+exactly energy_models' Eq. 6 (energy.add_energy), so the calibrated preset reproduces the fit.
 Rows are weighted by 1/E (relative error) so that small configurations count as much as large
 ones; columns are scaled to unit norm before solving so the pJ and W coefficients are comparable.
 A coefficient whose column is (nearly) a combination of the others cannot be identified from
@@ -19,9 +20,9 @@ import typer
 
 from ddi_hw.errors import UserError
 
-COUNT_COLUMNS = ["dram_accesses", "sram_accesses", "rf_accesses", "macs", "cycles"]
+COUNT_COLUMNS = ["dram_accesses", "sram_accesses", "noc_accesses", "rf_accesses", "macs", "cycles"]
 MEASUREMENT_COLUMNS = ["config", *COUNT_COLUMNS, "energy_j"]
-COEFFICIENTS = ["e_dram_pj", "e_sram_pj", "e_rf_pj", "e_mac_pj", "static_w"]
+COEFFICIENTS = ["e_dram_pj", "e_sram_pj", "e_noc_pj", "e_rf_pj", "e_mac_pj", "static_w"]
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Fit:
 
 def config_counts(rows: pd.DataFrame) -> dict[str, float]:
     """Sum a cost-table slice (one row per executed layer at its active count) into counts."""
-    need = ["macs", "cycles", "rf_accesses", "sram_reads_ifmap", "sram_reads_filter",
+    need = ["macs", "cycles", "rf_accesses", "noc_accesses", "sram_reads_ifmap", "sram_reads_filter",
             "sram_writes_ofmap", "dram_reads_ifmap", "dram_reads_filter", "dram_writes_ofmap"]
     missing = [c for c in need if c not in rows.columns]
     if missing:
@@ -51,7 +52,7 @@ def config_counts(rows: pd.DataFrame) -> dict[str, float]:
     s = rows[need].sum()
     return {"dram_accesses": float(s.dram_reads_ifmap + s.dram_reads_filter + s.dram_writes_ofmap),
             "sram_accesses": float(s.sram_reads_ifmap + s.sram_reads_filter + s.sram_writes_ofmap),
-            "rf_accesses": float(s.rf_accesses), "macs": float(s.macs), "cycles": float(s.cycles)}
+            "noc_accesses": float(s.noc_accesses), "rf_accesses": float(s.rf_accesses), "macs": float(s.macs), "cycles": float(s.cycles)}
 
 
 def read_measurements(path: Path) -> pd.DataFrame:
@@ -78,13 +79,14 @@ def design(df: pd.DataFrame, clock_hz: float) -> np.ndarray:
     """Columns in the units of COEFFICIENTS: counts (x pJ) and seconds*1e12 (x W -> pJ)."""
     import numpy as np
 
-    return np.column_stack([df.dram_accesses, df.sram_accesses, df.rf_accesses, df.macs,
+    return np.column_stack([df.dram_accesses, df.sram_accesses, df.noc_accesses, df.rf_accesses, df.macs,
                             df.cycles / clock_hz * 1e12]).astype(float)
 
 
 # When two counts move together, the one earlier in this list is fixed at its base-preset value
-# (register-file accesses usually follow MACs by a fixed dataflow rule, so RF goes first).
-FIX_ORDER = ["e_rf_pj", "e_mac_pj", "static_w", "e_sram_pj", "e_dram_pj"]
+# (energy_models derives NoC hops = 2 x MACs and RF accesses = 3 x MACs + fills from the MAC
+# count, so those go first: with cost-table counts only their sum with e_mac is measurable).
+FIX_ORDER = ["e_noc_pj", "e_rf_pj", "e_mac_pj", "static_w", "e_sram_pj", "e_dram_pj"]
 
 
 def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
@@ -153,6 +155,7 @@ def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
 
 # calibrated coefficient -> (preset YAML key, section or None for top level)
 PRESET_KEYS = {"e_dram_pj": ("dram_pj", "energy"), "e_sram_pj": ("sram_pj", "energy"),
+               "e_noc_pj": ("noc_pj", "energy"),
                "e_rf_pj": ("rf_pj", "energy"), "e_mac_pj": ("mac_pj", "energy"),
                "static_w": ("static_power_w", None)}
 # the preset loader wants per-access energies > 0; a coefficient fitted at the zero bound is
@@ -201,7 +204,7 @@ def calibrated_preset_text(base_text: str, base_name: str, result: Fit, source: 
 
 
 def calibrate_command(
-    measurements: Path = typer.Argument(..., help="CSV: config, dram_accesses, sram_accesses, rf_accesses, macs, cycles, energy_j (J per inference, baseline-subtracted)"),
+    measurements: Path = typer.Argument(..., help="CSV: config, dram_accesses, sram_accesses, noc_accesses, rf_accesses, macs, cycles, energy_j (J per inference, baseline-subtracted)"),
     hardware: str = typer.Option("zedboard", "--hardware", help="base preset name or YAML file"),
     out: Path = typer.Option(Path("calibrated_preset.yaml"), "--out", help="calibrated preset to write"),
 ) -> None:
@@ -250,3 +253,48 @@ def calibrate_command(
     rows.to_csv(fit_csv.with_name(fit_csv.name + ".tmp"), index=False)
     os.replace(fit_csv.with_name(fit_csv.name + ".tmp"), fit_csv)
     typer.echo(f"wrote {out} and {fit_csv}")
+
+
+def executed_layers(bundle, result) -> list[tuple[str, str, int]]:
+    """(layer, axis, active) of every engine launch one image made, replayed from the bundle's
+    program and the image's decisions (`backends.ImageResult`): skipped blocks launch nothing,
+    an output-gated conv runs its active output channels, an input-gated conv reads its active
+    input channels, an early exit stops the image."""
+    masks, out, prog = result.channel_masks, [], bundle.program
+    i, block = 0, 0
+    while i < len(prog):
+        st = prog[i]
+        if st["op"] == "block":
+            ran = result.block_run[block]
+            block += 1
+            if not ran:
+                i = st["end"]
+                continue
+        elif st["op"] == "conv":
+            layer = bundle.layers[st["layer"]]
+            if st.get("out_gate") in masks:
+                out.append((layer.name, "out", int(masks[st["out_gate"]].sum())))
+            elif st.get("in_gate") in masks:
+                out.append((layer.name, "in", int(masks[st["in_gate"]].sum())))
+            else:
+                out.append((layer.name, "out", int(layer.out_ch)))
+        elif st["op"] == "exit" and st["index"] == result.exit_taken:
+            break
+        i += 1
+    return out
+
+
+def counts_from_runs(cost_table, bundle, results) -> dict[str, float]:
+    """Mean per-image access counts of the engine layers the images really ran, from the cost
+    table (`energy_models.profile_model` / `ddi-hw profile` CSV): one measurement row's counts."""
+    import pandas as pd
+
+    table = cost_table.set_index(["layer", "axis", "active"]).sort_index()
+    keys = [k for r in results for k in executed_layers(bundle, r)]
+    missing = sorted({k for k in keys if k not in table.index})
+    if missing:
+        raise UserError(f"cost table has no row for {missing[0]} (and {len(missing) - 1} more): profile "
+                        "the same architecture the bundle was exported from")
+    rows = table.loc[pd.MultiIndex.from_tuples(keys, names=table.index.names)].reset_index()
+    total = config_counts(rows)
+    return {k: v / max(len(results), 1) for k, v in total.items()}

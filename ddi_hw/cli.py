@@ -26,6 +26,7 @@ from ddi_hw.calibrate import calibrate_command; app.command("calibrate")(calibra
 from ddi_hw.table1 import table1_command; app.command("table1")(table1_command)
 from ddi_hw.export import export_command; app.command("export")(export_command)
 from ddi_hw.backends import run_command; app.command("run")(run_command)
+from ddi_hw.profile_cmd import profile_command; app.command("profile")(profile_command)
 # @@COMMANDS@@
 
 

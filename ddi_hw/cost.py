@@ -50,7 +50,7 @@ class CostTable:
                 raise UserError(f"cost table rows for layer {layer!r} axis {axis!r} must cover "
                                 "active = 0..K without gaps; regenerate the table")
             for m in have:
-                vals = 2.0 * g["macs"].to_numpy() if m == "flops" else g[_METRIC_COLUMN[m]].to_numpy()
+                vals = 2.0 * g["macs"].to_numpy() if m == "flops" else g[_METRIC_COLUMN[m]].to_numpy(copy=True)
                 curves[(layer, axis, m)] = torch.as_tensor(vals, dtype=torch.float64)
             if axis == "out":
                 rows[layer] = {c: g[c].iloc[-1] for c in spec_cols}

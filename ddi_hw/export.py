@@ -105,13 +105,15 @@ def _layer(path: Path, blob: bytes, i: int, e: dict) -> BundleLayer:
         p = LayerParams(**e["params"])
         in_ch, out_ch = int(e["in_ch"]), int(e["out_ch"])
         f_in, f_w, f_out = int(e["f_in"]), int(e["f_w"]), int(e["f_out"])
+        f_act = int(e.get("f_act", f_in))
         f_res = None if e.get("f_res") is None else int(e["f_res"])
     except (KeyError, TypeError, ValueError) as err:
         raise _bad(path, f"{what} has bad parameters ({err})") from None
     mc = load_regmap().constants
     if max(in_ch, out_ch) > mc["MAX_CH"] or in_ch < 1 or out_ch < 1:
         raise _bad(path, f"{what}: {in_ch}->{out_ch} channels outside 1..{mc['MAX_CH']}")
-    if p.acc_shift != f_in + f_w - f_out or (p.residual and p.res_shift != f_in + f_w - f_res):
+    if p.acc_shift != f_act + f_w - f_out or (p.residual and p.res_shift != f_act + f_w - f_res) \
+            or (not p.pre_affine and f_act != f_in):
         raise _bad(path, f"{what}: shifts do not match its Q formats")
     k = p.kernel
     layer = BundleLayer(
@@ -178,9 +180,10 @@ def _check_program(b: Bundle) -> None:
             raise _bad(b.path, f"program step {i} has unknown op {op!r}")
         if op == "conv" and not (0 <= step.get("layer", -1) < len(b.layers)):
             raise _bad(b.path, f"program step {i} refers to layer {step.get('layer')} (have {len(b.layers)})")
-        for key in ("in", "out", "residual"):
-            if step.get(key) is not None and step[key] not in tensors:
-                raise _bad(b.path, f"program step {i} uses undeclared tensor {step[key]!r}")
+        for key in ("in", "out", "residual", "skip_from"):
+            for t in step[key] if isinstance(step.get(key), list) else [step.get(key)]:
+                if t is not None and t not in tensors:
+                    raise _bad(b.path, f"program step {i} uses undeclared tensor {t!r}")
         for key in step_processor_keys(step):
             if key not in b.processor:
                 raise _bad(b.path, f"program step {i} needs processor tensor {key!r}")
@@ -192,16 +195,13 @@ HEADROOM = 2.0  # calibrated |max| x 2: one bit of margin for test images bright
 
 
 class _Formats:
-    """Q formats of activation tensors; tensors that must share a format (a skippable block's
-    output is its input when skipped) are merged and get the smallest fraction count."""
+    """Q formats of activation tensors. Tensors that must share a format are merged (a skipped
+    block's output is its input or a copy; concatenated features form one tensor) and get the
+    smallest fraction count of the group."""
 
-    def __init__(self):
-        self.maxabs: dict[str, float] = {}
-        self.parent: dict[str, str] = {}
-
-    def add(self, name: str, maxabs: float) -> None:
-        self.maxabs[name] = max(self.maxabs.get(name, 0.0), float(maxabs))
-        self.parent.setdefault(name, name)
+    def __init__(self, maxabs: dict[str, float]):
+        self.maxabs = dict(maxabs)
+        self.parent = {n: n for n in maxabs}
 
     def root(self, n: str) -> str:
         while self.parent[n] != n:
@@ -220,23 +220,18 @@ class _Formats:
         return {n: frac_bits(group[self.root(n)] * HEADROOM, limit=15) for n in self.maxabs}
 
 
-def _calibrate(model, images) -> dict[str, float]:
-    """Max |activation| of every engine tensor over the calibration images (dense path, eval)."""
+def _calibrate(model, images, taps: dict[str, tuple]) -> dict[str, float]:
+    """Max |activation| at every tap (name -> (module, relu_after)) over the calibration images."""
     import torch
     stats: dict[str, float] = {}
 
-    def hook(name, relu=False):
+    def hook(name, relu):
         def fn(_m, _inp, out):
             v = out.clamp(min=0) if relu else out
             stats[name] = max(stats.get(name, 0.0), float(v.abs().max()))
         return fn
 
-    hooks = [model.stem.register_forward_hook(hook("stem"))]
-    for j, b in enumerate(model.blocks):
-        hooks.append(b.bn1.register_forward_hook(hook(f"b{j}.mid", relu=True)))
-        hooks.append(b.register_forward_hook(hook(f"b{j}.out")))
-        if not b.skippable:
-            hooks.append(b.sc_bn.register_forward_hook(hook(f"b{j}.sc")))
+    hooks = [mod.register_forward_hook(hook(n, relu)) for n, (mod, relu) in taps.items()]
     try:
         with torch.no_grad():
             for start in range(0, len(images), 64):
@@ -248,116 +243,284 @@ def _calibrate(model, images) -> dict[str, float]:
     return stats
 
 
-def _conv_entry(name, w, b, *, stride, relu, f_in, f_out, residual=False, f_res=None):
-    """Quantise one BN-folded conv: pick f_w so weights fit int16, the bias fits int32 in
-    Q(f_in + f_w) and every shift is in the engine's range."""
+def _quantize_conv(name, w, b, *, stride, relu, f_in, f_out, residual=False, f_res=None, pre=None, f_act=None):
+    """Quantise one BN-folded conv. f_w: weights fit int16, the bias fits int32 in Q(f_act + f_w).
+    `pre` = (scale, shift) float per input channel of a folded pre-activation BN (+ReLU) whose
+    output has Q f_act; its scale gets f_s fraction bits, its shift Q(f_in + f_s)."""
     from ddi_hw.fixedpoint import INT32_MAX, frac_bits, quantize
-    w, b = w.detach().double().numpy(), b.detach().double().numpy()
+    w = w.detach().double().numpy()
+    b = np.zeros(w.shape[0]) if b is None else b.detach().double().numpy()
+    arrays, pre_shift = {}, 0
+    if pre is None:
+        f_act = f_in
+    else:
+        s, t = (v.detach().double().numpy() for v in pre)
+        f_s = frac_bits(float(np.abs(s).max()), limit=20)
+        tmax = float(np.abs(t).max())
+        if tmax > 0:
+            f_s = min(f_s, int(np.floor(np.log2(INT32_MAX / tmax))) - f_in)
+        pre_shift = f_in + f_s - f_act
+        arrays["pre"] = np.stack([quantize(s, f_s, -(2 ** 31), INT32_MAX, np.int32),
+                                  quantize(t, f_in + f_s, -(2 ** 31), INT32_MAX, np.int32)], axis=1)
     f_w = frac_bits(float(np.abs(w).max()), limit=20)
     bmax = float(np.abs(b).max())
     if bmax > 0:
-        f_w = min(f_w, int(np.floor(np.log2(INT32_MAX / bmax))) - f_in)
+        f_w = min(f_w, int(np.floor(np.log2(INT32_MAX / bmax))) - f_act)
     params = dict(kernel=w.shape[2], stride=stride, relu=relu, residual=residual,
-                  acc_shift=f_in + f_w - f_out, res_shift=(f_in + f_w - f_res) if residual else 0)
+                  acc_shift=f_act + f_w - f_out, res_shift=(f_act + f_w - f_res) if residual else 0,
+                  pre_affine=pre is not None, pre_shift=pre_shift)
     try:
         LayerParams(**params)
     except ValueError as err:
         raise UserError(f"layer {name}: no fixed-point format fits its range ({err}); "
                         "check the checkpoint for exploding weights or activations") from None
-    arrays = {"weights": quantize(w, f_w), "bias": quantize(b, f_in + f_w, -(2 ** 31), INT32_MAX, np.int32)}
-    entry = {"name": name, "in_ch": w.shape[1], "out_ch": w.shape[0], "params": params,
-             "f_in": f_in, "f_w": f_w, "f_out": f_out, "f_res": f_res if residual else None}
+    arrays["weights"] = quantize(w, f_w)
+    arrays["bias"] = quantize(b, f_act + f_w, -(2 ** 31), INT32_MAX, np.int32)
+    entry = {"name": name, "in_ch": w.shape[1], "out_ch": w.shape[0], "params": params, "f_in": f_in,
+             "f_act": f_act, "f_w": f_w, "f_out": f_out, "f_res": f_res if residual else None}
     return entry, arrays
 
 
-def export_model(model, out_dir: str | Path, calib_images, source: str = "", dataset: str | None = None) -> Path:
-    """Quantise a gated CIFAR ResNet (`ddi_hw.models`) into a bundle directory.
+class _Builder:
+    """Collects engine layers, processor tensors and the program while a model is walked."""
 
-    BN is folded into every engine conv; conv weights go to engine.bin in the engine's layout;
-    gates, exit branches (BN folded, float32) and the classifier go to processor.safetensors."""
-    import torch
-    from safetensors.numpy import save as st_save
+    def __init__(self, frac: dict[str, int], size: int):
+        self.frac, self.layers, self.arrays, self.program = frac, [], [], [{"op": "input", "out": "x"}]
+        self.shapes: dict[str, list[int]] = {"x": [3, size, size]}
+        self.proc: dict[str, np.ndarray] = {}
 
-    from ddi_hw.checkpoint import atomic_write_bytes, atomic_write_text
-    from ddi_hw.csim import expected_iterations
-    from ddi_hw.models.sparse_ops import fold_bn
+    def conv(self, name, conv, t_in, t_out, *, bn=None, relu, residual=None, pre=None, t_act=None, **step) -> int:
+        """Add one engine launch (BN `bn` folded after the conv); returns its dense loop count."""
+        from ddi_hw.csim import expected_iterations
+        from ddi_hw.models.sparse_ops import fold_bn
+        w, b = fold_bn(conv.weight, bn) if bn is not None else (conv.weight, conv.bias)
+        k, stride = conv.kernel_size[0], conv.stride[0]
+        if conv.kernel_size not in ((1, 1), (3, 3)) or stride not in (1, 2) or conv.padding[0] != k // 2 \
+                or conv.groups != 1:
+            raise UserError(f"layer {name}: the engine runs 1x1/3x3 'same' convs with stride 1/2 only")
+        entry, arr = _quantize_conv(name, w, b, stride=stride, relu=relu, f_in=self.frac[t_in],
+                                    f_out=self.frac[t_out], residual=residual is not None,
+                                    f_res=self.frac.get(residual), pre=pre,
+                                    f_act=self.frac[t_act] if t_act else None)
+        h = self.shapes[t_in][1]
+        oh = (h + 2 * (k // 2) - k) // stride + 1
+        self.shapes[t_out] = [conv.out_channels, oh, oh]
+        self.layers.append(entry)
+        self.arrays.append(arr)
+        self.program.append({"op": "conv", "layer": len(self.layers) - 1, "in": t_in, "out": t_out,
+                             "residual": residual, **step})
+        return expected_iterations(conv.in_channels, conv.out_channels, oh, oh, k)
 
-    if not hasattr(model, "blocks") or not hasattr(model, "stem"):
-        raise UserError(f"export supports the CIFAR ResNets of ddi_hw.models, not {type(model).__name__}")
-    model.eval()
-    mc = load_regmap().constants
-    size = model.input_size
-    if size > mc["MAX_W"]:
-        raise UserError(f"input width {size} exceeds the engine's MAX_W={mc['MAX_W']}")
-    stats = _calibrate(model, calib_images)
-    fm = _Formats()
-    for n, v in stats.items():
-        fm.add(n, v)
+    def add_proc(self, prefix: str, module) -> None:
+        for k, v in module.state_dict().items():
+            self.proc[f"{prefix}.{k}"] = v.detach().float().numpy()
+
+    def exit(self, model, i: int, t_in: str) -> None:
+        from ddi_hw.models.sparse_ops import fold_bn
+        e = model.exits[i]
+        for cname, bname in (("conv1", "bn1"), ("conv2", "bn2")):
+            w, bias = fold_bn(getattr(e, cname).weight, getattr(e, bname))
+            self.proc[f"exits.{i}.{cname}.weight"] = w.float().numpy()
+            self.proc[f"exits.{i}.{cname}.bias"] = bias.float().numpy()
+        self.add_proc(f"exits.{i}.fc", e.fc)
+        self.program.append({"op": "exit", "index": i, "in": t_in, "prefix": f"exits.{i}", "pools": e.pools})
+
+    def shared_gates(self, model) -> None:
+        for name in ("layer_gate", "channel_rnn"):
+            if getattr(model, name, None) is not None:
+                self.add_proc(name, getattr(model, name))
+
+
+def _export_resnet(model, calib):
+    """CIFAR ResNet: stem conv; per block [projection], conv1 (channel-gated outputs), conv2
+    (gated inputs, residual add, ReLU); processor: gates, exits, pool + fc."""
+    taps = {"stem": (model.stem, False)}
+    for j, b in enumerate(model.blocks):
+        taps[f"b{j}.mid"], taps[f"b{j}.out"] = (b.bn1, True), (b, False)
+        if not b.skippable:
+            taps[f"b{j}.sc"] = (b.sc_bn, False)
+    fm = _Formats(_calibrate(model, calib, taps))
     prev = "stem"
     for j, b in enumerate(model.blocks):
         if b.skippable:
             fm.same(f"b{j}.out", prev)
         prev = f"b{j}.out"
-    frac = fm.fracs()
-
-    layers, arrays, program = [], [], [{"op": "input", "out": "x"}]
-    shapes = {"x": [3, size, size]}
-
-    def add_conv(name, conv, bn, stride, relu, t_in, t_out, residual=None, **step):
-        w, bias = fold_bn(conv.weight, bn)
-        entry, arr = _conv_entry(name, w, bias, stride=stride, relu=relu, f_in=frac[t_in], f_out=frac[t_out],
-                                 residual=residual is not None, f_res=frac.get(residual))
-        h = shapes[t_in][1]
-        oh = (h + 2 * (conv.kernel_size[0] // 2) - conv.kernel_size[0]) // stride + 1
-        shapes[t_out] = [conv.out_channels, oh, oh]
-        layers.append(entry)
-        arrays.append(arr)
-        program.append({"op": "conv", "layer": len(layers) - 1, "in": t_in, "out": t_out,
-                        "residual": residual, **step})
-        return expected_iterations(conv.in_channels, conv.out_channels, oh, oh, conv.kernel_size[0])
-
-    it = add_conv("stem.conv", model.stem.conv, model.stem.bn, 1, True, "x", "stem")
-    program[-1]["dense_iterations"] = it
+    bd = _Builder(fm.fracs(), model.input_size)
+    bd.shared_gates(model)
+    it = bd.conv("stem.conv", model.stem.conv, "x", "stem", bn=model.stem.bn, relu=True)
+    bd.program[-1]["dense_iterations"] = it
     h, exit_at = "stem", {p: i for i, p in enumerate(model.exit_positions)}
     for j, b in enumerate(model.blocks):
         gate = f"blocks.{j}.cgate" if b.cgate is not None else None
         blk = {"op": "block", "index": j, "in": h, "out": f"b{j}.out",
                "layer_gate": {"prefix": f"blocks.{j}.lgate"} if b.lgate is not None else None,
                "channel_gate": {"name": gate, "prefix": gate, "kind": model.channel_gate_kind} if gate else None}
-        program.append(blk)
-        dense = 0
-        res = h
+        if b.lgate is not None:
+            bd.add_proc(f"blocks.{j}.lgate", b.lgate)
+        if gate:
+            bd.add_proc(gate, b.cgate)
+        bd.program.append(blk)
+        dense, res = 0, h
         if not b.skippable:
-            dense += add_conv(f"blocks.{j}.sc_conv", b.sc_conv, b.sc_bn, b.stride, False, h, f"b{j}.sc")
+            dense += bd.conv(f"blocks.{j}.sc_conv", b.sc_conv, h, f"b{j}.sc", bn=b.sc_bn, relu=False)
             res = f"b{j}.sc"
-        dense += add_conv(f"blocks.{j}.conv1", b.conv1, b.bn1, b.stride, True, h, f"b{j}.mid", out_gate=gate)
-        dense += add_conv(f"blocks.{j}.conv2", b.conv2, b.bn2, 1, True, f"b{j}.mid", f"b{j}.out",
-                          residual=res, in_gate=gate)
-        blk["dense_iterations"], blk["end"] = dense, len(program)
+        dense += bd.conv(f"blocks.{j}.conv1", b.conv1, h, f"b{j}.mid", bn=b.bn1, relu=True, out_gate=gate)
+        dense += bd.conv(f"blocks.{j}.conv2", b.conv2, f"b{j}.mid", f"b{j}.out", bn=b.bn2, relu=True,
+                         residual=res, in_gate=gate)
+        blk["dense_iterations"], blk["end"] = dense, len(bd.program)
         h = f"b{j}.out"
         if j in exit_at:
-            e = model.exits[exit_at[j]]
-            program.append({"op": "exit", "index": exit_at[j], "in": h, "prefix": f"exits.{exit_at[j]}",
-                            "pools": e.pools})
-    program.append({"op": "head", "in": h, "prefix": "fc"})
+            bd.exit(model, exit_at[j], h)
+    bd.add_proc("fc", model.fc)
+    bd.program.append({"op": "head", "in": h, "prefix": "fc"})
+    return bd
 
-    # engine.bin: weights, bias (and pre) of every layer, 64-byte aligned
-    blob = bytearray()
-    for entry, arr in zip(layers, arrays):
-        for key, a in arr.items():
+
+def _bn_affine(bn):
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return scale.detach(), (bn.bias - bn.running_mean * scale).detach()
+
+
+def _export_densenet(model, calib):
+    """CIFAR DenseNet-BC: per dense layer conv1 (BN1+ReLU as the engine's input affine, BN2 folded,
+    gated outputs) and conv2 (gated inputs); concatenation and the transitions' 2x2 average pool
+    on the processor in integer arithmetic; one Q format per dense block's features."""
+    if model.stem.imagenet:
+        raise UserError("export supports CIFAR DenseNets; the ImageNet stem (7x7, max pool) and 56-pixel "
+                        "feature maps exceed the engine")
+    taps = {"stem": (model.stem, False)}
+    for j, layer in enumerate(model.layers):
+        taps[f"d{j}.act"], taps[f"d{j}.mid"], taps[f"d{j}.y"] = (layer.bn1, True), (layer.bn2, True), (layer, False)
+    for t, tr in enumerate(model.transitions):
+        taps[f"t{t}.act"], taps[f"t{t}.conv"] = (tr.bn, True), (tr.conv, False)
+    stats = _calibrate(model, calib, taps)
+    j = 0
+    for b, blk in enumerate(model.dense_blocks):  # concatenations share the block's format
+        for _ in blk:
+            stats[f"d{j}.in"] = 0.0
+            j += 1
+        stats[f"blk{b}.out"] = 0.0
+    fm = _Formats(stats)
+    j = 0
+    for b, blk in enumerate(model.dense_blocks):
+        first = "stem" if b == 0 else f"t{b - 1}.conv"
+        for _ in blk:
+            fm.same(f"d{j}.y", first)
+            fm.same(f"d{j}.in", first)
+            j += 1
+        fm.same(f"blk{b}.out", first)
+    bd = _Builder(fm.fracs(), model.input_size)
+    bd.shared_gates(model)
+    it = bd.conv("stem.conv", model.stem.conv, "x", "stem", relu=False)
+    bd.program[-1]["dense_iterations"] = it
+    exit_at = {p: i for i, p in enumerate(model.exit_positions)}
+    kind = {"cnn": "dense_light", "rnn": "rnn", None: None}[model.channel_gate_kind]
+    h, j = "stem", 0
+    for b, blk in enumerate(model.dense_blocks):
+        feats, prev_y = [h], None
+        for layer in blk:
+            name = model._names[j]
+            t_in = feats[0] if len(feats) == 1 else f"d{j}.in"
+            if len(feats) > 1:
+                bd.program.append({"op": "concat", "in": list(feats), "out": t_in})
+                bd.shapes[t_in] = [sum(bd.shapes[f][0] for f in feats)] + bd.shapes[feats[0]][1:]
+            gate = f"{name}.cgate" if layer.cgate is not None else None
+            step = {"op": "block", "index": j, "in": t_in, "out": f"d{j}.y", "skip_from": prev_y,
+                    "layer_gate": {"prefix": f"{name}.lgate"} if layer.lgate is not None else None,
+                    "channel_gate": {"name": gate, "prefix": gate, "kind": kind} if gate else None}
+            if layer.lgate is not None:
+                bd.add_proc(f"{name}.lgate", layer.lgate)
+            if gate:
+                bd.add_proc(gate, layer.cgate)
+            bd.program.append(step)
+            dense = bd.conv(f"{name}.conv1", layer.conv1, t_in, f"d{j}.mid", bn=layer.bn2, relu=True,
+                            pre=_bn_affine(layer.bn1), t_act=f"d{j}.act", out_gate=gate)
+            dense += bd.conv(f"{name}.conv2", layer.conv2, f"d{j}.mid", f"d{j}.y", relu=False, in_gate=gate)
+            step["dense_iterations"], step["end"] = dense, len(bd.program)
+            feats.append(f"d{j}.y")
+            prev_y = f"d{j}.y"
+            if j in exit_at:
+                cat = f"d{j}.cat"
+                bd.frac[cat] = bd.frac[feats[0]]
+                bd.program.append({"op": "concat", "in": list(feats), "out": cat})
+                bd.exit(model, exit_at[j], cat)
+            j += 1
+        out = f"blk{b}.out"
+        bd.program.append({"op": "concat", "in": list(feats), "out": out})
+        bd.shapes[out] = [sum(bd.shapes[f][0] for f in feats)] + bd.shapes[feats[0]][1:]
+        h = out
+        if b < len(model.transitions):
+            tr = model.transitions[b]
+            it = bd.conv(f"transitions.{b}.conv", tr.conv, h, f"t{b}.conv", relu=False,
+                         pre=_bn_affine(tr.bn), t_act=f"t{b}.act")
+            bd.program[-1]["dense_iterations"] = it
+            pooled = f"t{b}.pool"
+            bd.frac[pooled] = bd.frac[f"t{b}.conv"]
+            c, hh, _ = bd.shapes[f"t{b}.conv"]
+            bd.shapes[pooled] = [c, hh // 2, hh // 2]
+            bd.program.append({"op": "avgpool2", "in": f"t{b}.conv", "out": pooled})
+            h = pooled
+    scale, shift = _bn_affine(model.norm)
+    bd.proc["norm.scale"], bd.proc["norm.shift"] = scale.float().numpy(), shift.float().numpy()
+    bd.add_proc("fc", model.fc)
+    bd.program.append({"op": "head", "in": h, "prefix": "fc", "norm": "norm"})
+    return bd
+
+
+def _budget_plan(model, metric: str = "flops") -> dict:
+    """The model's cost plan (ddi_hw.models.base.CostPlan, one source for every cost) as plain
+    numbers, so the processor computes the same per-image cost and takes the same budgeted exits."""
+    plan = model.plan
+    events, fixed_i = [], 0
+    block_i = 0
+    for kind, _ in model.events:
+        if kind == "fixed":
+            events.append({"kind": "fixed", "cost": float(plan.fixed[metric][fixed_i])})
+            fixed_i += 1
+        elif kind == "block":
+            K = int(plan.K[block_i])
+            events.append({"kind": "block", "index": block_i, "g": float(plan.g[metric][block_i]),
+                           "f": float(plan.f[metric][block_i]), "c": float(plan.c[metric][block_i]),
+                           "V": [float(v) for v in plan.V[metric][block_i, :K + 1]]})
+            block_i += 1
+        else:
+            i = sum(1 for e in events if e["kind"] == "exit")
+            events.append({"kind": "exit", "index": i, "cost": float(plan.exit[metric][i])})
+    return {"metric": metric, "events": events, "min_event": [float(v) for v in plan.min_event[metric]]}
+
+
+def export_model(model, out_dir: str | Path, calib_images, source: str = "", dataset: str | None = None) -> Path:
+    """Quantise a gated CIFAR ResNet or DenseNet (`ddi_hw.models`) into a bundle directory.
+
+    BN is folded into every engine conv (pre-activation BN becomes the engine's input affine);
+    conv weights go to engine.bin in the engine's layout; gates, exit branches (BN folded,
+    float32) and the classifier go to processor.safetensors."""
+    from safetensors.numpy import save as st_save
+
+    from ddi_hw.checkpoint import atomic_write_bytes, atomic_write_text
+
+    model.eval()
+    mc = load_regmap().constants
+    if getattr(model, "input_size", 10 ** 6) > mc["MAX_W"]:
+        raise UserError(f"input width {getattr(model, 'input_size', '?')} exceeds the engine's MAX_W={mc['MAX_W']}")
+    if hasattr(model, "blocks") and hasattr(model, "stem"):
+        bd = _export_resnet(model, calib_images)
+    elif hasattr(model, "dense_blocks"):
+        bd = _export_densenet(model, calib_images)
+    else:
+        raise UserError(f"export supports the ResNets and DenseNets of ddi_hw.models, not {type(model).__name__}")
+
+    budget = _budget_plan(model)
+    blob = bytearray()  # engine.bin: weights, bias (and input affine) of every layer, 64-byte aligned
+    for entry, arr in zip(bd.layers, bd.arrays):
+        for key in ("weights", "bias", "pre"):
+            if key not in arr:
+                continue
+            a = arr[key]
             blob += b"\0" * (-len(blob) % ALIGN)
             entry[key] = {"offset": len(blob), "shape": list(a.shape), "dtype": str(a.dtype)}
             blob += a.astype(a.dtype.newbyteorder("<")).tobytes()
-    # processor.safetensors: gates, exits (BN folded), classifier, float32
-    sd = model.state_dict()
-    proc = {k: v.float().numpy() for k, v in sd.items()
-            if k.startswith(("layer_gate.", "channel_rnn.", "fc.")) or ".lgate." in k or ".cgate." in k}
-    for i, e in enumerate(model.exits):
-        for cname, bname in (("conv1", "bn1"), ("conv2", "bn2")):
-            w, bias = fold_bn(getattr(e, cname).weight, getattr(e, bname))
-            proc[f"exits.{i}.{cname}.weight"], proc[f"exits.{i}.{cname}.bias"] = w.float().numpy(), bias.float().numpy()
-        proc[f"exits.{i}.fc.weight"], proc[f"exits.{i}.fc.bias"] = e.fc.weight.detach().float().numpy(), e.fc.bias.detach().float().numpy()
-    proc_bytes = st_save({k: np.ascontiguousarray(v) for k, v in proc.items()})
+    proc_bytes = st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in bd.proc.items()})
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -365,13 +528,13 @@ def export_model(model, out_dir: str | Path, calib_images, source: str = "", dat
     atomic_write_bytes(out / PROC_BLOB, proc_bytes)
     manifest = {
         "format": FORMAT, "regmap_version": load_regmap().version, "source": source, "dataset": dataset,
-        "model": {"class": type(model).__name__, "depth": getattr(model, "depth", None),
-                  "num_classes": int(model.fc.out_features), "input_size": size},
+        "model": {"class": type(model).__name__, "num_classes": int(model.fc.out_features),
+                  "input_size": model.input_size},
         "number_format": "int16 activations/weights, Q(f) = int / 2**f per tensor, int32 bias in "
-                         "Q(f_in + f_w), 48-bit accumulators, round half up, saturate",
-        "tensors": {n: {"frac": frac[n], "shape": shapes.get(n)} for n in sorted(frac)},
-        "layers": layers, "program": program,
-        "processor_shapes": {k: list(v.shape) for k, v in proc.items()},
+                         "Q(f_act + f_w), 48-bit accumulators, round half up, saturate",
+        "tensors": {n: {"frac": bd.frac[n], "shape": bd.shapes.get(n)} for n in sorted(bd.frac)},
+        "layers": bd.layers, "program": bd.program, "cost_plan": budget,
+        "processor_shapes": {k: list(v.shape) for k, v in bd.proc.items()},
         "blobs": {name: {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}
                   for name in (ENGINE_BLOB, PROC_BLOB)},
     }

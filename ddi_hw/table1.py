@@ -125,7 +125,7 @@ def to_markdown(table: "pd.DataFrame") -> str:
                      f"| {_fmt(r.paper_accuracy_pct)} |")
     lines.append("")
     models = sorted(set(table.energy_model) - {""})
-    lines.append(f"Modelled energy: {'; '.join(models)}.")
+    lines.append(f"Energy model: {'; '.join(models)}.")
     if table.energy_saving_measured_pct.notna().any():
         lines.append(f"Measured energy: {'; '.join(sorted(set(table.energy_measured_source) - {''}))}.")
     else:

@@ -88,16 +88,11 @@ def load_preset(name_or_path) -> Preset:
                             f"(got {value!r})")
         return float(value)
 
+    top = {"name", "description", "simulator", "energy", "clock_hz", "static_power_w"}
+    _no_unknown(label, data, None, top)
     sim, energy = section("simulator"), section("energy")
-    for sec, key, allowed in (
-            (data, None, {"name", "description", "simulator", "energy", "clock_hz",
-                          "static_power_w"}),
-            (sim, "simulator", set(SIM_INT_FIELDS) | {"dataflow", "bandwidth_mode"}),
-            (energy, "energy", set(ENERGY_FIELDS))):
-        for extra in sorted(set(sec) - allowed):
-            field = f"{key}.{extra}" if key else extra
-            raise UserError(f"preset {label}: unknown field '{field}'; allowed: "
-                            f"{', '.join(sorted(allowed))}")
+    _no_unknown(label, sim, "simulator", set(SIM_INT_FIELDS) | {"dataflow", "bandwidth_mode"})
+    _no_unknown(label, energy, "energy", set(ENERGY_FIELDS))
     fields = {f: positive(sim.get(f), f"simulator.{f}", integer=True) for f in SIM_INT_FIELDS}
     dataflow = sim.get("dataflow", "os")
     if dataflow not in DATAFLOWS:
@@ -113,6 +108,13 @@ def load_preset(name_or_path) -> Preset:
         name=str(name), description=str(data.get("description", "")), dataflow=dataflow,
         bandwidth_mode="CALC", clock_hz=positive(data.get("clock_hz"), "clock_hz"),
         static_power_w=non_negative(data.get("static_power_w"), "static_power_w"), **fields)
+
+
+def _no_unknown(label: str, sec: dict, key: str | None, allowed: set) -> None:
+    for extra in sorted(set(sec) - allowed):
+        field = f"{key}.{extra}" if key else extra
+        raise UserError(f"preset {label}: unknown field '{field}'; allowed: "
+                        f"{', '.join(sorted(allowed))}")
 
 
 def _read(name: str) -> tuple[str, str]:

@@ -10,10 +10,9 @@ array sizes and all three dataflows):
   (the only mode we use) the ifmap/filter read buffers never stall, so they cannot influence each
   other or the ofmap buffer. Savings, all exact:
   * the prefetch matrices (unused in CALC mode, a Python loop per element) are not built;
-  * a read buffer's DRAM count depends only on its address stream, so identical streams (the
-    ifmap stream is the same for every k within one fold of the array) are counted once;
-  * `count_estimate_bw_reads` replays `ReadBufferEstimateBw`'s set/prefetch bookkeeping with a
-    dict instead of a scan over sets (same decisions, ~10x faster);
+  * a read buffer's DRAM count depends only on its address stream; the ifmap operand and (os/ws)
+    its stream are the same for every k within one column fold of the array: built once;
+  * `count_estimate_bw_reads` computes `ReadBufferEstimateBw`'s count with numpy (same rule);
   * `serve_ofmap_writes` replays the ofmap `write_buffer` (fills, drains, stalls) on the number of
     outputs per demand line instead of element by element.
 - numpy >= 2.4 no longer converts 1-element arrays to int, which breaks SCALE-Sim 3.0.0's
@@ -36,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 RUNNER_VERSION = 1  # bump when the meaning of cached counts changes
+# macs: SCALE-Sim's compute count (ofmap pixels x window); cycles: its compute cycles including
+# stalls (`total_cycles`); SRAM and DRAM counts are in words, per operand, as SCALE-Sim reports.
 COUNT_COLUMNS = ("macs", "cycles", "sram_reads_ifmap", "sram_reads_filter", "sram_writes_ofmap",
                  "dram_reads_ifmap", "dram_reads_filter", "dram_writes_ofmap")
 _SIM_KEYS = ("array_rows", "array_cols", "ifmap_sram_kb", "filter_sram_kb", "ofmap_sram_kb",
@@ -113,134 +114,105 @@ def simulate_direct(layer: SimLayer, sim: dict) -> dict:
                 dram_writes_ofmap=int(s.ofmap_dram_writes))
 
 
-def count_estimate_bw_reads(runs, total_size_bytes: int, word_size: int = 1,
+def count_estimate_bw_reads(stream: np.ndarray, total_size_bytes: int, word_size: int = 1,
                             active_buf_frac: float = 0.5) -> int:
-    """DRAM reads SCALE-Sim's `ReadBufferEstimateBw` makes for an address stream given as runs
-    `[(addresses, repeat), ...]` (the stream is each run's addresses `repeat` times in a row).
+    """DRAM reads SCALE-Sim's `ReadBufferEstimateBw` makes for this address stream.
 
-    Same bookkeeping as the original: new addresses fill sets of total/100 words; an address is
-    a hit while a set holding it lies in the active window; the window moves by the prefetch
-    buffer's sets when the set after it completes; every address placed in a set is fetched once.
-    A hit or an address already in the filling set changes nothing, so once a whole pass of a run
-    places no address, its remaining passes cannot either and are skipped.
+    Its bookkeeping reduces to epochs: new addresses fill sets of total/100 words; the active
+    window holds the completed sets since the last window move plus the filling set, and it moves
+    (emptying itself, with active fraction 0.5 as `single_layer_sim` uses) each time 50 more sets
+    complete. So an address is a hit iff it was placed since the current epoch began, an epoch
+    ends after 50 x set-size new addresses, and every placed address is fetched once. Each epoch
+    is found with one `np.unique` (first occurrences) instead of a Python loop per address.
     """
+    assert round(active_buf_frac, 2) == 0.5, "single_layer_sim always uses active_buf_frac=0.5"
+    stream = np.asarray(stream)
     total = math.floor(total_size_bytes / word_size)
     per_set = math.floor(total / 100)
-    n_active = int(round(active_buf_frac, 2) * 100)
-    n_prefetch = 100 - n_active
-    where: dict[int, list[int]] = {}
-    current: set[int] = set()
-    set_id, start, read_end, inserted = 0, 0, n_active - 1, 0
-    end = 0  # = min(set_id, read_end + 1): sets [start, end) can hit
-    for addresses, repeat in runs:
-        for _ in range(repeat):
-            before = inserted
-            for addr in addresses:
-                ids = where.get(addr)
-                if ids is not None:
-                    if start <= ids[-1] < end:
-                        continue
-                    if len(ids) > 1 and any(start <= i < end for i in ids):
-                        continue
-                if addr in current:
-                    continue
-                current.add(addr)
-                inserted += 1
-                if len(current) == per_set:
-                    for a in current:
-                        lst = where.get(a)
-                        if lst is None:
-                            where[a] = [set_id]
-                        else:
-                            lst.append(set_id)
-                    current = set()
-                    set_id += 1
-                    if set_id == read_end + 1:
-                        start += n_prefetch
-                        read_end += n_prefetch
-                    end = min(set_id, read_end + 1)
-            if inserted == before:
+    if per_set == 0:
+        raise ValueError("SCALE-Sim needs buffers of at least 100 words")
+    epoch = 50 * per_set
+    n, pos, count = stream.size, 0, 0
+    while pos < n:
+        span = max(2 * epoch, 4096)
+        while True:
+            seg = stream[pos:pos + span]
+            _, first = np.unique(seg, return_index=True)
+            if first.size >= epoch or pos + span >= n:
                 break
-    return inserted
+            span *= 2
+        if first.size < epoch:  # the stream ends inside this epoch
+            return count + int(first.size)
+        first.sort()
+        count += epoch
+        pos += int(first[epoch - 1]) + 1
+    return count
 
 
-def _compute_system(layer: SimLayer, sim: dict):
-    """SCALE-Sim's operand and compute classes with the demand matrices built."""
+def _stream(demand) -> np.ndarray:
+    flat = np.asarray(demand).reshape(-1)
+    return flat[flat != -1].astype(np.int64)
+
+
+def simulate_fast(layer: SimLayer, sim: dict, memo: dict | None = None) -> dict:
+    """Same counts as `simulate_direct`, from SCALE-Sim's own operand and demand matrices (see the
+    module docstring). `memo` carries what does not depend on the number of filters between calls
+    of one sweep: the ifmap operand matrix and, for os/ws (whose ifmap demand depends on the
+    filters only through the number of column folds), the ifmap counts."""
     from scalesim.compute.operand_matrix import operand_matrix
     from scalesim.compute.systolic_compute_is import systolic_compute_is
     from scalesim.compute.systolic_compute_os import systolic_compute_os
     from scalesim.compute.systolic_compute_ws import systolic_compute_ws
 
+    if layer.filters == 0 or layer.channels == 0:
+        return dict.fromkeys(COUNT_COLUMNS, 0)
+    memo = {} if memo is None else memo
     cfg, topo, lay = _scalesim_objects(layer, sim)
     op = operand_matrix()
     op.set_params(config_obj=cfg, topoutil_obj=topo, layoututil_obj=lay, layer_id=0)
+    ikey = ("ifmap", layer.ifmap_h, layer.ifmap_w, layer.kernel_h, layer.kernel_w,
+            layer.channels, layer.stride)
+    if ikey in memo:
+        op.ifmap_addr_matrix = op.ifmap_addr_matrix_original = memo[ikey]
+        op.create_filter_matrix()
+        op.create_ofmap_matrix()
+        op.matrices_ready_flag = True
+    else:
+        op.create_operand_matrices()
+        memo[ikey] = op.ifmap_addr_matrix
     _, ifm = op.get_ifmap_matrix()
     _, fil = op.get_filter_matrix()
     _, ofm = op.get_ofmap_matrix()
-    cls = {"os": systolic_compute_os, "ws": systolic_compute_ws, "is": systolic_compute_is}
-    comp = cls[sim["dataflow"]]()
-    if sim["dataflow"] == "ws":
+    df = sim["dataflow"]
+    comp = {"os": systolic_compute_os, "ws": systolic_compute_ws, "is": systolic_compute_is}[df]()
+    if df == "ws":
         comp.set_params(config_obj=cfg, ifmap_op_mat=ifm, filter_op_mat=fil, ofmap_op_mat=ofm,
                         ifmap_op_mat_original=op.ifmap_addr_matrix_original,
                         sparsity_filter_array=op.sparse_filter_array)
     else:
         comp.set_params(config_obj=cfg, ifmap_op_mat=ifm, filter_op_mat=fil, ofmap_op_mat=ofm)
-    comp.create_demand_matrices()
-    return comp, topo
-
-
-def _runs(demand, n_folds: int) -> list:
-    """The demand matrix's address stream as runs of identical consecutive folds."""
-    demand = np.asarray(demand)
-    if n_folds < 1 or demand.shape[0] % n_folds:
-        n_folds = 1
-    blocks = np.split(demand, n_folds)
-    runs: list = []
-    for blk in blocks:
-        if runs and runs[-1][0].shape == blk.shape and np.array_equal(runs[-1][0], blk):
-            runs[-1][1] += 1
-        else:
-            runs.append([blk, 1])
-    out = []
-    for blk, rep in runs:
-        flat = blk.reshape(-1)
-        out.append((flat[flat != -1].astype(np.int64), rep))
-    return out
-
-
-def simulate_fast(layer: SimLayer, sim: dict, memo: dict | None = None) -> dict:
-    """Same counts as `simulate_direct`, computed from SCALE-Sim's own demand matrices (see module
-    docstring). `memo` caches read-buffer counts by address-stream hash between calls."""
-    if layer.filters == 0 or layer.channels == 0:
-        return dict.fromkeys(COUNT_COLUMNS, 0)
-    memo = {} if memo is None else memo
-    comp, topo = _compute_system(layer, sim)
-    ifd, fid, ofd = comp.get_demand_matrices()
-
-    n_folds = comp.col_fold * getattr(comp, "row_fold_demand_matrices", comp.row_fold)
-
-    def reads(demand, size_kb, tag):
-        runs = _runs(demand, n_folds)
-        h = hashlib.blake2b(digest_size=16)
-        for addrs, rep in runs:
-            h.update(addrs.tobytes())
-            h.update(str(rep).encode())
-        key = (tag, size_kb, h.hexdigest())
-        if key not in memo:
-            memo[key] = count_estimate_bw_reads([(a.tolist(), r) for a, r in runs],
-                                                1024 * size_kb)
-        return memo[key]
-
+    comp.create_filter_demand_mat()
+    comp.create_ofmap_demand_mat()
+    dkey = (ikey, "demand", comp.col_fold, tuple(sorted(sim.items()))) if df != "is" else None
+    if dkey is not None and dkey in memo:
+        ifmap_sram, ifmap_dram = memo[dkey]
+    else:
+        comp.create_ifmap_demand_mat()
+        ifmap_sram = int(comp.ifmap_reads)
+        ifmap_dram = count_estimate_bw_reads(_stream(comp.ifmap_demand_matrix),
+                                             1024 * sim["ifmap_sram_kb"])
+        if dkey is not None:
+            memo[dkey] = (ifmap_sram, ifmap_dram)
+    ofd = comp.ofmap_demand_matrix
     cycles, dram_writes = serve_ofmap_writes(
         np.count_nonzero(ofd != -1, axis=1).tolist(), 1024 * sim["ofmap_sram_kb"],
         sim["array_cols"])
     return dict(
         macs=int(topo.get_layer_num_ofmap_px(0) * topo.get_layer_window_size(0)), cycles=cycles,
-        sram_reads_ifmap=int(comp.get_ifmap_requests()),
-        sram_reads_filter=int(comp.get_filter_requests()),
-        sram_writes_ofmap=int(comp.get_ofmap_requests()),
-        dram_reads_ifmap=reads(ifd, sim["ifmap_sram_kb"], "ifmap"),
-        dram_reads_filter=reads(fid, sim["filter_sram_kb"], "filter"),
+        sram_reads_ifmap=ifmap_sram, sram_reads_filter=int(comp.filter_reads),
+        sram_writes_ofmap=int(comp.ofmap_writes), dram_reads_ifmap=ifmap_dram,
+        dram_reads_filter=count_estimate_bw_reads(_stream(comp.filter_demand_matrix),
+                                                  1024 * sim["filter_sram_kb"]),
         dram_writes_ofmap=dram_writes)
 
 
@@ -393,6 +365,12 @@ def run_sweeps(requests, sim: dict, cache_dir=None, jobs: int | None = None,
     import multiprocessing as mp
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        (cache / scalesim_version()).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        from ddi_hw.errors import UserError
+        raise UserError(f"cannot use SCALE-Sim cache folder {cache} ({err.strerror}); choose "
+                        "another with --cache-dir or DDI_HW_CACHE") from None
     todo, results = [], {}
     for layer, axis, actives, groups in requests:
         rkey = (layer, axis, groups)

@@ -113,6 +113,7 @@ def extract_specs(model, input_shape) -> list:
         if new_call:
             ncalls[base] = ncalls.get(base, 0) + 1
         records.append((base, ncalls[base] - 1, fields))
+
     stack: list = []  # modules currently executing (innermost last)
     opaque = (nn.Conv2d, nn.Linear, nn.LSTM, nn.LSTMCell, nn.modules.batchnorm._BatchNorm)
 
@@ -198,7 +199,7 @@ def extract_specs(model, input_shape) -> list:
             return
         mod, owner = _owner()
         ann = _annotations(mod, owner)
-        ann["block"] = str(getattr(mod, "ddi_block", None) or owner)
+        ann["block"] = str(getattr(mod, "ddi_block", None) or owner)  # an op's block: its module
         if func in pool_funcs or (func in mean_funcs and args[0].dim() == 4 and out.dim() in (2, 4)
                                   and out.numel() == args[0].shape[0] * args[0].shape[1]):
             x = args[0]
@@ -235,8 +236,9 @@ def extract_specs(model, input_shape) -> list:
             handles.append(mod.register_forward_hook(linear_hook))
         elif isinstance(mod, (nn.LSTM, nn.LSTMCell)):
             handles.append(mod.register_forward_hook(lstm_hook))
-    was_training = model.training
+    was_training, threads = model.training, torch.get_num_threads()
     model.eval()
+    torch.set_num_threads(1)  # one small pass: OpenMP spinning on a busy machine costs 100x
     try:
         x = torch.zeros(tuple(int(d) for d in input_shape))
         with torch.no_grad(), OpSpy():
@@ -245,6 +247,7 @@ def extract_specs(model, input_shape) -> list:
         for h in handles:
             h.remove()
         model.train(was_training)
+        torch.set_num_threads(threads)
     # every call its own unique name: `name` if called once, else `name#i` per call
     specs = []
     for base, call, fields in records:

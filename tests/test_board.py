@@ -296,3 +296,41 @@ def test_without_pynq_or_overlay_one_line_errors(bitfile, tmp_path):
         BoardBackend(bitfile)  # no pynq in this environment
     with pytest.raises(UserError, match="not found"):
         BoardBackend(tmp_path / "missing.bit", pynq=FakePynq())
+
+
+def test_counts_from_runs_follow_the_real_engine_launches(tiny_bundle):
+    """Calibration counts replayed from decisions == counts of the launches the engine really got."""
+    import pandas as pd
+
+    from ddi_hw.calibrate import counts_from_runs
+
+    bundle, images = tiny_bundle
+    launches = []
+
+    class Recording(ReferenceBackend):
+        def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None):
+            if out_mask is not None:
+                launches.append((layer.index, "out", int(out_mask.sum())))
+            elif in_mask is not None:
+                launches.append((layer.index, "in", int(in_mask.sum())))
+            else:
+                launches.append((layer.index, "out", layer.out_ch))
+            return super().run_layer(layer, x, residual, out_mask, in_mask)
+
+    results = [run_image(bundle, img, Recording()) for img in images[:3]]
+    results.append(run_image(bundle, images[3], Recording(), exit_at=0))
+    # a synthetic cost table with a distinct, known value per (layer, axis, active)
+    rows = []
+    for layer in bundle.layers:
+        for axis, n in (("out", layer.out_ch), ("in", layer.in_ch)):
+            for k in range(n + 1):
+                v = 1000 * layer.index + 10 * k + (1 if axis == "in" else 0)
+                rows.append({"layer": layer.name, "axis": axis, "active": k, "macs": v, "cycles": 2 * v,
+                             "rf_accesses": 3 * v, "noc_accesses": 2 * v, "sram_reads_ifmap": v,
+                             "sram_reads_filter": 0, "sram_writes_ofmap": 0, "dram_reads_ifmap": 0,
+                             "dram_reads_filter": v, "dram_writes_ofmap": 0})
+    counts = counts_from_runs(pd.DataFrame(rows), bundle, results)
+    expect = sum(1000 * i + 10 * k + (1 if axis == "in" else 0) for i, axis, k in launches) / len(results)
+    assert counts["macs"] == pytest.approx(expect) and counts["cycles"] == pytest.approx(2 * expect)
+    assert counts["dram_accesses"] == pytest.approx(expect) and counts["rf_accesses"] == pytest.approx(3 * expect)
+    assert len(launches) < 4 * len(bundle.layers)  # skipped blocks and the exit launched less

@@ -18,24 +18,28 @@ N_IMAGES = 24
 AGREEMENT = 0.9  # stated rate: quantised predictions agree with the float sparse model on >= 90%
 
 
-def gated_model(seed=0, kind="cnn"):
-    """Layer gates that really decide (some blocks skipped) and channel gates that close ~half."""
+def gated_model(seed=0, kind="cnn", name="resnet14"):
+    """Layer gates that really decide (about half the skippable blocks skipped) and channel gates
+    that close about half the channels; BN statistics and affines not at their defaults."""
+    from ddi_hw.models.gates import LayerGateEmbed
+
     torch.manual_seed(seed)
-    m = create_model("resnet14", layer_gates=True, channel_gates=True, channel_gate_kind=kind, exits=True)
+    m = create_model(name, layer_gates=True, channel_gates=True, channel_gate_kind=kind, exits=True)
     with torch.no_grad():
-        for mod in m.modules():
+        for name_, mod in m.named_modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.running_mean.normal_(0, 0.1)
                 mod.running_var.uniform_(0.5, 2)
                 mod.weight.normal_(1, 0.2)
                 mod.bias.normal_(0, 0.1)
+            elif isinstance(mod, LayerGateEmbed):
+                mod.conv.weight.normal_(0, 3.0)
+            elif name_.endswith("cgate"):
+                mod.fc.bias.normal_(0, 0.3)
         m.layer_gate.proj.weight.normal_(0, 3.0)
-        for b in m.blocks:
-            b.cgate.fc.bias.normal_(0, 0.3)
-            if b.lgate is not None:
-                b.lgate.conv.weight.normal_(0, 3.0)
         m.eval()
-        p = m(torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(9))).layer_probs
+        s = m.input_size
+        p = m(torch.randn(32, 3, s, s, generator=torch.Generator().manual_seed(9))).layer_probs
         m.layer_gate.proj.bias -= torch.logit(p.double()).median().float()  # about half the blocks skip
     return m
 
@@ -90,6 +94,29 @@ def test_reference_agrees_with_float_model(exported):
     assert sum(skipped) > 0  # the test exercises layer skipping
 
 
+@pytest.mark.parametrize("name,kind", [("densenet_tiny", "cnn"), ("densenet_tiny", "rnn"), ("resnet14", "rnn")])
+def test_other_models_and_gates(tmp_path, name, kind):
+    """DenseNet (input affine = folded BN-ReLU, concatenation, integer avg pool) and RNN channel
+    gates: float agreement, skipping, and csim == reference on a whole image."""
+    from ddi_hw.csim import toolchain_missing
+    m = gated_model(seed=4, kind=kind, name=name)
+    s = m.input_size
+    x = torch.randn(12, 3, s, s, generator=torch.Generator().manual_seed(5))
+    b = load_bundle(export_model(m, tmp_path / "b", x))
+    with torch.no_grad():
+        out = m(x, mode="sparse")
+    rs = [run_image(b, x[i].numpy(), ReferenceBackend()) for i in range(len(x))]
+    agree = np.mean([r.prediction == int(out.logits[i].argmax()) for i, r in enumerate(rs)])
+    assert agree >= AGREEMENT
+    assert any(0 in r.block_run for r in rs) and sum(r.iterations for r in rs) < sum(r.dense_iterations for r in rs)
+    if name.startswith("densenet"):
+        assert any(l.params.pre_affine for l in b.layers)
+    if not toolchain_missing():
+        c = run_image(b, x[0].numpy(), CsimBackend())
+        np.testing.assert_array_equal(c.logits, rs[0].logits)
+        assert c.iterations == rs[0].iterations
+
+
 def test_csim_backend_bit_exact_with_reference(exported):
     from ddi_hw.csim import toolchain_missing
     if toolchain_missing():
@@ -116,6 +143,24 @@ def test_exit_branch_runs_on_processor(exported):
         with torch.no_grad():
             want = m(x[i:i + 1], mode="dense", force=force).exit_logits[0][0].numpy()
         assert np.abs(r.logits - want).max() < 1e-3
+
+
+@pytest.mark.parametrize("frac", [None, 0.2, 0.5, 0.8])
+def test_budgeted_exits_and_cost_match_float_model(exported, frac):
+    """RADI: with a FLOPs budget the processor takes the same exit, with the same executed cost
+    (from the exported cost plan), as the float model's sparse path."""
+    m, x, path = exported
+    b = load_bundle(path)
+    budget = None if frac is None else frac * m.dense_cost("flops")
+    with torch.no_grad():
+        out = m(x[:8], mode="sparse", budget=budget)
+    for i in range(8):
+        r = run_image(b, x[i].numpy(), ReferenceBackend(), budget=budget)
+        assert r.exit_taken == int(out.exit_taken[i])
+        assert r.cost == pytest.approx(float(out.cost["flops"][i]), rel=1e-9)
+        assert r.prediction == int(out.logits[i].argmax())
+        if budget is not None:
+            assert r.cost <= budget or r.exit_taken == 0
 
 
 @pytest.fixture
@@ -181,20 +226,23 @@ def test_cli_export_then_run_from_checkpoint(tmp_path):
     kwargs = {"name": "resnet14", "num_classes": 10, "layer_gates": True, "channel_gates": True,
               "channel_gate_kind": "cnn", "exits": True, "exit_positions": None}
     save_model(tmp_path / "run", m, {"config": {"dataset": "smoke"}, "model": kwargs})
-    cli = [sys.executable, "-m", "ddi_hw.cli"]
-    res = subprocess.run(cli + ["export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"),
-                                "--calib", "32", "--eval-limit", "12"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert "drop" in res.stdout and "agreement" in res.stdout
+    from typer.testing import CliRunner
+
+    from ddi_hw.cli import app
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"),
+                              "--calib", "32", "--eval-limit", "12"])
+    assert res.exit_code == 0, res.output
+    assert "drop" in res.output and "agreement" in res.output
     summary = json.loads((tmp_path / "bundle" / "quantization_summary.json").read_text())
     assert summary["images"] == 12 and summary["agreement_with_float"] >= AGREEMENT
     backend = "reference" if toolchain_missing() else "csim"
-    res = subprocess.run(cli + ["run", str(tmp_path / "bundle"), "--backend", backend, "--limit", "3"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    res = runner.invoke(app, ["run", str(tmp_path / "bundle"), "--backend", backend, "--limit", "3"])
+    assert res.exit_code == 0, res.output
     df = pd.read_csv(tmp_path / "bundle" / f"run_{backend}.csv")
     ref = pd.read_csv(tmp_path / "bundle" / "quantization_report.csv").head(3)
     assert df.prediction.tolist() == ref.prediction.tolist() and df.iterations.tolist() == ref.iterations.tolist()
+    cli = [sys.executable, "-m", "ddi_hw.cli"]
     # bad input: one line, exit code 2, no traceback
     res = subprocess.run(cli + ["run", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -2,7 +2,6 @@
 and a SCPI DMM through pyvisa-sim. The simulated meter is a thread writing to the pty master at
 a real rate; a symlink plays the part of /dev/serial/by-id/... so a reconnect finds the new pty.
 """
-import csv
 import json
 import math
 import os
@@ -16,7 +15,7 @@ import pytest
 
 from ddi_hw.errors import UserError
 from ddi_hw.power.analysis import read_power, read_windows, window_energies
-from ddi_hw.power.logger import HEADER, PowerLogger, make_logger, status_path
+from ddi_hw.power.logger import make_logger, status_path
 from ddi_hw.power.meters import Shunt, get_profile
 from ddi_hw.power.windows import WindowRecorder
 
@@ -120,6 +119,8 @@ def test_streamed_trace_gives_known_energy_per_window(tmp_path):
         tol = (dp * (dt_max + lat_spread) + 5 * sigma * math.sqrt(T / rate)
                + 5 * sigma * T / math.sqrt(n_idle))
         true = dp * T
+        print(f"window {r['repeat']}: measured {r.energy_net_j * 1e3:.3f} mJ, true {true * 1e3:.3f} mJ, "
+              f"error {(r.energy_net_j - true) * 1e3:+.3f} mJ, derived tolerance {tol * 1e3:.3f} mJ")
         assert abs(r.energy_net_j - true) <= tol, (r.energy_net_j, true, tol)
         assert r.energy_per_inference_j == pytest.approx(r.energy_net_j / 10)
         assert tol < 0.2 * true
@@ -245,7 +246,7 @@ def test_polled_hp34401a_profile_speaks_scpi_over_the_pty(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:read string doesn't end")
 def test_visa_dmm_through_pyvisa_sim(tmp_path):
-    sim = str(HERE / "power_dmm_sim.yaml")
+    sim = str(HERE / "test_power_dmm_sim.yaml")
     out = tmp_path / "visa.csv"
     logger = make_logger(out, visa="USB0::0x2A8D::0x0101::SIM001::INSTR", visa_backend=f"{sim}@sim",
                          shunt=Shunt(12.0, 0.010), batch_s=0.1)

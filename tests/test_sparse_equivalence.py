@@ -65,7 +65,7 @@ def brute_cost(model, force, metric="flops", upto_exit=None):
             run = 1.0 if j not in skip_col else float(force["layer"][s, skip_col[j]])
             gate = f"{blk}.cgate"
             for r, row in rows:
-                if row["role"] == "gate" and not given(row.get("layer_gate")):
+                if row["role"] == "gate" and ".cgate." not in r and not r.startswith("channel_rnn"):
                     total += table.dense(r, metric)  # layer gate: evaluated whenever reached
                 elif not run:
                     continue
@@ -177,3 +177,19 @@ def test_budget_exits_match(name, size):
             if want >= 0:
                 assert torch.allclose(d.logits[i], d.exit_logits[want][i])
     assert (d.exit_taken == -1).all()  # infinite budget: everyone reaches the head
+
+
+def test_folded_weights_follow_weight_changes():
+    """The sparse path's cached BN-folded weights are refreshed after the weights change."""
+    model = randomize(create_model("resnet14", layer_gates=True))
+    x = torch.randn(2, 3, 32, 32)
+    model(x, mode="sparse")
+    with torch.no_grad():
+        model.blocks[3].bn1.running_var.mul_(4.0)
+        model.blocks[0].conv1.weight.add_(0.1)
+        d = model(x)
+    assert torch.allclose(d.logits, model(x, mode="sparse").logits, atol=1e-4, rtol=1e-4)
+    model.load_state_dict(randomize(create_model("resnet14", layer_gates=True), seed=5).state_dict())
+    with torch.no_grad():
+        d = model(x)
+    assert torch.allclose(d.logits, model(x, mode="sparse").logits, atol=1e-4, rtol=1e-4)

@@ -26,12 +26,14 @@ training only).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from ddi_hw.cost import CostTable, interp, model_specs
 from ddi_hw.errors import UserError
 from ddi_hw.models.output import DynamicOutput
+from ddi_hw.models.sparse_ops import FoldCache
 
 
 def _given(v) -> bool:
@@ -100,8 +102,8 @@ class CostPlan:
         gated, fixed, lgate, cgate, widths = [], [], [], [], set()
         for n in names:
             row = self.table.rows[n]
-            if row.get("role", "backbone") == "gate":
-                (cgate if _given(row.get("layer_gate")) else lgate).append(n)
+            if row.get("role", "backbone") == "gate":  # channel gates run only with their block
+                (cgate if ".cgate." in n or n.startswith("channel_rnn.") else lgate).append(n)
             elif _given(row.get("out_gate")):
                 gated.append((n, "out"))
                 widths.add(len(self.table.curve(n, "out", "flops")) - 1)
@@ -168,10 +170,15 @@ class DynamicNet(nn.Module):
         self._table, self._plan = table, None
         return self
 
+    def _build_default_table(self) -> None:
+        """FLOPs-only table from the traced specs (one source for FLOPs). Built when the model is
+        built, so a forward never starts a nested trace (e.g. inside `profile_model`)."""
+        self._table, self._plan = CostTable.from_specs(self.specs()), None
+
     @property
     def cost_table(self) -> CostTable:
-        if self._table is None:  # FLOPs-only table from the traced specs (one source for FLOPs)
-            self._table = CostTable.from_specs(self.specs())
+        if self._table is None:
+            self._build_default_table()
         return self._table
 
     def specs(self, batch: int = 1):
@@ -231,12 +238,34 @@ class DynamicNet(nn.Module):
         if mode == "sparse":
             if self.training:
                 raise UserError("mode='sparse' is for inference; call model.eval() first")
+            self._refresh_folds()
             with torch.no_grad():
                 run = SparseRun(self, x.shape[0], budget, budget_metric)
                 self._forward_sparse(x, force, run)
                 return run.finish()
         out = self._forward_dense(x, force)
-        return self._account(out, budget, budget_metric)
+        with torch._C.DisableTorchFunction():  # bookkeeping, not model compute: hidden from tracers
+            return self._account(out, budget, budget_metric)
+
+    def _refresh_folds(self) -> None:
+        """Drop folded inference weights if any parameter or buffer changed since they were made."""
+        if getattr(self, "_fold_sources", None) is None:  # walking modules costs ~ms: once
+            self._fold_sources = [*self.parameters(), *self.buffers()]
+            self._fold_caches = [c for m in self.modules() for c in (getattr(m, "_fold", None),
+                                 getattr(m, "fused", None)) if isinstance(c, FoldCache)]
+        key = tuple((t.data_ptr(), t._version) for t in self._fold_sources)
+        if key != getattr(self, "_fold_key", None):
+            for cache in self._fold_caches:
+                cache.clear()
+            self._fold_key = key
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: tensors may be new objects
+        self._fold_sources = self._fold_key = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._fold_sources = self._fold_key = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _account(self, out: DynamicOutput, budget, metric) -> DynamicOutput:
         plan, L, k = self.plan, out.block_run, out.block_active
@@ -258,16 +287,22 @@ class DynamicNet(nn.Module):
         bad = set(force) - {"layer", "channel"}
         if bad:
             raise UserError(f"force keys must be 'layer' and/or 'channel', not {sorted(bad)}")
+        out = {}
         if "layer" in force:
-            L = torch.as_tensor(force["layer"])
+            L = torch.as_tensor(force["layer"], dtype=torch.float32)
             if L.shape != (n, self.num_skippable):
                 raise UserError(f"force['layer'] must have shape ({n}, {self.num_skippable}), got {tuple(L.shape)}")
+            out["layer"] = L
+        if "channel" in force:
+            out["channel"] = {}
         for g, m in force.get("channel", {}).items():
             if g not in self.gate_widths:
                 raise UserError(f"force['channel'] names unknown gate {g!r}; gates: {list(self.gate_widths)[:3]}...")
+            m = torch.as_tensor(m, dtype=torch.float32)
             if tuple(m.shape) != (n, self.gate_widths[g]):
                 raise UserError(f"force['channel'][{g!r}] must have shape ({n}, {self.gate_widths[g]})")
-        return force
+            out["channel"][g] = m
+        return out
 
 
 def select_exit(cum: torch.Tensor, exit_cols: torch.Tensor, budget: float) -> torch.Tensor:
@@ -279,31 +314,87 @@ def select_exit(cum: torch.Tensor, exit_cols: torch.Tensor, budget: float) -> to
 
 
 class SparseRun:
-    """Book-keeping of one sparse forward: which samples still run, their decisions, exits."""
+    """Book-keeping of one sparse forward: which samples still run, their decisions, exits.
+
+    Decisions are recorded as they come (cheap list appends) and written into (N, J) tensors
+    only when needed (at an exit under a budget, and at the end), which keeps the per-block
+    overhead at batch 1 small. `active` is None while every sample still runs, else the original
+    indices of the running samples; `idx` arguments follow the same convention.
+    """
 
     def __init__(self, net: DynamicNet, n: int, budget, metric: str):
         self.net, self.n, self.budget, self.metric = net, n, budget, metric
         plan = net.plan
         self.L = torch.ones(n, plan.J)
         self.k = plan.K.to(torch.float32).expand(n, -1).clone()
-        self.probs = torch.ones(n, plan.J)
+        self.gate_logits = torch.full((n, plan.J), float("inf"))
         self.channels = {g: torch.zeros(n, K) for g, K in net.gate_widths.items()}
-        self.channel_probs = {g: torch.zeros(n, K) for g, K in net.gate_widths.items()}
-        self.active = torch.arange(n)  # original indices of samples still running
+        self.channel_logits: dict[str, torch.Tensor] = {}
+        self.active: torch.Tensor | None = None
         self.taken = torch.full((n,), -1, dtype=torch.long)
         self.logits: torch.Tensor | None = None
-        self.exit_logits: list[torch.Tensor] = []
+        self._layer, self._chan = [], []
 
-    def _store(self, idx: torch.Tensor, logits: torch.Tensor) -> None:
+    # ---------------------------------------------------------------- recording
+    def sub(self, local: torch.Tensor | None) -> torch.Tensor | None:
+        """Original indices of the running samples selected by local indices `local`."""
+        if local is None:
+            return self.active
+        return local if self.active is None else self.active[local]
+
+    def layer(self, j: int, d: torch.Tensor, logit: torch.Tensor | None) -> None:
+        self._layer.append((j, self.active, d, logit))
+
+    def channel(self, gate: str, j: int, idx, mask: torch.Tensor, logit: torch.Tensor) -> None:
+        self._chan.append((gate, j, idx, mask, logit))
+
+    def flush(self) -> None:
+        """Write the recorded decisions (numpy for layers, torch for channels) into the tensors."""
+        full = [(j, d, lg) for j, idx, d, lg in self._layer if idx is None]
+        if full:
+            js = [j for j, _, _ in full]
+            self.L[:, js] = torch.from_numpy(np.stack([d for _, d, _ in full], 1).astype(np.float32))
+            with_logit = [(j, lg) for j, _, lg in full if lg is not None]
+            if with_logit:
+                self.gate_logits[:, [j for j, _ in with_logit]] = torch.from_numpy(
+                    np.stack([lg for _, lg in with_logit], 1).astype(np.float32))
+        for j, idx, d, lg in self._layer:
+            if idx is not None:
+                self.L[idx, j] = torch.from_numpy(d.astype(np.float32))
+                if lg is not None:
+                    self.gate_logits[idx, j] = torch.from_numpy(np.asarray(lg, dtype=np.float32))
+        for gate, j, idx, mask, lg in self._chan:
+            if gate not in self.channel_logits:
+                self.channel_logits[gate] = torch.full_like(self.channels[gate], -float("inf"))
+            if idx is None:
+                self.channels[gate], self.channel_logits[gate] = mask, lg
+                self.k[:, j] = mask.sum(1)
+            else:
+                self.channels[gate][idx] = mask
+                self.channel_logits[gate][idx] = lg
+                self.k[idx, j] = mask.sum(1)
+        self._layer, self._chan = [], []
+
+    # ---------------------------------------------------------------- exits
+    def _store(self, idx, logits: torch.Tensor) -> None:
         if self.logits is None:
+            if idx is None:
+                self.logits = logits
+                return
             self.logits = logits.new_zeros(self.n, logits.shape[1])
-        self.logits[idx] = logits
+        if idx is None:
+            self.logits[:] = logits
+        else:
+            self.logits[idx] = logits
 
-    def at_exit(self, i: int, h: torch.Tensor, branch: nn.Module) -> torch.Tensor:
-        """Run exit i for the samples within budget; return the local indices that continue."""
+    def at_exit(self, i: int, h: torch.Tensor, branch: nn.Module) -> torch.Tensor | None:
+        """Run exit i for the samples within budget; return the local indices that continue
+        (None: no budget, everyone continues and no exit branch runs)."""
         if self.budget is None:
             return None
-        plan, act = self.net.plan, self.active
+        self.flush()
+        plan = self.net.plan
+        act = self.active if self.active is not None else torch.arange(self.n)
         col = int(plan.exit_cols[i])
         cum = plan.events_matrix(self.L[act], self.k[act], self.metric, with_exits=True)[:, : col + 1]
         cum = cum.cumsum(1)[:, -1]
@@ -318,17 +409,19 @@ class SparseRun:
         return keep
 
     def at_end(self, logits: torch.Tensor) -> None:
-        act = self.active
         if self.budget is None:
-            self._store(act, logits)
+            self._store(self.active, logits)
             return
+        self.flush()
         plan = self.net.plan
+        act = self.active if self.active is not None else torch.arange(self.n)
         cum = plan.events_matrix(self.L[act], self.k[act], self.metric, with_exits=True).cumsum(1)[:, -1]
         ok = (cum <= self.budget).nonzero().squeeze(1)
         self._store(act[ok], logits[ok])
         self.taken[act[ok]] = -1
 
     def finish(self) -> DynamicOutput:
+        self.flush()
         net, plan = self.net, self.net.plan
         budget = self.budget is not None and len(plan.exit_cols)
         cost = {}
@@ -338,8 +431,9 @@ class SparseRun:
                 if budget else torch.full((self.n,), plan.S - 1)
             cost[m] = ev.gather(1, col.unsqueeze(1)).squeeze(1)
         skip = net.skippable_idx
+        probs = torch.sigmoid(self.gate_logits)
+        cprobs = {g: torch.sigmoid(v) for g, v in self.channel_logits.items()}
         return DynamicOutput(
             logits=self.logits, exit_logits=[], layer_decisions=self.L[:, skip],
-            layer_probs=self.probs[:, skip], channel_decisions=self.channels, cost=cost,
-            exit_taken=self.taken, channel_probs=self.channel_probs,
-            block_run=self.L, block_active=self.k)
+            layer_probs=probs[:, skip], channel_decisions=self.channels, cost=cost,
+            exit_taken=self.taken, channel_probs=cprobs, block_run=self.L, block_active=self.k)

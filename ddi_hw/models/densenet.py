@@ -24,6 +24,7 @@ layer's features for the others, folds BN2 into the 1x1 conv and slices the bott
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,10 +41,6 @@ from ddi_hw.models.sparse_ops import FoldCache, fold_bn, run_channel_groups
 def _bn_affine(bn):
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     return scale.detach(), (bn.bias - bn.running_mean * scale).detach()
-
-
-def _bn_tensors(bn):
-    return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
 
 
 class DenseLayer(nn.Module):
@@ -72,8 +69,7 @@ class DenseLayer(nn.Module):
             s1, t1 = _bn_affine(self.bn1)
             w1, b1 = fold_bn(self.conv1.weight, self.bn2)
             return s1.view(1, -1, 1, 1), t1.view(1, -1, 1, 1), w1, b1, self.conv2.weight.detach()
-        return self._fold.get([*_bn_tensors(self.bn1), self.conv1.weight, *_bn_tensors(self.bn2),
-                               self.conv2.weight], compute)
+        return self._fold.get(compute)
 
     def sparse(self, x, mask=None, max_groups: int = 8):
         s1, t1, w1, b1, w2 = self._folded()
@@ -85,10 +81,12 @@ class DenseLayer(nn.Module):
     def _sliced(self, a, ch, m, w1, b1, w2):
         if len(ch) == 0:
             return a.new_zeros(a.shape[0], self.growth, a.shape[2], a.shape[3])
-        h = F.relu(F.conv2d(a, w1[ch], b1[ch]))
+        if len(ch) < len(b1):
+            w1, b1, w2 = w1.index_select(0, ch), b1.index_select(0, ch), w2.index_select(1, ch)
+        h = F.relu_(F.conv2d(a, w1, b1))
         if m is not None:
             h = h * m[:, :, None, None]
-        return F.conv2d(h, w2[:, ch], None, 1, 1)
+        return F.conv2d(h, w2, None, 1, 1)
 
 
 class Transition(nn.Module):
@@ -166,6 +164,7 @@ class DenseNet(DynamicNet):
         self.exits = nn.ModuleList(ExitBranch(chans[p], sizes[p], num_classes, target, width) for p in pos)
         self.layers = [layer for blk in self.dense_blocks for layer in blk]  # flat view, not registered
         self._describe()
+        self._build_default_table()
 
     def _layer_name(self, j: int) -> str:
         return self._names[j]
@@ -282,10 +281,10 @@ class DenseNet(DynamicNet):
     def _forward_sparse(self, x, force, run):
         n = x.shape[0]
         h = self.stem(x)
-        lstate = self.layer_gate.init_state(n, x) if self.layer_gate is not None else None
+        lstate = None  # numpy (h, c) of the layer-gate LSTM, created at the first gate
         cstate = self.channel_rnn.init_state(n, x) if self.channel_rnn is not None else None
         Lf, chf = force.get("layer"), force.get("channel", {})
-        Lf = torch.as_tensor(Lf) > 0.5 if Lf is not None else None
+        Lf = Lf.numpy() > 0.5 if Lf is not None else None  # decisions are made in numpy
         exit_at = {p: i for i, p in enumerate(self.exit_positions)}
         j = jb = 0
         for b, blk in enumerate(self.dense_blocks):
@@ -294,41 +293,40 @@ class DenseNet(DynamicNet):
             buf[:, :c0] = h
             pooled = None  # running global average of the features, for the layer gates
             for layer in blk:
-                act, ex, c_in = run.active, None, layer.c_in
+                ex, c_in = None, layer.c_in
                 xin = buf[:, :c_in]
                 if layer.skippable:
-                    d = None
+                    d = logit = None
                     if layer.lgate is not None:
                         pooled = buf[:, :c_in].mean((2, 3)) if pooled is None else \
                             torch.cat([pooled, buf[:, c_in - k:c_in].mean((2, 3))], 1)
-                        lstate = self.layer_gate.fused_step(pooled, layer.lgate.conv, lstate)
-                        logit = self.layer_gate.logit(lstate[0])
-                        run.probs[act, j] = torch.sigmoid(logit)
+                        logit, lstate = self.layer_gate.fused_step(pooled, layer.lgate, lstate)
                         d = logit > 0
                     if Lf is not None:
-                        d = Lf[act, jb]
+                        d = Lf[:, jb] if run.active is None else Lf[run.active.numpy(), jb]
                     jb += 1
                     if d is not None:
-                        run.L[act, j] = d.float()
-                        if not bool(d.all()):
-                            ex = d.nonzero().squeeze(1)
-                            sk = (~d).nonzero().squeeze(1)
+                        run.layer(j, d, logit)
+                        if not d.all():
+                            ex = torch.from_numpy(np.flatnonzero(d))
+                            sk = torch.from_numpy(np.flatnonzero(~d))
                             buf[sk, c_in:c_in + k] = buf[sk, c_in - k:c_in]
                 if ex is None or len(ex):
-                    xe, idx = (xin, act) if ex is None else (xin[ex], act[ex])
+                    xe = xin if ex is None else xin.index_select(0, ex)
+                    idx = run.sub(ex)
                     mask = None
                     if layer.cgate is not None:
                         gname = f"{self._names[j]}.cgate"
-                        sub = None if cstate is None else (cstate if ex is None else tuple(s[ex] for s in cstate))
-                        logit, new = layer.cgate(xe, self.channel_rnn, sub)
+                        sub = None if cstate is None or ex is None else tuple(s.index_select(0, ex) for s in cstate)
+                        logit, new = layer.cgate.sparse(xe, self.channel_rnn, cstate if ex is None else sub)
                         if cstate is not None:
                             cstate = new if ex is None else tuple(s.index_copy(0, ex, t) for s, t in zip(cstate, new))
-                        mask = (logit > 0).float()
                         if gname in chf:
-                            mask = torch.as_tensor(chf[gname], dtype=mask.dtype)[idx]
-                        run.channel_probs[gname][idx] = torch.sigmoid(logit)
-                        run.channels[gname][idx] = mask
-                        run.k[idx, j] = mask.sum(1)
+                            src = chf[gname]
+                            mask = src if idx is None else src[idx]
+                        else:
+                            mask = (logit > 0).float()
+                        run.channel(gname, j, idx, mask, logit)
                     y = layer.sparse(xe, mask, self.max_channel_groups)
                     if ex is None:
                         buf[:, c_in:c_in + k] = y
@@ -341,7 +339,7 @@ class DenseNet(DynamicNet):
                             return
                         buf = buf[keep]
                         pooled = None if pooled is None else pooled[keep]
-                        lstate = None if lstate is None else tuple(s[keep] for s in lstate)
+                        lstate = None if lstate is None else tuple(s[keep.numpy()] for s in lstate)
                         cstate = None if cstate is None else tuple(s[keep] for s in cstate)
                 j += 1
             h = buf

@@ -17,9 +17,12 @@ value in the forward pass and passes the sigmoid's gradient backwards.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ddi_hw.models.sparse_ops import FoldCache
 
 GATE_HIDDEN = 10
 OPEN_BIAS = 2.0  # gates start open (sigmoid(2) = 0.88): training starts from zero skipping
@@ -40,6 +43,7 @@ class LayerGateEmbed(nn.Module):
     def __init__(self, c_in: int, hidden: int = GATE_HIDDEN):
         super().__init__()
         self.conv = nn.Conv2d(c_in, hidden, 1)
+        self.fused = FoldCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.adaptive_avg_pool2d(x, 1)).flatten(1)
@@ -68,13 +72,35 @@ class SharedLSTMGate(nn.Module):
     def step(self, emb: torch.Tensor, state):
         return self.lstm(emb, state)
 
-    def fused_step(self, pooled: torch.Tensor, embed: nn.Conv2d, state):
-        """Inference shortcut: the 1x1 embedding folded into the LSTM's input weights (same math,
-        one call instead of three), used by the sparse path where per-op overhead matters."""
-        w_e = embed.weight.flatten(1)
-        w_ih = self.lstm.weight_ih @ w_e
-        b_ih = self.lstm.weight_ih @ embed.bias + self.lstm.bias_ih
-        return torch._VF.lstm_cell(pooled, state, w_ih, self.lstm.weight_hh, b_ih, self.lstm.bias_hh)
+    def fused_step(self, pooled: torch.Tensor, embed: "LayerGateEmbed", state, area: int = 1):
+        """Inference form of embed -> LSTM cell -> linear, for the sparse path. Same math,
+        rearranged for few calls: the 1x1 embedding is folded into the LSTM input weights, one
+        product covers [pooled, h], sigmoid(x) = (1 + tanh(x / 2)) / 2 lets one tanh serve all four
+        LSTM gates, and it runs in numpy (~1 us per call on 10-wide vectors, vs ~5-10 us per torch
+        op, which would otherwise dominate a gate at batch 1).
+        `pooled` may be a spatial sum over `area` pixels (1/area is folded into the weights).
+        `state`: numpy (h, c) or None. Returns (logits as numpy (N,), new state)."""
+        lstm, proj, H = self.lstm, self.proj, self.hidden
+
+        def fuse():
+            w_ih = lstm.weight_ih @ embed.conv.weight.flatten(1) / area
+            b = lstm.weight_ih @ embed.conv.bias + lstm.bias_ih + lstm.bias_hh
+            scale = torch.full((4 * H,), 0.5)
+            scale[2 * H:3 * H] = 1.0  # the g gate uses tanh itself; i, f, o use sigmoid
+            w = (torch.cat([w_ih, lstm.weight_hh], 1) * scale[:, None]).t().contiguous()  # (c + H, 4H)
+            return w.numpy(), (b * scale).numpy(), proj.weight.detach().t().contiguous().numpy(), \
+                float(proj.bias)
+        w, b, pw, pb = embed.fused.value or embed.fused.get(fuse)
+        p = pooled.numpy()
+        if state is None:
+            h = c = np.zeros((p.shape[0], H), dtype=p.dtype)
+        else:
+            h, c = state
+        t = np.tanh(np.concatenate([p, h], 1) @ w + b)  # gates i, f, g, o as in nn.LSTMCell
+        s = t * 0.5 + 0.5
+        c = s[:, H:2 * H] * c + s[:, :H] * t[:, 2 * H:3 * H]
+        h = s[:, 3 * H:] * np.tanh(c)
+        return (h @ pw)[:, 0] + pb, (h, c)
 
     def logit(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h).squeeze(1)
@@ -93,6 +119,11 @@ class ChannelGateCNN(nn.Module):
         h = F.relu(self.conv(x))
         return self.fc(h.mean((2, 3))), state
 
+    def sparse(self, x: torch.Tensor, rnn=None, state=None):
+        """Same math; the stride-2 conv runs channels-last (~1.5x faster on CPU at batch 1)."""
+        h = F.relu_(self.conv(x.contiguous(memory_format=torch.channels_last)))
+        return self.fc(h.mean((2, 3))), state
+
 
 class ChannelGateRNN(nn.Module):
     """G^C, recurrent variant: embedding (pool, 1x1 conv c -> 10), shared LSTM, linear 10 -> k."""
@@ -108,6 +139,8 @@ class ChannelGateRNN(nn.Module):
         h, c = rnn.step(emb, state)
         return self.fc(h), (h, c)
 
+    sparse = forward
+
 
 class DenseLightGate(nn.Module):
     """DenseNet light channel gate (Fig. 4): 1x1/2 conv to k_b/2, 3x3 conv to growth, pool, FC."""
@@ -122,6 +155,8 @@ class DenseLightGate(nn.Module):
     def forward(self, x: torch.Tensor, rnn=None, state=None):
         h = F.relu(self.conv2(F.relu(self.conv1(x))))
         return self.fc(h.mean((2, 3))), state
+
+    sparse = forward
 
 
 def gate_layers(gate: nn.Module) -> list[str]:

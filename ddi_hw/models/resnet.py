@@ -25,6 +25,7 @@ active channels with the mask applied).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ class Stem(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
     def sparse(self, x):
-        w, b = self._fold.get([self.conv.weight, *_bn_tensors(self.bn)], lambda: fold_bn(self.conv.weight, self.bn))
+        w, b = self._fold.get(lambda: fold_bn(self.conv.weight, self.bn))
         return F.relu(F.conv2d(x, w, b, 1, 1))
 
 
@@ -79,16 +80,12 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(h)) + sc)
 
     def _folded(self):
-        tensors = [self.conv1.weight, *_bn_tensors(self.bn1), self.conv2.weight, *_bn_tensors(self.bn2)]
-        if not self.skippable:
-            tensors += [self.sc_conv.weight, *_bn_tensors(self.sc_bn)]
-
         def compute():
             out = [*fold_bn(self.conv1.weight, self.bn1), *fold_bn(self.conv2.weight, self.bn2)]
             if not self.skippable:
                 out += fold_bn(self.sc_conv.weight, self.sc_bn)
             return out
-        return self._fold.get(tensors, compute)
+        return self._fold.get(compute)
 
     def sparse(self, x, mask=None, max_groups: int = 8):
         """Only active channels computed: conv1 output and conv2 input sliced, BN folded."""
@@ -106,14 +103,12 @@ class BasicBlock(nn.Module):
         if len(ch) == 0:  # every channel off: conv2 sees zeros, leaves its folded BN shift
             ho = (x.shape[2] - 1) // self.stride + 1
             return b2.view(1, -1, 1, 1).expand(x.shape[0], -1, ho, ho).clone()
-        h = F.relu(F.conv2d(x, w1[ch], b1[ch], self.stride, 1))
+        if len(ch) < len(b1):
+            w1, b1, w2 = w1.index_select(0, ch), b1.index_select(0, ch), w2.index_select(1, ch)
+        h = F.relu_(F.conv2d(x, w1, b1, self.stride, 1))
         if m is not None:
             h = h * m[:, :, None, None]
-        return F.conv2d(h, w2[:, ch], b2, 1, 1)
-
-
-def _bn_tensors(bn):
-    return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        return F.conv2d(h, w2, b2, 1, 1)
 
 
 class CifarResNet(DynamicNet):
@@ -154,6 +149,7 @@ class CifarResNet(DynamicNet):
         self.exit_positions = pos
         self.exits = nn.ModuleList(ExitBranch(chans[p], sizes[p], num_classes) for p in pos)
         self._describe()
+        self._build_default_table()
 
     # ------------------------------------------------------------------ structure
     def _describe(self) -> None:
@@ -250,43 +246,43 @@ class CifarResNet(DynamicNet):
     def _forward_sparse(self, x, force, run):
         h = self.stem.sparse(x)
         n = x.shape[0]
-        lstate = self.layer_gate.init_state(n, x) if self.layer_gate is not None else None
+        lstate = None  # numpy (h, c) of the layer-gate LSTM, created at the first gate
         cstate = self.channel_rnn.init_state(n, x) if self.channel_rnn is not None else None
         Lf, chf = force.get("layer"), force.get("channel", {})
-        Lf = torch.as_tensor(Lf) > 0.5 if Lf is not None else None
+        Lf = Lf.numpy() > 0.5 if Lf is not None else None  # decisions are made in numpy
         exit_at = {p: i for i, p in enumerate(self.exit_positions)}
         jb = 0
         for j, b in enumerate(self.blocks):
-            act, ex = run.active, None  # ex: local indices of samples whose block runs (None = all)
+            ex = None  # local indices of the running samples whose block runs (None = all)
             if b.skippable:
-                d = None
+                d = logit = None
                 if b.lgate is not None:
-                    lstate = self.layer_gate.fused_step(h.mean((2, 3)), b.lgate.conv, lstate)
-                    logit = self.layer_gate.logit(lstate[0])
-                    run.probs[act, j] = torch.sigmoid(logit)
+                    logit, lstate = self.layer_gate.fused_step(h.sum((2, 3)), b.lgate, lstate,
+                                                               h.shape[2] * h.shape[3])
                     d = logit > 0
                 if Lf is not None:
-                    d = Lf[act, jb]
+                    d = Lf[:, jb] if run.active is None else Lf[run.active.numpy(), jb]
                 jb += 1
                 if d is not None:
-                    run.L[act, j] = d.float()
-                    if not bool(d.all()):
-                        ex = d.nonzero().squeeze(1)
+                    run.layer(j, d, logit)
+                    if not d.all():
+                        ex = torch.from_numpy(np.flatnonzero(d))
             if ex is None or len(ex):
-                hx, idx = (h, act) if ex is None else (h[ex], act[ex])
+                hx = h if ex is None else h.index_select(0, ex)
+                idx = run.sub(ex)
                 mask = None
                 if b.cgate is not None:
                     name = f"blocks.{j}.cgate"
-                    sub = None if cstate is None else (cstate if ex is None else tuple(s[ex] for s in cstate))
-                    logit, new = b.cgate(hx, self.channel_rnn, sub)
+                    sub = None if cstate is None or ex is None else tuple(s.index_select(0, ex) for s in cstate)
+                    logit, new = b.cgate.sparse(hx, self.channel_rnn, cstate if ex is None else sub)
                     if cstate is not None:
                         cstate = new if ex is None else tuple(s.index_copy(0, ex, t) for s, t in zip(cstate, new))
-                    mask = (logit > 0).float()
                     if name in chf:
-                        mask = torch.as_tensor(chf[name], dtype=mask.dtype)[idx]
-                    run.channel_probs[name][idx] = torch.sigmoid(logit)
-                    run.channels[name][idx] = mask
-                    run.k[idx, j] = mask.sum(1)
+                        src = chf[name]
+                        mask = src if idx is None else src[idx]
+                    else:
+                        mask = (logit > 0).float()
+                    run.channel(name, j, idx, mask, logit)
                 y = b.sparse(hx, mask, self.max_channel_groups)
                 h = y if ex is None else h.index_copy(0, ex, y)
             if j in exit_at:
@@ -295,7 +291,7 @@ class CifarResNet(DynamicNet):
                     if not len(keep):
                         return
                     h = h[keep]
-                    lstate = None if lstate is None else tuple(s[keep] for s in lstate)
+                    lstate = None if lstate is None else tuple(s[keep.numpy()] for s in lstate)
                     cstate = None if cstate is None else tuple(s[keep] for s in cstate)
         run.at_end(self.fc(h.mean((2, 3))))
 

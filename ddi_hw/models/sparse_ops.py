@@ -16,18 +16,23 @@ def fold_bn(weight: torch.Tensor, bn, bias: torch.Tensor | None = None):
 
 
 class FoldCache:
-    """Recompute folded weights only when a source tensor changed (in-place update or swap)."""
+    """Folded / fused inference weights of one module, computed on first use.
+
+    The owning `DynamicNet` clears every cache at the start of a sparse forward when any of its
+    parameters or buffers changed (in-place update, load_state_dict, swap), checked once per
+    forward rather than once per block."""
 
     def __init__(self):
-        self.key, self.value = None, None
+        self.value = None
 
-    def get(self, tensors: list[torch.Tensor], compute: Callable):
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        if key != self.key:
+    def get(self, compute: Callable):
+        if self.value is None:
             with torch.no_grad():
                 self.value = compute()
-            self.key = key
         return self.value
+
+    def clear(self) -> None:
+        self.value = None
 
 
 def run_channel_groups(x: torch.Tensor, mask: torch.Tensor, fn: Callable, max_groups: int = 8):

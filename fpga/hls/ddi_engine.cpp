@@ -165,6 +165,9 @@ ROW_TILES:
                     for (uint32_t y = 0; y < rows; y++)
                         for (uint32_t x = 0; x < out_w; x++) {
 #pragma HLS PIPELINE II=1
+#pragma HLS LOOP_TRIPCOUNT min=1 max=64
+// each (y, x) is touched once per tap q, so consecutive iterations never hit the same accumulator
+#pragma HLS DEPENDENCE variable=acc type=inter dependent=false
                             for (uint32_t o = 0; o < TO; o++) {
 #pragma HLS UNROLL
                                 acc_t sum = 0;

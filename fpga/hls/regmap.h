@@ -38,7 +38,7 @@
 #define DDI_REG_FLAGS 0x070  // FLAG_* bits below
 #define DDI_REG_ACC_SHIFT 0x078  // f_in + f_w - f_out: rounding right shift accumulator -> output
 #define DDI_REG_RES_SHIFT 0x080  // f_in + f_w - f_res: left shift aligning the residual to the accumulator
-#define DDI_REG_PRE_SHIFT 0x088  // fraction bits of the input-affine scale
+#define DDI_REG_PRE_SHIFT 0x088  // f_in + f_scale - f_act: rounding right shift of the input affine
 #define DDI_REG_ITERATIONS 0x090  // compute-loop iterations of the last run (cycle proxy); ap_vld at 0x94
 #define DDI_REG_OUT_MASK 0x100  // output-channel mask, bit c%32 of word c/32, 1 = compute
 #define DDI_REG_IN_MASK 0x180  // input-channel mask, 1 = read; masked inputs count as 0
