@@ -74,20 +74,20 @@ def main() -> None:
     summary, lines = {}, []
     for bs in (1, 64):
         x = torch.randn(bs, 3, 32, 32, generator=g)
-        fns, flops = {("static", 0.0, "sparse"): lambda: static(x, mode="sparse"),
-                      ("static", 0.0, "dense"): lambda: static(x, mode="dense")}, {}
+        fns, flops = {("static", 0.0, "sparse"): lambda x=x: static(x, mode="sparse"),
+                      ("static", 0.0, "dense"): lambda x=x: static(x, mode="dense")}, {}
         for kind, net in nets.items():
             for p in pcts:
                 force = forced(net, bs, p, p, g)
                 with torch.no_grad():
                     flops[(kind, p)] = float(net(x, mode="sparse", force=force).cost["flops"].mean())
                 for path in ("sparse", "dense"):
-                    fns[(kind, p, path)] = (lambda net=net, force=force, path=path:
+                    fns[(kind, p, path)] = (lambda net=net, force=force, path=path, x=x:
                                             net(x, mode=path, force=force))
         with torch.no_grad():
             wall, cpu = measure(fns, args.rounds_bs1 if bs == 1 else args.rounds_bs64)
         t0, c0 = wall[("static", 0.0, "sparse")], cpu[("static", 0.0, "sparse")]
-        lines.append((f"static", bs, 0.0, t0, wall[("static", 0.0, "dense")], c0, base_flops, None, None))
+        lines.append(("static", bs, 0.0, t0, wall[("static", 0.0, "dense")], c0, base_flops, None, None))
         for kind in nets:
             for p in pcts:
                 t, c, f = wall[(kind, p, "sparse")], cpu[(kind, p, "sparse")], flops[(kind, p)]

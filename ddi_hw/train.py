@@ -145,17 +145,30 @@ def attach_costs(model, metrics: list[str], hardware: str, input_shape) -> dict[
     return {"source": "energy_models.profile_model", "hardware": hardware, "sha256": digest, "rows": len(df)}
 
 
+def _module_state_names(model, kinds: tuple, role: str) -> set[str]:
+    names = set()
+    for mname, module in model.named_modules():
+        if (kinds and isinstance(module, kinds)) or getattr(module, "ddi_role", None) == role:
+            names |= {f"{mname}.{p}" if mname else p for p, _ in
+                      list(module.named_parameters()) + list(module.named_buffers())}
+    return names
+
+
 def gate_parameter_names(model) -> set[str]:
     """Names of the parameters of gating networks (trained alone in IADI step 1)."""
     from ddi_hw.models import gates
 
     kinds = tuple(getattr(gates, k) for k in ("LayerGateEmbed", "SharedLSTMGate", "ChannelGateCNN",
                                                "ChannelGateRNN", "DenseLightGate") if hasattr(gates, k))
-    names = set()
-    for mname, module in model.named_modules():
-        if isinstance(module, kinds) or getattr(module, "ddi_role", None) == "gate":
-            names |= {f"{mname}.{p}" if mname else p for p, _ in module.named_parameters()}
-    return names
+    params = {n for n, _ in model.named_parameters()}
+    return _module_state_names(model, kinds, "gate") & params
+
+
+def exit_state_names(model) -> set[str]:
+    """Names of the parameters and buffers of exit branches (new in the DDI stage)."""
+    from ddi_hw.models import exits
+
+    return _module_state_names(model, (exits.ExitBranch,) if hasattr(exits, "ExitBranch") else (), "exit")
 
 
 def batch_stats(out, resource: str, dense_cost: float, layer_gated: bool):
@@ -297,10 +310,19 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     init_info = None
     if cfg["stage"] != "static" and not resume:
         state, side = ck.load_model_state(cfg["init"])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise UserError(f"init {cfg['init']} has weights this {cfg['stage']} model lacks ({unexpected[0]}, ...); "
-                            "check that 'arch' matches the init run")
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[-1].strip()
+            raise UserError(f"init {cfg['init']} does not fit this {cfg['stage']} model ({first}); "
+                            "check that 'arch' and the gate options match the init run") from None
+        new_parts = gate_parameter_names(model) | exit_state_names(model) if cfg["stage"] == "iadi" \
+            else exit_state_names(model)
+        stray = [k for k in missing if k not in new_parts]
+        if unexpected or stray:
+            raise UserError(f"init {cfg['init']} does not fit this {cfg['stage']} model "
+                            f"({'unexpected ' + unexpected[0] if unexpected else 'missing ' + stray[0]}); "
+                            "check that 'arch' and the gate options match the init run")
         init_info = {"run": str(cfg["init"]), "stage": side.get("config", {}).get("stage"),
                      "metrics": side.get("metrics", {})}
 
@@ -311,10 +333,16 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                                 weight_decay=cfg["weight_decay"])
 
     state = {"step": 0, "phase": "gates" if cfg["stage"] == "iadi" and cfg["gate_steps"] > 0 else "main",
-             "phase_start": 0, "low_skip_run": 0, "init": init_info}
+             "phase_start": 0, "low_skip_run": 0, "init": init_info, "config": cfg}
     metrics_path = out_dir / "metrics.csv"
     if resume:
         state = ck.load_resume(out_dir, model, optimizer)
+        changed = [k for k in cfg if k not in ("eval_every", "log_every", "ckpt_every", "description")
+                   and state["config"].get(k) != cfg[k]]
+        if changed:
+            k = changed[0]
+            raise UserError(f"--resume: '{k}' is {cfg[k]!r} but the interrupted run used {state['config'].get(k)!r}; "
+                            "resume with the same recipe and flags")
         if rank == 0:
             _truncate_metrics(metrics_path, state["step"])
     elif rank == 0:

@@ -73,7 +73,7 @@ def synthetic_profile(model):
 
 
 def test_model_cost_in_every_metric_equals_table():
-    from tests.test_sparse_equivalence import brute_cost, random_force, randomize
+    from test_sparse_equivalence import brute_cost, random_force, randomize  # tests/ is on sys.path
 
     model = randomize(create_model("resnet14", layer_gates=True, channel_gates=True, exits=True))
     model.attach_cost_table(CostTable.from_frame(synthetic_profile(model)))

@@ -75,6 +75,10 @@ def test_resume_is_bit_exact_across_iadi_phase_switch(tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
     with pytest.raises(UserError, match="already holds a run"):
         train(iadi, tmp_path / "full", show_progress=False)
+    with pytest.raises(UserError, match="'target_saving' is 0.5 but the interrupted run used 0.3"):
+        train({**iadi, "target_saving": 0.5}, tmp_path / "full", resume=True, show_progress=False)
+    with pytest.raises(UserError, match="does not fit this iadi model"):
+        train(cfg(stage="iadi", init=str(static), steps=1, arch="resnet20"), tmp_path / "x", show_progress=False)
 
 
 def test_gates_only_step_keeps_backbone_frozen(tmp_path):

@@ -166,9 +166,6 @@ class DenseNet(DynamicNet):
         self._describe()
         self._build_default_table()
 
-    def _layer_name(self, j: int) -> str:
-        return self._names[j]
-
     def _describe(self) -> None:
         self._names = [f"dense_blocks.{b}.{i}" for b, blk in enumerate(self.dense_blocks) for i in range(len(blk))]
         self.block_skippable = [layer.skippable for layer in self.layers]

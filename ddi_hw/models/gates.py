@@ -157,8 +157,3 @@ class DenseLightGate(nn.Module):
         return self.fc(h.mean((2, 3))), state
 
     sparse = forward
-
-
-def gate_layers(gate: nn.Module) -> list[str]:
-    """Names (relative) of the compute layers inside a gate module."""
-    return [n for n, m in gate.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTMCell))]

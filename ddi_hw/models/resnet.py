@@ -34,7 +34,7 @@ from ddi_hw.errors import UserError
 from ddi_hw.models.base import DynamicNet
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
 from ddi_hw.models.gates import (ChannelGateCNN, ChannelGateRNN, LayerGateEmbed, SharedLSTMGate,
-                                 gate_layers, hard_decision)
+                                 hard_decision)
 from ddi_hw.models.registry import register_model
 from ddi_hw.models.sparse_ops import FoldCache, fold_bn, run_channel_groups
 
@@ -93,7 +93,7 @@ class BasicBlock(nn.Module):
         w1, b1, w2, b2 = f[:4]
         sc = x if self.skippable else F.conv2d(x, f[4], f[5], self.stride)
         if mask is None:
-            out = F.conv2d(F.relu(F.conv2d(x, w1, b1, self.stride, 1)), w2, b2, 1, 1)
+            out = F.conv2d(F.relu_(F.conv2d(x, w1, b1, self.stride, 1)), w2, b2, 1, 1)
         else:
             out = run_channel_groups(x, mask, lambda xs, ch, m: self._sliced(xs, ch, m, w1, b1, w2, b2),
                                      max_groups)
