@@ -16,6 +16,7 @@ pynq is imported only when a BoardBackend is created; elsewhere use --backend re
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,9 @@ class BoardTimeout(RuntimeError):
 
 def import_pynq():
     try:
-        import pynq
+        with warnings.catch_warnings():  # pynq 3.1's own deprecation noise (pkg_resources, pydantic)
+            warnings.simplefilter("ignore")
+            import pynq
     except ImportError:
         raise UserError("the board backend needs pynq (on the ZedBoard's PYNQ image); "
                         "here use --backend reference or csim") from None
@@ -49,15 +52,21 @@ def _find_ip(ip_dict: dict, *needles: str) -> str | None:
 
 
 class BoardBackend(Backend):
-    """The ddi_engine in the programmable logic. `pynq` may be given (tests pass a stand-in
-    module with Overlay and allocate); by default the real one is imported."""
+    """The ddi_engine in the programmable logic, driven through pynq's Overlay, MMIO and
+    allocate on `pynq.Device.active_device` (the board; tests install a test Device)."""
 
     name = "board"
 
     def __init__(self, bitfile: str | Path | None = None, *, ip_name: str | None = None,
-                 gpio_name: str | None = None, timeout_s: float = 2.0, download: bool = True,
-                 pynq=None):
-        pynq = pynq or import_pynq()
+                 gpio_name: str | None = None, timeout_s: float = 2.0, download: bool = True):
+        pynq = import_pynq()
+        try:
+            with warnings.catch_warnings():  # pynq's "is the XRT environment sourced?" on no device
+                warnings.simplefilter("ignore")
+                pynq.Device.active_device  # the board's device (found by pynq's probing)
+        except RuntimeError:
+            raise UserError("pynq found no FPGA device: the board backend runs on the ZedBoard's "
+                            "PYNQ image; here use --backend reference or csim") from None
         bitfile = Path(bitfile or DEFAULT_BITFILE)
         if not bitfile.is_file():
             raise UserError(f"overlay {bitfile} not found: build it with fpga/vivado (see fpga/README) "
