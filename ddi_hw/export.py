@@ -178,6 +178,10 @@ def _check_program(b: Bundle) -> None:
         op = step.get("op")
         if op not in PROGRAM_OPS:
             raise _bad(b.path, f"program step {i} has unknown op {op!r}")
+        if op == "block" and not (isinstance(step.get("end"), int) and i < step["end"] <= len(b.program)):
+            raise _bad(b.path, f"program step {i} jumps to {step.get('end')!r} (must lie after it)")
+        if op == "exit" and not (isinstance(step.get("pools"), int) and 0 <= step["pools"] <= 8):
+            raise _bad(b.path, f"program step {i} has a bad pool count {step.get('pools')!r}")
         if op == "conv" and not (0 <= step.get("layer", -1) < len(b.layers)):
             raise _bad(b.path, f"program step {i} refers to layer {step.get('layer')} (have {len(b.layers)})")
         for key in ("in", "out", "residual", "skip_from"):

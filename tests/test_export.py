@@ -184,6 +184,7 @@ def _edit_manifest(path, fn):
     (lambda m: m.__setitem__("regmap_version", 999), "register-map version"),
     (lambda m: m["program"].append({"op": "format_disk"}), "unknown op"),
     (lambda m: m["program"][1].__setitem__("layer", 99), "layer 99"),
+    (lambda m: m["program"][2].__setitem__("end", 1), "jumps"),  # a loop back would never end
     (lambda m: m["processor_shapes"].__setitem__("fc.weight", [3, 3]), "fc.weight"),
 ])
 def test_manifest_validation(bundle_copy, edit, match):

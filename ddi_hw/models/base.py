@@ -247,6 +247,15 @@ class DynamicNet(nn.Module):
         with torch._C.DisableTorchFunction():  # bookkeeping, not model compute: hidden from tracers
             return self._account(out, budget, budget_metric)
 
+    def fully_forced(self, force: dict) -> bool:
+        """True when `force` fixes every layer and channel decision of this model: the sparse path
+        then runs no gate at all (nothing would read its output). Reported costs still count the
+        gates (the cost of the gated model's inference, as in the dense path); the probabilities
+        of gates that did not run are NaN."""
+        has_gates = self.layer_gate is not None or bool(self.gate_widths)
+        return has_gates and (self.layer_gate is None or "layer" in force) and \
+            all(g in force.get("channel", {}) for g in self.gate_widths)
+
     def _refresh_folds(self) -> None:
         """Drop folded inference weights if any parameter or buffer changed since they were made."""
         if getattr(self, "_fold_sources", None) is None:  # walking modules costs ~ms: once
@@ -354,6 +363,9 @@ class SparseRun:
         if full:
             js = [j for j, _, _ in full]
             self.L[:, js] = torch.from_numpy(np.stack([d for _, d, _ in full], 1).astype(np.float32))
+            if self.net.layer_gate is not None:  # forced without running the gate: unknown
+                unknown = [j for j, _, lg in full if lg is None]
+                self.gate_logits[:, unknown] = float("nan")
             with_logit = [(j, lg) for j, _, lg in full if lg is not None]
             if with_logit:
                 self.gate_logits[:, [j for j, _ in with_logit]] = torch.from_numpy(
@@ -363,9 +375,13 @@ class SparseRun:
                 self.L[idx, j] = torch.from_numpy(d.astype(np.float32))
                 if lg is not None:
                     self.gate_logits[idx, j] = torch.from_numpy(np.asarray(lg, dtype=np.float32))
+                elif self.net.layer_gate is not None:
+                    self.gate_logits[idx, j] = float("nan")
         for gate, j, idx, mask, lg in self._chan:
             if gate not in self.channel_logits:
                 self.channel_logits[gate] = torch.full_like(self.channels[gate], -float("inf"))
+            if lg is None:  # forced without running the gate: unknown
+                lg = torch.full_like(mask, float("nan"))
             if idx is None:
                 self.channels[gate], self.channel_logits[gate] = mask, lg
                 self.k[:, j] = mask.sum(1)

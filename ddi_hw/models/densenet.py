@@ -282,6 +282,7 @@ class DenseNet(DynamicNet):
         cstate = self.channel_rnn.init_state(n, x) if self.channel_rnn is not None else None
         Lf, chf = force.get("layer"), force.get("channel", {})
         Lf = Lf.numpy() > 0.5 if Lf is not None else None  # decisions are made in numpy
+        gates = not self.fully_forced(force)  # every decision forced: no gate needs to run
         exit_at = {p: i for i, p in enumerate(self.exit_positions)}
         j = jb = 0
         for b, blk in enumerate(self.dense_blocks):
@@ -294,7 +295,7 @@ class DenseNet(DynamicNet):
                 xin = buf[:, :c_in]
                 if layer.skippable:
                     d = logit = None
-                    if layer.lgate is not None:
+                    if layer.lgate is not None and gates:
                         pooled = buf[:, :c_in].mean((2, 3)) if pooled is None else \
                             torch.cat([pooled, buf[:, c_in - k:c_in].mean((2, 3))], 1)
                         logit, lstate = self.layer_gate.fused_step(pooled, layer.lgate, lstate)
@@ -312,7 +313,11 @@ class DenseNet(DynamicNet):
                     xe = xin if ex is None else xin.index_select(0, ex)
                     idx = run.sub(ex)
                     mask = None
-                    if layer.cgate is not None:
+                    if layer.cgate is not None and not gates:
+                        gname = f"{self._names[j]}.cgate"
+                        mask = chf[gname] if idx is None else chf[gname][idx]
+                        run.channel(gname, j, idx, mask, None)
+                    elif layer.cgate is not None:
                         gname = f"{self._names[j]}.cgate"
                         sub = None if cstate is None or ex is None else tuple(s.index_select(0, ex) for s in cstate)
                         logit, new = layer.cgate.sparse(xe, self.channel_rnn, cstate if ex is None else sub)
