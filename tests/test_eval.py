@@ -20,11 +20,12 @@ def runs(tmp_path_factory):
     train(validate_config({**TINY, "arch": "resnet14", "steps": 25}), root / "r14", show_progress=False)
     train(validate_config({**TINY, "arch": "resnet20", "steps": 25}), root / "r20", show_progress=False)
     train(validate_config({**TINY, "arch": "resnet20", "stage": "iadi", "init": str(root / "r20"), "steps": 15,
-                           "gate_steps": 0, "alpha": 2.0, "target_saving": 0.4}), root / "iadi", show_progress=False)
+                           "gate_steps": 0, "alpha": 2.0, "target_saving": 0.4, "resource": "energy",
+                           "hardware": "zedboard"}), root / "iadi", show_progress=False)
     train(validate_config({**TINY, "arch": "resnet20", "stage": "ddi", "init": str(root / "iadi"), "steps": 15,
                            "alpha": 2.0, "target_saving": 0.4}), root / "ddi", show_progress=False)
     out = root / "eval"
-    res = evaluate_runs([root / "r14", root / "r20", root / "iadi", root / "ddi"], out, metrics=("flops",),
+    res = evaluate_runs([root / "r14", root / "r20", root / "iadi", root / "ddi"], out, metrics=("flops", "energy"), hardware="zedboard",
                         limit=120, batch_size=60, show_progress=False)
     return root, out, res
 
@@ -44,8 +45,18 @@ def test_summary_recomputed_from_predictions(runs):
         dense = create_model(r.arch).dense_cost("flops")  # static backbone, independent of the run
         assert r.dense_flops == pytest.approx(dense)
         assert r.compute_saving == pytest.approx(1 - pf.cost_flops.mean() / dense)
+        assert r.energy_saving == pytest.approx(1 - pf.cost_energy.mean() / r.dense_energy_pj)
+        assert r.hardware == "zedboard" and "modelled" in r.energy_source
     static = summary[summary.stage == "static"]
     assert (static.compute_saving.abs() < 1e-9).all()  # a static net saves nothing
+    assert (static.energy_saving.abs() < 1e-9).all()
+    # same backbone, same table: the gated run's dense energy equals its static parent's
+    assert summary.set_index("run").dense_energy_pj["iadi"] == pytest.approx(
+        summary.set_index("run").dense_energy_pj["r20"])
+    from ddi_hw.checkpoint import load_model_state
+
+    side = load_model_state(root / "iadi")[1]  # trained on the energy of the zedboard table
+    assert side["cost_table"]["hardware"] == "zedboard" and len(side["cost_table"]["sha256"]) == 64
     # labels are the smoke test split, in order
     from ddi_hw.data import load_smoke
 

@@ -26,6 +26,8 @@ training only).
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -34,6 +36,8 @@ from ddi_hw.cost import CostTable, interp, model_specs
 from ddi_hw.errors import UserError
 from ddi_hw.models.output import DynamicOutput
 from ddi_hw.models.sparse_ops import FoldCache
+
+_VERSION = operator.attrgetter("_version")
 
 
 def _given(v) -> bool:
@@ -262,7 +266,8 @@ class DynamicNet(nn.Module):
             self._fold_sources = [*self.parameters(), *self.buffers()]
             self._fold_caches = [c for m in self.modules() for c in (getattr(m, "_fold", None),
                                  getattr(m, "fused", None)) if isinstance(c, FoldCache)]
-        key = tuple((t.data_ptr(), t._version) for t in self._fold_sources)
+        src = self._fold_sources  # (.data = ... changes data_ptr, not _version)
+        key = (list(map(_VERSION, src)), list(map(torch.Tensor.data_ptr, src)))
         if key != getattr(self, "_fold_key", None):
             for cache in self._fold_caches:
                 cache.clear()

@@ -41,6 +41,7 @@ from ddi_hw.models.registry import register_model
 from ddi_hw.models.sparse_ops import FoldCache, fold_bn, run_channel_groups
 
 
+_NOBODY = torch.empty(0, dtype=torch.long)
 SLICE_CACHE = 8  # sliced weights kept per block (batch 1: one entry per distinct channel mask)
 CHANNELS_LAST_MIN = 32  # blocks this wide run channels-last (oneDNN direct conv)
 
@@ -305,9 +306,12 @@ class CifarResNet(DynamicNet):
                 jb += 1
                 if d is not None:
                     run.layer(j, d, logit)
-                    on = np.flatnonzero(d)
-                    if len(on) < len(d):  # an empty `ex`: nobody runs, no tensor op at all
-                        ex = torch.from_numpy(on)
+                    if len(d) == 1:  # batch 1: no index tensors (an empty `ex` = block skipped)
+                        ex = None if d[0] else _NOBODY
+                    else:
+                        on = np.flatnonzero(d)
+                        if len(on) < len(d):
+                            ex = torch.from_numpy(on)
             if ex is None or len(ex):
                 hx = h if ex is None else h.index_select(0, ex)
                 idx = run.sub(ex)
