@@ -25,7 +25,8 @@ def runs(tmp_path_factory):
     train(validate_config({**TINY, "arch": "resnet20", "stage": "ddi", "init": str(root / "iadi"), "steps": 15,
                            "alpha": 2.0, "target_saving": 0.4}), root / "ddi", show_progress=False)
     out = root / "eval"
-    res = evaluate_runs([root / "r14", root / "r20", root / "iadi", root / "ddi"], out, metrics=("flops", "energy"), hardware="zedboard",
+    res = evaluate_runs([root / "r14", root / "r20", root / "iadi", root / "ddi"], out, 
+                        metrics=("flops", "energy"), hardware="zedboard",
                         limit=120, batch_size=60, show_progress=False)
     return root, out, res
 
