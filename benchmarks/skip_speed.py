@@ -1,17 +1,24 @@
 """Does skipping save wall-clock time? CPU latency of ResNet-74 with forced layer / channel skipping.
 
-For 0/25/50/75% forced skipping (layer: that share of the skippable blocks per sample; channel:
-that share of every gated conv's channels per sample, random per sample) at batch 1 and 64, time
-  - the sparse path (skipped blocks/channels not executed; gates run and are counted),
-  - the masked dense path (everything computed, then masked: what SkipNet's code does),
-against the static ResNet-74 (no gates) run through the same folded-BN kernels. Ratio =
-realised time saving / FLOP saving (FLOPs from the cost table, gates included); 1.0 means the
-FLOP saving is fully realised, 0 means none of it.
+For 0/25/50/75% forced skipping (layer: that share of the 34 skippable blocks per sample;
+channel: that share of every gated conv's channels per sample; random per sample) at batch 1 and
+64, two rows per case, both on the sparse path (skipped blocks / channels not executed):
+  - "mechanism": decisions forced, gates NOT executed (a forced model needs no gate to decide):
+    the cost of skipping itself. Its FLOPs exclude the gates. JSON keys `layer_bs1`,
+    `channel_bs1`, `layer_bs64`, `channel_bs64`.
+  - "with gates": gates executed and their output overridden: the real inference cost of the
+    gated model, gate overhead included (gate FLOPs counted). Keys `..._gated`.
+Baseline: the static ResNet-74 (no gates) on the same folded-BN sparse kernels. The masked dense
+path (computes everything, then masks: what SkipNet's public code does) is timed for reference.
+ratio = realised time saving / FLOP saving (1.0: fully realised, 0: none of it). At batch 1 each
+case is averaged over `--draws` random decision patterns (which blocks are skipped matters: a
+16-channel block is slower per FLOP than a 64-channel one); ratio = mean time saving / mean FLOP
+saving. Timing: every callable runs interleaved with all others in every round, minimum over
+rounds of wall-clock and of thread CPU time (robust against load from other jobs).
 
-    python benchmarks/skip_speed.py [--threads 1] [--rounds-bs1 30] [--rounds-bs64 3]
+    python benchmarks/skip_speed.py [--threads 1] [--rounds-bs1 30] [--rounds-bs64 3] [--draws 3]
 
-Prints a table and, last, one JSON line (keys `layer_bs1`, `channel_bs1`, `layer_bs64`,
-`channel_bs64`: ratios at 50%, plus every case).
+Prints a table and, last, one JSON line (the keys above: ratios at 50%, plus every case).
 """
 from __future__ import annotations
 
@@ -21,7 +28,14 @@ import time
 
 import torch
 
-from ddi_hw.models import create_model
+from ddi_hw.models import create_model, resnet
+from ddi_hw.models.resnet import SLICE_CACHE
+
+BS64_CHANNEL_NOTE = (
+    "batch-64 channel skipping draws a different random mask per sample, so every conv sees 64 "
+    "distinct masks; the sparse path then runs one conv over the union of active channels with "
+    "the masks applied (exact, no per-sample loop), and the union of 64 random half-masks is "
+    "~every channel: no saving is expected. Grouping by mask would mean 64 batch-1 convs.")
 
 
 def forced(model, n: int, p_layer: float, p_chan: float, g: torch.Generator) -> dict:
@@ -40,13 +54,32 @@ def forced(model, n: int, p_layer: float, p_chan: float, g: torch.Generator) -> 
     return out
 
 
+def gate_flops(model, out) -> torch.Tensor:
+    """Per-sample FLOPs of the gates in `out.cost` (layer gates: every block reached; channel
+    gates: blocks that run), from the model's cost plan."""
+    plan = model.plan
+    return plan.g["flops"].sum() + (out.block_run.double() * plan.c["flops"]).sum(1)
+
+
+def call(net, x, force, mode="sparse", gates=False, slice_cache=True):
+    """One forward; `gates`: run the gates although every decision is forced; `slice_cache=False`:
+    every channel mask is treated as new (sliced weights rebuilt, as when each input brings a
+    mask not seen recently)."""
+    net.skip_forced_gates = not gates
+    resnet.SLICE_CACHE = SLICE_CACHE if slice_cache else 0
+    try:
+        return net(x, mode=mode, force=force)
+    finally:
+        resnet.SLICE_CACHE = SLICE_CACHE
+
+
 def measure(fns: dict, rounds: int) -> tuple[dict, dict]:
     """Fastest wall-clock and CPU (thread) time of each callable. The callables run interleaved,
     one after the other in every round, so load from other jobs on this shared CPU hits all cases
     alike; the minimum over rounds is the most repeatable estimate of the work itself."""
     wall = {k: float("inf") for k in fns}
     cpu = dict(wall)
-    for fn in fns.values():  # warm-up (also builds the folded-weight caches)
+    for fn in fns.values():  # warm-up (also builds the folded / sliced weight caches)
         fn()
     for _ in range(rounds):
         for k, fn in fns.items():
@@ -62,6 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds-bs1", type=int, default=30)
     ap.add_argument("--rounds-bs64", type=int, default=3)
+    ap.add_argument("--draws", type=int, default=3, help="random decision patterns per case at batch 1")
     ap.add_argument("--arch", default="resnet74")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,48 +105,79 @@ def main() -> None:
             "channel": create_model(args.arch, channel_gates=True).eval()}
     base_flops = static.dense_cost("flops")
     pcts = (0.0, 0.25, 0.5, 0.75)
+    rows_kinds = ("mechanism", "with gates", "new masks")
     summary, lines = {}, []
+
+    def rows(kind, bs):  # "new masks" (sliced-weight cache off) only matters for batch-1 channel skipping
+        return rows_kinds if (kind, bs) == ("channel", 1) else rows_kinds[:2]
     for bs in (1, 64):
+        draws = args.draws if bs == 1 else 1
         x = torch.randn(bs, 3, 32, 32, generator=g)
-        fns, flops = {("static", 0.0, "sparse"): lambda x=x: static(x, mode="sparse"),
-                      ("static", 0.0, "dense"): lambda x=x: static(x, mode="dense")}, {}
+        fns = {("static",): lambda x=x: static(x, mode="sparse")}
+        flops = {}
         for kind, net in nets.items():
             for p in pcts:
-                force = forced(net, bs, p, p, g)
-                with torch.no_grad():
-                    flops[(kind, p)] = float(net(x, mode="sparse", force=force).cost["flops"].mean())
-                for path in ("sparse", "dense"):
-                    fns[(kind, p, path)] = (lambda net=net, force=force, path=path, x=x:
-                                            net(x, mode=path, force=force))
+                for d in range(draws):
+                    force = forced(net, bs, p, p, g)
+                    with torch.no_grad():
+                        out = call(net, x, force, gates=True)
+                    total = float(out.cost["flops"].mean())
+                    flops[(kind, p, "with gates", d)] = total
+                    flops[(kind, p, "mechanism", d)] = total - float(gate_flops(net, out).mean())
+                    flops[(kind, p, "new masks", d)] = flops[(kind, p, "mechanism", d)]
+                    for row in rows(kind, bs):
+                        fns[(kind, p, row, d)] = (lambda net=net, force=force, x=x, row=row:
+                                                  call(net, x, force, gates=row == "with gates",
+                                                       slice_cache=row != "new masks"))
+                    if d == 0:
+                        fns[(kind, p, "dense")] = lambda net=net, force=force, x=x: call(net, x, force, "dense")
         with torch.no_grad():
             wall, cpu = measure(fns, args.rounds_bs1 if bs == 1 else args.rounds_bs64)
-        t0, c0 = wall[("static", 0.0, "sparse")], cpu[("static", 0.0, "sparse")]
-        lines.append(("static", bs, 0.0, t0, wall[("static", 0.0, "dense")], c0, base_flops, None, None))
+        t0, c0 = wall[("static",)], cpu[("static",)]
+        lines.append(("static", "", bs, 0.0, t0, None, c0, base_flops, None, None))
         for kind in nets:
             for p in pcts:
-                t, c, f = wall[(kind, p, "sparse")], cpu[(kind, p, "sparse")], flops[(kind, p)]
-                fs, ts, cs = 1 - f / base_flops, 1 - t / t0, 1 - c / c0
-                ratio = ts / fs if fs > 0.02 else None
-                cratio = cs / fs if fs > 0.02 else None
-                lines.append((kind, bs, p, t, wall[(kind, p, "dense")], c, f, ratio, cratio))
-                summary[f"{kind}_bs{bs}_{int(p * 100)}"] = {
-                    "sparse_ms": round(1e3 * t, 3), "masked_dense_ms": round(1e3 * wall[(kind, p, "dense")], 3),
-                    "static_ms": round(1e3 * t0, 3), "sparse_cpu_ms": round(1e3 * c, 3),
-                    "static_cpu_ms": round(1e3 * c0, 3), "flop_saving": round(fs, 4), "time_saving": round(ts, 4),
-                    "ratio": None if ratio is None else round(ratio, 3),
-                    "cpu_ratio": None if cratio is None else round(cratio, 3)}
-                if p == 0.5:
-                    summary[f"{kind}_bs{bs}"] = None if ratio is None else round(ratio, 3)
-    print(f"{args.arch}, CPU, torch threads = {args.threads}; static = static net on the same folded-BN "
-          "kernels; ratio = wall-clock saving / FLOP saving (gates included); cpu = thread CPU time")
-    print(f"{'case':8} {'batch':>5} {'skip':>5} {'sparse ms':>10} {'masked ms':>10} {'cpu ms':>8} {'MFLOPs':>8} "
-          f"{'FLOP sav':>8} {'time sav':>8} {'ratio':>6} {'cpu rat':>7}")
-    for kind, bs, p, t, td, c, f, ratio, cratio in lines:
-        t_static = next(l[3] for l in lines if l[0] == "static" and l[1] == bs)
-        print(f"{kind:8} {bs:5d} {int(p * 100):4d}% {1e3 * t:10.2f} {1e3 * td:10.2f} {1e3 * c:8.2f} {f / 1e6:8.1f} "
+                for row in rows(kind, bs):
+                    ks = [(kind, p, row, d) for d in range(draws)]
+                    t = sum(wall[k] for k in ks) / draws
+                    c = sum(cpu[k] for k in ks) / draws
+                    f = sum(flops[k] for k in ks) / draws
+                    fs, ts, cs = 1 - f / base_flops, 1 - t / t0, 1 - c / c0
+                    ratio = ts / fs if fs > 0.02 else None
+                    cratio = cs / fs if fs > 0.02 else None
+                    td = wall[(kind, p, "dense")]
+                    lines.append((kind, row, bs, p, t, td, c, f, ratio, cratio))
+                    key = f"{kind}_bs{bs}" + {"mechanism": "", "with gates": "_gated", "new masks": "_newmask"}[row]
+                    summary[f"{key}_{int(p * 100)}"] = {
+                        "sparse_ms": round(1e3 * t, 3), "masked_dense_ms": round(1e3 * td, 3),
+                        "static_ms": round(1e3 * t0, 3), "sparse_cpu_ms": round(1e3 * c, 3),
+                        "static_cpu_ms": round(1e3 * c0, 3), "mflops": round(f / 1e6, 2),
+                        "flop_saving": round(fs, 4), "time_saving": round(ts, 4),
+                        "ratio": None if ratio is None else round(ratio, 3),
+                        "cpu_ratio": None if cratio is None else round(cratio, 3)}
+                    if p == 0.5:
+                        summary[key] = None if ratio is None else round(ratio, 3)
+                        summary[key + "_cpu"] = None if cratio is None else round(cratio, 3)
+    print(f"{args.arch}, CPU, torch threads = {args.threads}; static = static net on the same folded-BN sparse "
+          f"kernels; batch 1: mean over {args.draws} random decision patterns per case")
+    print("mechanism = forced decisions, gates not executed (FLOPs without gates); with gates = gates executed, "
+          "output overridden (gate FLOPs counted)")
+    print(f"channel, batch 1: sliced weights are cached per mask (LRU of {SLICE_CACHE} per block); 'mechanism' and "
+          "'with gates' reuse the forced masks (cache hits), 'new masks' rebuilds them on every call")
+    print("ratio = wall-clock saving / FLOP saving; cpu rat = the same with thread CPU time; masked = masked "
+          "dense path (computes everything)")
+    print(f"{'case':8} {'row':10} {'batch':>5} {'skip':>5} {'sparse ms':>10} {'masked ms':>10} {'cpu ms':>8} "
+          f"{'MFLOPs':>8} {'FLOP sav':>8} {'time sav':>8} {'ratio':>6} {'cpu rat':>7}")
+    for kind, row, bs, p, t, td, c, f, ratio, cratio in lines:
+        t_static = next(ln[4] for ln in lines if ln[0] == "static" and ln[2] == bs)
+        print(f"{kind:8} {row:10} {bs:5d} {int(p * 100):4d}% {1e3 * t:10.2f} "
+              f"{'' if td is None else f'{1e3 * td:10.2f}':>10} {1e3 * c:8.2f} {f / 1e6:8.1f} "
               f"{1 - f / base_flops:8.1%} {1 - t / t_static:8.1%} {'' if ratio is None else f'{ratio:6.2f}':>6} "
               f"{'' if cratio is None else f'{cratio:7.2f}':>7}")
+    print("note: " + BS64_CHANNEL_NOTE)
     summary["threads"] = args.threads
+    summary["draws_bs1"] = args.draws
+    summary["note_channel_bs64"] = BS64_CHANNEL_NOTE
     print(json.dumps(summary))
 
 

@@ -36,7 +36,7 @@ SUMMARY_COLUMNS = [
     "flops", "energy_pj", "latency_cycles",  # mean executed cost per image (gates, exits included)
     "dense_flops", "dense_energy_pj", "dense_latency_cycles",  # static backbone of the same arch
     "compute_saving", "energy_saving", "latency_saving",  # 1 - cost / dense cost
-    "skip_ratio",  # mean fraction of gate decisions that skip (layers and channels)
+    "skip_ratio",  # mean over images of max(layer-skip fraction, channel-skip fraction)
     "energy_source",  # "modelled: SCALE-Sim + Eq. 6 (<preset>)"
 ]
 METRIC_COLUMNS = {"flops": "flops", "energy": "energy_pj", "latency": "latency_cycles"}
@@ -71,7 +71,11 @@ def load_run(run_dir: str | Path, metrics: list[str], hardware: str | None):
     hw = hardware or side["config"].get("hardware", "eyeriss-65nm")
     size = 224 if side["config"].get("dataset") == "imagenet" else 32
     cost_id = attach_costs(model, metrics, hw, (1, 3, size, size))
-    missing, unexpected = model.load_state_dict(state, strict=True), None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"{run_dir}: weights do not fit the model its model.json describes "
+                        f"({str(err).strip().splitlines()[-1].strip()}); the run directory is damaged") from None
     model.eval()
     return model, side, hw, cost_id
 
@@ -86,6 +90,7 @@ def predict(model, ds, metrics: list[str], batch_size: int, limit: int | None, b
     import torch
 
     from ddi_hw.data import test_batches
+    from ddi_hw.train import sample_skip_ratio
 
     acc: dict[str, list] = {"label": [], "pred": [], "exit_preds": [], "exit_taken": [], "layer": [],
                             **{f"cost_{m}": [] for m in metrics}}
@@ -104,18 +109,12 @@ def predict(model, ds, metrics: list[str], batch_size: int, limit: int | None, b
                 acc["exit_taken"].append(out.exit_taken.numpy())
             for m in metrics:
                 acc[f"cost_{m}"].append(out.cost[m].double().numpy())
-            dec_off, dec_n = torch.zeros(len(y), dtype=torch.float64), 0
             if layer_gated and out.layer_decisions is not None and out.layer_decisions.numel():
                 acc["layer"].append(out.layer_decisions.double().numpy())
-                dec_off += (1 - out.layer_decisions.double()).sum(1)
-                dec_n += out.layer_decisions.shape[1]
             for g, d in out.channel_decisions.items():
-                d = d.double()
-                ch_sum[g] = ch_sum.get(g, 0) + (1 - d).sum(0)
-                dec_off += (1 - d).sum(1)
-                dec_n += d.shape[1]
+                ch_sum[g] = ch_sum.get(g, 0) + (1 - d.double()).sum(0)
+            skip_per_sample.append(sample_skip_ratio(out, layer_gated).numpy())
             ch_count += len(y)
-            skip_per_sample.append((dec_off / max(dec_n, 1)).numpy())
     res = {k: (np.concatenate(v) if v else None) for k, v in acc.items()}
     res["skip"] = np.concatenate(skip_per_sample)
     res["channel_skip"] = {g: (s / ch_count).numpy() for g, s in ch_sum.items()}

@@ -171,23 +171,26 @@ def exit_state_names(model) -> set[str]:
     return _module_state_names(model, (exits.ExitBranch,) if hasattr(exits, "ExitBranch") else (), "exit")
 
 
-def batch_stats(out, resource: str, dense_cost: float, layer_gated: bool):
-    """(normalised cost per sample, saving of the batch, skip ratio of the batch) from an output.
+def sample_skip_ratio(out, layer_gated: bool):
+    """(N,) skip ratio per sample: the larger of its layer-skip and channel-skip fractions (a
+    skipped block counts its channels as skipped too), so it is 0 only when nothing is skipped."""
+    import torch
 
-    The skip ratio is the larger of the layer-skip and channel-skip fractions (a skipped block
-    counts its channels as skipped too), so it is 0 only when nothing at all is skipped.
-    """
+    n = out.logits.shape[0]
+    parts = [torch.zeros(n, dtype=torch.float64)]
+    if layer_gated and out.layer_decisions is not None and out.layer_decisions.numel():
+        parts.append(1 - out.layer_decisions.detach().double().mean(1))
+    if out.channel_decisions:
+        off = sum((1 - d.detach().double()).sum(1) for d in out.channel_decisions.values())
+        parts.append(off / sum(d.shape[1] for d in out.channel_decisions.values()))
+    return torch.stack(parts, 1).max(1).values
+
+
+def batch_stats(out, resource: str, dense_cost: float, layer_gated: bool):
+    """(normalised cost per sample, saving of the batch, mean skip ratio of the batch)."""
     cost = out.cost[resource] / dense_cost
     saving = 1.0 - float(cost.detach().mean())
-    parts = []
-    if layer_gated and out.layer_decisions is not None and out.layer_decisions.numel():
-        parts.append(float(1 - out.layer_decisions.detach().float().mean()))
-    if out.channel_decisions:
-        tot = sum(float((1 - d.detach().float()).sum()) for d in out.channel_decisions.values())
-        cnt = sum(d.numel() for d in out.channel_decisions.values())
-        parts.append(tot / max(cnt, 1))
-    skip = max(parts) if parts else 0.0
-    return cost, saving, skip
+    return cost, saving, float(sample_skip_ratio(out, layer_gated).mean())
 
 
 def lr_at(cfg: dict[str, Any], phase_step: int, phase_steps: int, phase: str) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from ddi_hw.errors import UserError
 from ddi_hw.evaluate import SUMMARY_COLUMNS, evaluate_runs
@@ -48,9 +47,10 @@ def test_summary_recomputed_from_predictions(runs):
         assert r.compute_saving == pytest.approx(1 - pf.cost_flops.mean() / dense)
         assert r.energy_saving == pytest.approx(1 - pf.cost_energy.mean() / r.dense_energy_pj)
         assert r.hardware == "zedboard" and "modelled" in r.energy_source
+        assert r.skip_ratio == pytest.approx(pf.skip_ratio.mean())
     static = summary[summary.stage == "static"]
     assert (static.compute_saving.abs() < 1e-9).all()  # a static net saves nothing
-    assert (static.energy_saving.abs() < 1e-9).all()
+    assert (static.energy_saving.abs() < 1e-9).all() and (static.skip_ratio == 0).all()
     # same backbone, same table: the gated run's dense energy equals its static parent's
     assert summary.set_index("run").dense_energy_pj["iadi"] == pytest.approx(
         summary.set_index("run").dense_energy_pj["r20"])

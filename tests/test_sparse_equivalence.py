@@ -193,3 +193,77 @@ def test_folded_weights_follow_weight_changes():
     with torch.no_grad():
         d = model(x)
     assert torch.allclose(d.logits, model(x, mode="sparse").logits, atol=1e-4, rtol=1e-4)
+
+
+GATE_CASES = [
+    ("resnet20", dict(layer_gates=True, channel_gates=True), 32),
+    ("resnet20", dict(layer_gates=True, channel_gates=True, channel_gate_kind="rnn"), 32),
+    ("densenet_tiny", dict(layer_gates=True, channel_gates=True), 16),
+]
+
+
+def count_gate_calls(model):
+    """Wrap every gate entry point of the sparse path (layer LSTM step, channel gates) with a counter."""
+    calls = []
+
+    def wrap(obj, attr):
+        fn = getattr(obj, attr)
+
+        def counted(*a, **k):
+            calls.append(attr)
+            return fn(*a, **k)
+        setattr(obj, attr, counted)
+    if model.layer_gate is not None:
+        wrap(model.layer_gate, "fused_step")
+    for gname in model.gate_widths:
+        wrap(model.get_submodule(gname), "sparse")
+    return calls
+
+
+@pytest.mark.parametrize("name,kw,size", GATE_CASES)
+def test_fully_forced_sparse_runs_no_gate(name, kw, size):
+    """Every decision forced: the sparse path runs no gate, and logits, decisions and costs are
+    those of the run that does compute (and override) the gates, and of the dense path."""
+    model = randomize(create_model(name, **kw))
+    calls = count_gate_calls(model)
+    g = torch.Generator().manual_seed(7)
+    n = 4
+    x = torch.randn(n, 3, size, size, generator=g)
+    force = random_force(model, n, g)
+    model.skip_forced_gates = False
+    ran = model(x, mode="sparse", force=force)
+    assert len(calls) > 0  # positive control: the counters see gate calls
+    calls.clear()
+    model.skip_forced_gates = True
+    skipped = model(x, mode="sparse", force=force)
+    assert calls == []
+    with torch.no_grad():
+        dense = model(x, force=force)
+    for other in (ran, dense):
+        assert torch.allclose(skipped.logits, other.logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(skipped.layer_decisions, other.layer_decisions)
+        for gname in model.gate_widths:
+            assert torch.equal(skipped.channel_decisions[gname], other.channel_decisions[gname])
+        assert torch.equal(skipped.cost["flops"], other.cost["flops"])
+    assert torch.isnan(skipped.layer_probs).all()  # gates that did not run have no probability
+    # a partly forced model (channel decisions left to the gates) still runs its gates
+    model(x, mode="sparse", force={"layer": force["layer"]})
+    assert len(calls) > 0
+
+
+def test_batch1_slice_cache_matches_dense():
+    """Batch 1 uses cached sliced weights per mask: repeated and alternating masks stay exact,
+    including after the weights change."""
+    model = randomize(create_model("resnet14", channel_gates=True))
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 3, 32, 32, generator=g)
+    forces = [{"channel": {k: (torch.rand(1, w, generator=g) > 0.5).float() for k, w in model.gate_widths.items()}}
+              for _ in range(3)]
+    for f in forces + forces[::-1]:
+        with torch.no_grad():
+            d = model(x, force=f)
+        assert torch.allclose(d.logits, model(x, mode="sparse", force=f).logits, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        model.blocks[1].conv1.weight.mul_(1.5)
+        d = model(x, force=forces[0])
+    assert torch.allclose(d.logits, model(x, mode="sparse", force=forces[0]).logits, atol=1e-4, rtol=1e-4)

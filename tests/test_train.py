@@ -154,3 +154,12 @@ def test_ddp_two_processes_end_identical(tmp_path):
         assert torch.equal(saved[k], r0[k])
     _, side = ck.load_model_state(tmp_path / "run")
     assert side["world_size"] == 2
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arch: resnet14\nsteps: 2\nmomentun: 0.9\n")
+    res = subprocess.run([sys.executable, "-m", "ddi_hw.cli", "train", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "unknown key 'momentun'" in res.stderr

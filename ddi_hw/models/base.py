@@ -26,8 +26,6 @@ training only).
 """
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -36,8 +34,6 @@ from ddi_hw.cost import CostTable, interp, model_specs
 from ddi_hw.errors import UserError
 from ddi_hw.models.output import DynamicOutput
 from ddi_hw.models.sparse_ops import FoldCache
-
-_VERSION = operator.attrgetter("_version")
 
 
 def _given(v) -> bool:
@@ -137,6 +133,17 @@ class CostPlan:
             ev = ev.index_copy(1, self.exit_cols, self.exit[metric].expand(n, -1))
         return ev
 
+    def hard_total(self, L: torch.Tensor, k: torch.Tensor, metric: str) -> torch.Tensor:
+        """(N,) total cost without exits for hard decisions (integer k: the table values
+        themselves, which is what `events_matrix` interpolates to). Few ops: the sparse path's
+        per-forward bookkeeping at batch 1."""
+        if not hasattr(self, "_jidx"):
+            self._jidx = torch.arange(self.J)
+            self._fixed_sum = {m: self.fixed[m].sum() for m in self.metrics}
+            self._fc = {m: self.f[m] + self.c[m] for m in self.metrics}
+        v = self.V[metric][self._jidx, k.long()]  # (N, J)
+        return self._fixed_sum[metric] + (self.g[metric] + L.to(torch.float64) * (self._fc[metric] + v)).sum(1)
+
     def dense_cost(self, metric: str) -> float:
         """Static backbone: every block runs with every channel, no gates, no exits."""
         self.check(metric)
@@ -157,6 +164,7 @@ class DynamicNet(nn.Module):
     (with block_run / block_active) and `_forward_sparse(x, force, run: SparseRun)`."""
 
     input_size: int = 32
+    skip_forced_gates: bool = True  # False: run gates even when `force` overrides every decision
 
     def __init__(self):
         super().__init__()
@@ -242,7 +250,6 @@ class DynamicNet(nn.Module):
         if mode == "sparse":
             if self.training:
                 raise UserError("mode='sparse' is for inference; call model.eval() first")
-            self._refresh_folds()
             with torch.no_grad():
                 run = SparseRun(self, x.shape[0], budget, budget_metric)
                 self._forward_sparse(x, force, run)
@@ -253,33 +260,31 @@ class DynamicNet(nn.Module):
 
     def fully_forced(self, force: dict) -> bool:
         """True when `force` fixes every layer and channel decision of this model: the sparse path
-        then runs no gate at all (nothing would read its output). Reported costs still count the
+        then runs no gate at all (nothing would read its output; set `skip_forced_gates = False`
+        to time the gates anyway, as benchmarks/skip_speed.py does). Reported costs still count the
         gates (the cost of the gated model's inference, as in the dense path); the probabilities
         of gates that did not run are NaN."""
         has_gates = self.layer_gate is not None or bool(self.gate_widths)
-        return has_gates and (self.layer_gate is None or "layer" in force) and \
+        return self.skip_forced_gates and has_gates and (self.layer_gate is None or "layer" in force) and \
             all(g in force.get("channel", {}) for g in self.gate_widths)
 
-    def _refresh_folds(self) -> None:
-        """Drop folded inference weights if any parameter or buffer changed since they were made."""
-        if getattr(self, "_fold_sources", None) is None:  # walking modules costs ~ms: once
-            self._fold_sources = [*self.parameters(), *self.buffers()]
-            self._fold_caches = [c for m in self.modules() for c in (getattr(m, "_fold", None),
-                                 getattr(m, "fused", None)) if isinstance(c, FoldCache)]
-        src = self._fold_sources  # (.data = ... changes data_ptr, not _version)
-        key = (list(map(_VERSION, src)), list(map(torch.Tensor.data_ptr, src)))
-        if key != getattr(self, "_fold_key", None):
-            for cache in self._fold_caches:
-                cache.clear()
-            self._fold_key = key
+    def _clear_folds(self) -> None:
+        """Tensors may have been replaced (load_state_dict, .to()): forget every folded weight.
+        (In-place changes are caught by each `FoldCache` when it is used.)"""
+        for m in self.modules():
+            for c in (getattr(m, "_fold", None), getattr(m, "fused", None)):
+                if isinstance(c, FoldCache):
+                    c.clear()
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: tensors may be new objects
-        self._fold_sources = self._fold_key = None
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        self._clear_folds()
+        return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._fold_sources = self._fold_key = None
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._clear_folds()
+        return out
 
     def _account(self, out: DynamicOutput, budget, metric) -> DynamicOutput:
         plan, L, k = self.plan, out.block_run, out.block_active
@@ -342,7 +347,7 @@ class SparseRun:
         self.L = torch.ones(n, plan.J)
         self.k = plan.K.to(torch.float32).expand(n, -1).clone()
         self.gate_logits = torch.full((n, plan.J), float("inf"))
-        self.channels = {g: torch.zeros(n, K) for g, K in net.gate_widths.items()}
+        self.channels: dict[str, torch.Tensor] = {}  # gates never reached: zeros at the end
         self.channel_logits: dict[str, torch.Tensor] = {}
         self.active: torch.Tensor | None = None
         self.taken = torch.full((n,), -1, dtype=torch.long)
@@ -358,6 +363,14 @@ class SparseRun:
 
     def layer(self, j: int, d: torch.Tensor, logit: torch.Tensor | None) -> None:
         self._layer.append((j, self.active, d, logit))
+
+    def forced_layers(self, L: torch.Tensor) -> None:
+        """Every layer decision forced and every sample running to the end: record them in one go
+        (instead of one `layer` call per block) -- gates did not run, their logits are unknown."""
+        skip = self.net.skippable_idx
+        self.L[:, skip] = (L > 0.5).to(self.L.dtype)
+        if self.net.layer_gate is not None:
+            self.gate_logits[:, skip] = float("nan")
 
     def channel(self, gate: str, j: int, idx, mask: torch.Tensor, logit: torch.Tensor) -> None:
         self._chan.append((gate, j, idx, mask, logit))
@@ -382,15 +395,27 @@ class SparseRun:
                     self.gate_logits[idx, j] = torch.from_numpy(np.asarray(lg, dtype=np.float32))
                 elif self.net.layer_gate is not None:
                     self.gate_logits[idx, j] = float("nan")
+        nan = {}  # logits of gates that did not run (forced decisions): one NaN tensor per width
+        whole = [(j, mask) for gate, j, idx, mask, lg in self._chan if idx is None]
+        if whole:  # active counts of all whole-batch masks in a few ops (batch 1: the common case)
+            ends = torch.tensor([m.shape[1] for _, m in whole]).cumsum(0)
+            cs = torch.cat([m for _, m in whole], 1).cumsum(1)[:, ends - 1]
+            self.k[:, [j for j, _ in whole]] = torch.cat([cs[:, :1], cs.diff(dim=1)], 1)
         for gate, j, idx, mask, lg in self._chan:
-            if gate not in self.channel_logits:
-                self.channel_logits[gate] = torch.full_like(self.channels[gate], -float("inf"))
             if lg is None:  # forced without running the gate: unknown
-                lg = torch.full_like(mask, float("nan"))
+                K = mask.shape[1]
+                lg = nan.get(K)
+                if lg is None:
+                    lg = nan[K] = torch.full((self.n, K), float("nan"))
+                if idx is not None:
+                    lg = lg[: len(idx)]
             if idx is None:
                 self.channels[gate], self.channel_logits[gate] = mask, lg
-                self.k[:, j] = mask.sum(1)
             else:
+                if gate not in self.channels:
+                    self.channels[gate] = torch.zeros(self.n, self.net.gate_widths[gate])
+                if gate not in self.channel_logits:
+                    self.channel_logits[gate] = torch.full((self.n, self.net.gate_widths[gate]), -float("inf"))
                 self.channels[gate][idx] = mask
                 self.channel_logits[gate][idx] = lg
                 self.k[idx, j] = mask.sum(1)
@@ -447,13 +472,24 @@ class SparseRun:
         budget = self.budget is not None and len(plan.exit_cols)
         cost = {}
         for m in plan.metrics:
+            if not budget:
+                cost[m] = plan.hard_total(self.L, self.k, m)
+                continue
             ev = plan.events_matrix(self.L, self.k, m, with_exits=bool(budget)).cumsum(1)
             col = torch.where(self.taken < 0, plan.S - 1, plan.exit_cols[self.taken.clamp(min=0)]) \
                 if budget else torch.full((self.n,), plan.S - 1)
             cost[m] = ev.gather(1, col.unsqueeze(1)).squeeze(1)
         skip = net.skippable_idx
         probs = torch.sigmoid(self.gate_logits)
-        cprobs = {g: torch.sigmoid(v) for g, v in self.channel_logits.items()}
+        for g, K in net.gate_widths.items():  # gates never reached (their blocks skipped for all)
+            if g not in self.channels:
+                self.channels[g] = torch.zeros(self.n, K)
+        sig, cprobs = {}, {}  # one sigmoid per distinct logits tensor (shared NaN tensors of unrun gates)
+        for g, v in self.channel_logits.items():
+            p = sig.get(id(v))
+            if p is None:
+                p = sig[id(v)] = torch.sigmoid(v)
+            cprobs[g] = p
         return DynamicOutput(
             logits=self.logits, exit_logits=[], layer_decisions=self.L[:, skip],
             layer_probs=probs[:, skip], channel_decisions=self.channels, cost=cost,

@@ -35,7 +35,7 @@ from ddi_hw.models.exits import ExitBranch, default_exit_positions
 from ddi_hw.models.gates import ChannelGateRNN, DenseLightGate, LayerGateEmbed, SharedLSTMGate, hard_decision
 from ddi_hw.models.output import DynamicOutput
 from ddi_hw.models.registry import register_model
-from ddi_hw.models.sparse_ops import FoldCache, fold_bn, run_channel_groups
+from ddi_hw.models.sparse_ops import FoldCache, fold_bn, module_tensors, run_channel_groups
 
 
 def _bn_affine(bn):
@@ -69,7 +69,7 @@ class DenseLayer(nn.Module):
             s1, t1 = _bn_affine(self.bn1)
             w1, b1 = fold_bn(self.conv1.weight, self.bn2)
             return s1.view(1, -1, 1, 1), t1.view(1, -1, 1, 1), w1, b1, self.conv2.weight.detach()
-        return self._fold.get(compute)
+        return self._fold.get(compute, lambda: module_tensors(self.bn1, self.conv1, self.bn2, self.conv2))
 
     def sparse(self, x, mask=None, max_groups: int = 8):
         s1, t1, w1, b1, w2 = self._folded()

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddi_hw.models.sparse_ops import FoldCache
+from ddi_hw.models.sparse_ops import FoldCache, module_tensors
 
 GATE_HIDDEN = 10
 OPEN_BIAS = 2.0  # gates start open (sigmoid(2) = 0.88): training starts from zero skipping
@@ -90,7 +90,7 @@ class SharedLSTMGate(nn.Module):
             w = (torch.cat([w_ih, lstm.weight_hh], 1) * scale[:, None]).t().contiguous()  # (c + H, 4H)
             return w.numpy(), (b * scale).numpy(), proj.weight.detach().t().contiguous().numpy(), \
                 float(proj.bias)
-        w, b, pw, pb = embed.fused.value or embed.fused.get(fuse)
+        w, b, pw, pb = embed.fused.get(fuse, lambda: module_tensors(embed.conv, lstm, proj))
         p = pooled.numpy()
         if state is None:
             h = c = np.zeros((p.shape[0], H), dtype=p.dtype)
@@ -123,9 +123,9 @@ class ChannelGateCNN(nn.Module):
     def sparse(self, x: torch.Tensor, rnn=None, state=None):
         """Same math; the stride-2 conv runs channels-last (oneDNN: 1.4-2.4x faster on CPU at
         batch 1, measured) with cached channels-last weights, no module-call overhead."""
-        w, b, fw, fb = self.fused.value or self.fused.get(lambda: (
+        w, b, fw, fb = self.fused.get(lambda: (
             self.conv.weight.contiguous(memory_format=torch.channels_last), self.conv.bias,
-            self.fc.weight, self.fc.bias))
+            self.fc.weight, self.fc.bias), lambda: module_tensors(self.conv, self.fc))
         h = F.relu_(F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, 2, 1))
         return F.linear(h.mean((2, 3)), fw, fb), state
 

@@ -21,7 +21,10 @@ The sparse path folds BN into the convs (eval mode), runs the layer gates on eve
 running, then only the samples whose block runs (gather / compute / scatter), and slices conv1's
 output and conv2's input channels; samples with identical channel masks run as one group (when
 the batch has more than `max_channel_groups` distinct masks, one run over the union of their
-active channels with the mask applied).
+active channels with the mask applied). At batch 1 the sliced weights are cached per mask (LRU of
+`SLICE_CACHE` per block). Blocks of >= 32 channels run channels-last (oneDNN), which is faster and
+shrinks with the active channels; 16-channel blocks stay NCHW (see `_conv_format`). When `force`
+fixes every decision, no gate runs (`DynamicNet.fully_forced`).
 """
 from __future__ import annotations
 
@@ -38,11 +41,10 @@ from ddi_hw.models.exits import ExitBranch, default_exit_positions
 from ddi_hw.models.gates import (ChannelGateCNN, ChannelGateRNN, LayerGateEmbed, SharedLSTMGate,
                                  hard_decision)
 from ddi_hw.models.registry import register_model
-from ddi_hw.models.sparse_ops import FoldCache, fold_bn, run_channel_groups
+from ddi_hw.models.sparse_ops import FoldCache, fold_bn, module_tensors, run_channel_groups
 
 
-_NOBODY = torch.empty(0, dtype=torch.long)
-SLICE_CACHE = 8  # sliced weights kept per block (batch 1: one entry per distinct channel mask)
+SLICE_CACHE = 16  # sliced weights kept per block (batch 1: one entry per distinct channel mask; 0 = none)
 CHANNELS_LAST_MIN = 32  # blocks this wide run channels-last (oneDNN direct conv)
 
 
@@ -65,7 +67,8 @@ class Stem(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
     def sparse(self, x):
-        w, b = self._fold.get(lambda: fold_bn(self.conv.weight, self.bn))
+        w, b = self._fold.get(lambda: fold_bn(self.conv.weight, self.bn),
+                              lambda: module_tensors(self.conv, self.bn))
         return F.relu(F.conv2d(x, w, b, 1, 1))
 
 
@@ -95,51 +98,55 @@ class BasicBlock(nn.Module):
         return F.relu(self.bn2(self.conv2(h)) + sc)
 
     def _folded(self):
-        f = self._fold.value
-        if f is None:
-            def compute():
-                fmt = _conv_format(self.conv1.out_channels)
-                out = [*fold_bn(self.conv1.weight, self.bn1), *fold_bn(self.conv2.weight, self.bn2)]
-                if not self.skippable:
-                    out += fold_bn(self.sc_conv.weight, self.sc_bn)
-                out = [t.contiguous(memory_format=fmt) if t.dim() == 4 else t for t in out]
-                return out + [fmt, OrderedDict()]  # memory format, mask -> sliced weights (LRU)
-            f = self._fold.get(compute)
-        return f
+        def compute():
+            fmt = _conv_format(self.conv1.out_channels)
+            out = [*fold_bn(self.conv1.weight, self.bn1), *fold_bn(self.conv2.weight, self.bn2)]
+            if not self.skippable:
+                out += fold_bn(self.sc_conv.weight, self.sc_bn)
+            src = (out[0].contiguous(), out[2].transpose(0, 1).contiguous())  # row gathers
+            out = [t.contiguous(memory_format=fmt) if t.dim() == 4 else t for t in out]
+            return out + [src, fmt, OrderedDict()]  # slice sources, memory format, mask -> slices
+        return self._fold.get(compute, lambda: module_tensors(
+            self.conv1, self.bn1, self.conv2, self.bn2, getattr(self, "sc_conv", None),
+            getattr(self, "sc_bn", None)))
 
     def sparse(self, x, mask=None, max_groups: int = 8):
         """Only active channels computed: conv1 output and conv2 input sliced, BN folded."""
         w1, b1, w2, b2, *rest = self._folded()
-        fmt, slices = rest[-2], rest[-1]
+        src, fmt, slices = rest[-3:]
         x = x.contiguous(memory_format=fmt)  # no-op when the previous block used the same format
         sc = x if self.skippable else F.conv2d(x, rest[0], rest[1], self.stride)
         if mask is None:
             out = F.conv2d(F.relu_(F.conv2d(x, w1, b1, self.stride, 1)), w2, b2, 1, 1)
         elif x.shape[0] == 1:  # one mask: its sliced weights, cached per mask
-            key = mask.numpy().tobytes()
-            ws = slices.get(key)
+            m = mask.numpy()
+            key = m.tobytes()
+            ws = slices.get(key) if SLICE_CACHE else None
             if ws is None:
-                ws = self._slice(mask[0].nonzero().squeeze(1), w1, b1, w2, fmt)
-                slices[key] = ws
-                if len(slices) > SLICE_CACHE:
-                    slices.popitem(last=False)
+                on = m[0].nonzero()[0]
+                ws = (w1, b1, w2) if len(on) == b1.shape[0] else self._slice(torch.from_numpy(on), src, b1, fmt)
+                if SLICE_CACHE:
+                    slices[key] = ws
+                    if len(slices) > SLICE_CACHE:
+                        slices.popitem(last=False)
             else:
                 slices.move_to_end(key)
             out = self._run_sliced(x, *ws, b2)
         else:
-            out = run_channel_groups(x, mask, lambda xs, ch, m: self._sliced(xs, ch, m, w1, b1, w2, b2, fmt),
+            out = run_channel_groups(x, mask, lambda xs, ch, m: self._sliced(xs, ch, m, w1, b1, w2, b2, src, fmt),
                                      max_groups)
         return F.relu_(out.add_(sc))
 
-    def _slice(self, ch, w1, b1, w2, fmt):
-        """conv1 rows and conv2 input columns of the active channels, contiguous in `fmt`."""
-        if len(ch) == len(b1):
-            return w1, b1, w2
-        return (w1.index_select(0, ch).contiguous(memory_format=fmt), b1.index_select(0, ch),
-                w2.index_select(1, ch).contiguous(memory_format=fmt))
+    def _slice(self, ch, src, b1, fmt):
+        """conv1 rows and conv2 input columns of the active channels, contiguous in `fmt`:
+        row gathers from NCHW conv1 and transposed conv2 copies (gathering from channels-last
+        weights directly is 2x slower), then one conversion each."""
+        w1n, w2t = src
+        return (w1n.index_select(0, ch).contiguous(memory_format=fmt), b1.index_select(0, ch),
+                w2t.index_select(0, ch).transpose(0, 1).contiguous(memory_format=fmt))
 
     def _run_sliced(self, x, w1, b1, w2, b2, m=None):
-        if len(b1) == 0:  # every channel off: conv2 sees zeros, leaves its folded BN shift
+        if b1.shape[0] == 0:  # every channel off: conv2 sees zeros, leaves its folded BN shift
             ho = (x.shape[2] - 1) // self.stride + 1
             return b2.view(1, -1, 1, 1).expand(x.shape[0], -1, ho, ho).clone()
         h = F.relu_(F.conv2d(x, w1, b1, self.stride, 1))
@@ -147,8 +154,9 @@ class BasicBlock(nn.Module):
             h = h * m[:, :, None, None]
         return F.conv2d(h, w2, b2, 1, 1)
 
-    def _sliced(self, x, ch, m, w1, b1, w2, b2, fmt):
-        return self._run_sliced(x, *self._slice(ch, w1, b1, w2, fmt), b2, m)
+    def _sliced(self, x, ch, m, w1, b1, w2, b2, src, fmt):
+        ws = (w1, b1, w2) if len(ch) == b1.shape[0] else self._slice(ch, src, b1, fmt)
+        return self._run_sliced(x, *ws, b2, m)
 
 
 class CifarResNet(DynamicNet):
@@ -283,6 +291,14 @@ class CifarResNet(DynamicNet):
                              block_run=L, block_active=torch.stack(k_cols, 1))
 
     # ------------------------------------------------------------------ sparse (inference) path
+    def _sparse_blocks(self):
+        """(j, block, skippable, layer-gate embed, channel gate, gate name) per block, built once:
+        module attribute look-ups cost ~1 us each, noticeable per block at batch 1."""
+        if getattr(self, "_sparse_blocks_list", None) is None:
+            self._sparse_blocks_list = [(j, b, b.skippable, b.lgate, b.cgate, f"blocks.{j}.cgate")
+                                        for j, b in enumerate(self.blocks)]
+        return self._sparse_blocks_list
+
     def _forward_sparse(self, x, force, run):
         h = self.stem.sparse(x)
         n = x.shape[0]
@@ -292,38 +308,41 @@ class CifarResNet(DynamicNet):
         Lf = Lf.numpy() > 0.5 if Lf is not None else None  # decisions are made in numpy
         gates = not self.fully_forced(force)  # every decision forced: no gate needs to run
         exit_at = {p: i for i, p in enumerate(self.exit_positions)}
+        layer_gate = self.layer_gate
+        bulk = Lf is not None and not gates and run.budget is None  # all layer decisions known now
+        if bulk:
+            run.forced_layers(force["layer"])
         jb = 0
-        for j, b in enumerate(self.blocks):
-            ex = None  # local indices of the running samples whose block runs (None = all)
-            if b.skippable:
+        for j, b, skippable, lgate, cgate, name in self._sparse_blocks():
+            ex, skip = None, False  # ex: local indices of the running samples that run the block
+            if skippable:
                 d = logit = None
-                if b.lgate is not None and gates:
-                    logit, lstate = self.layer_gate.fused_step(h.sum((2, 3)), b.lgate, lstate,
-                                                               h.shape[2] * h.shape[3])
+                if lgate is not None and gates:
+                    logit, lstate = layer_gate.fused_step(h.sum((2, 3)), lgate, lstate, h.shape[2] * h.shape[3])
                     d = logit > 0
                 if Lf is not None:
                     d = Lf[:, jb] if run.active is None else Lf[run.active.numpy(), jb]
                 jb += 1
                 if d is not None:
-                    run.layer(j, d, logit)
-                    if len(d) == 1:  # batch 1: no index tensors (an empty `ex` = block skipped)
-                        ex = None if d[0] else _NOBODY
+                    if not bulk:
+                        run.layer(j, d, logit)
+                    if len(d) == 1:  # batch 1: no index tensors
+                        skip = not d[0]
                     else:
                         on = np.flatnonzero(d)
-                        if len(on) < len(d):
+                        skip = len(on) == 0
+                        if 0 < len(on) < len(d):
                             ex = torch.from_numpy(on)
-            if ex is None or len(ex):
+            if not skip:
                 hx = h if ex is None else h.index_select(0, ex)
                 idx = run.sub(ex)
                 mask = None
-                if b.cgate is not None and not gates:
-                    name = f"blocks.{j}.cgate"
+                if cgate is not None and not gates:
                     mask = chf[name] if idx is None else chf[name][idx]
                     run.channel(name, j, idx, mask, None)
-                elif b.cgate is not None:
-                    name = f"blocks.{j}.cgate"
+                elif cgate is not None:
                     sub = None if cstate is None or ex is None else tuple(s.index_select(0, ex) for s in cstate)
-                    logit, new = b.cgate.sparse(hx, self.channel_rnn, cstate if ex is None else sub)
+                    logit, new = cgate.sparse(hx, self.channel_rnn, cstate if ex is None else sub)
                     if cstate is not None:
                         cstate = new if ex is None else tuple(s.index_copy(0, ex, t) for s, t in zip(cstate, new))
                     if name in chf:

@@ -1,6 +1,7 @@
 """Helpers of the sparse (inference) path: BN folding with a cache, channel-mask grouping."""
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -15,24 +16,43 @@ def fold_bn(weight: torch.Tensor, bn, bias: torch.Tensor | None = None):
     return (weight * scale.view(-1, *([1] * (weight.dim() - 1)))).detach(), b.detach()
 
 
-class FoldCache:
-    """Folded / fused inference weights of one module, computed on first use.
+_VERSION = operator.attrgetter("_version")
+_PTR = torch.Tensor.data_ptr
 
-    The owning `DynamicNet` clears every cache at the start of a sparse forward when any of its
-    parameters or buffers changed (in-place update, load_state_dict, swap), checked once per
-    forward rather than once per block."""
+
+def module_tensors(*modules) -> list[torch.Tensor]:
+    """Own parameters and buffers of `modules` (not submodules; BN's batch counter left out):
+    what a folded weight is computed from."""
+    return [t for m in modules if m is not None
+            for n, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))
+            if n != "num_batches_tracked"]
+
+
+class FoldCache:
+    """Folded / fused inference weights of one module, computed on first use and recomputed when
+    any tensor they were computed from changed (in-place update: `_version`; `.data = ...`:
+    `data_ptr`). Checked at each use, so a skipped block or an unused gate costs nothing (a
+    check of every model tensor once per forward cost ~0.3 ms at batch 1, ~5% of ResNet-74).
+    `DynamicNet` clears every cache when tensors may have been replaced (load_state_dict, .to())."""
 
     def __init__(self):
         self.value = None
+        self._src: list[torch.Tensor] | None = None
+        self._key = None
 
-    def get(self, compute: Callable):
-        if self.value is None:
+    def get(self, compute: Callable, sources: Callable[[], list]):
+        src = self._src
+        if src is None:
+            src = self._src = list(sources())
+        key = (list(map(_VERSION, src)), list(map(_PTR, src)))
+        if self.value is None or key != self._key:
             with torch.no_grad():
                 self.value = compute()
+            self._key = key
         return self.value
 
     def clear(self) -> None:
-        self.value = None
+        self.value = self._src = self._key = None
 
 
 def run_channel_groups(x: torch.Tensor, mask: torch.Tensor, fn: Callable, max_groups: int = 8):
