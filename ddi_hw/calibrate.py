@@ -58,13 +58,10 @@ def config_counts(rows: pd.DataFrame) -> dict[str, float]:
 def read_measurements(path: Path) -> pd.DataFrame:
     import pandas as pd
 
+    from ddi_hw.power.analysis import read_csv_checked
+
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"measurements file {path} not found")
-    df = pd.read_csv(path)
-    missing = [c for c in MEASUREMENT_COLUMNS if c not in df.columns]
-    if missing:
-        raise UserError(f"{path} lacks columns {missing}; expected {MEASUREMENT_COLUMNS}")
+    df = read_csv_checked(path, MEASUREMENT_COLUMNS, "measurements file {path} not found")
     num = df[COUNT_COLUMNS + ["energy_j"]].apply(pd.to_numeric, errors="coerce")
     if num.isna().any().any() or (num < 0).any().any():
         bad = int(num.isna().any(axis=1).idxmax()) if num.isna().any().any() else int((num < 0).any(axis=1).idxmax())

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ddi_hw.cost import CostTable, interp, model_specs
 from ddi_hw.errors import UserError
+from ddi_hw.models.gates import hard_decision
 from ddi_hw.models.output import DynamicOutput
 from ddi_hw.models.sparse_ops import FoldCache
 
@@ -234,6 +235,94 @@ class DynamicNet(nn.Module):
                   layer_gate=None) -> None:
         module.ddi_block, module.ddi_role = block, role
         module.ddi_out_gate, module.ddi_in_gate, module.ddi_layer_gate = out_gate, in_gate, layer_gate
+
+    def _annotate_gated_block(self, p: str, block: nn.Module) -> None:
+        """Annotate block `p` whose gated conv pair is conv1 (out) -> conv2 (in): its layer gate
+        runs whenever the block is reached, its channel gate and backbone only with the block."""
+        lg = f"{p}.lgate" if block.lgate is not None else None
+        cg = f"{p}.cgate" if block.cgate is not None else None
+        for name, m in block.named_modules():
+            top = name.split(".")[0]
+            if top == "lgate":
+                self._annotate(m, p, "gate")
+            elif top == "cgate":
+                self._annotate(m, p, "gate", layer_gate=lg)
+            else:
+                self._annotate(m, p, "backbone", out_gate=cg if name == "conv1" else None,
+                               in_gate=cg if name == "conv2" else None, layer_gate=lg)
+
+    def _annotate_shared_gates_and_exits(self) -> None:
+        """The shared LSTMs (block re-set before every call: one spec per call) and exit branches."""
+        for shared in (self.layer_gate, self.channel_rnn):
+            if shared is not None:
+                for m in shared.modules():
+                    self._annotate(m, "", "gate")
+        for i, e in enumerate(self.exits):
+            for m in e.modules():
+                self._annotate(m, f"exits.{i}", "exit")
+
+    def _check_exit_positions(self, pos: list[int], total: int, what: str) -> None:
+        if any(not 0 <= p < total for p in pos) or len(set(pos)) != len(pos):
+            raise UserError(f"exit_positions must be distinct {what} indices in 0..{total - 1}")
+
+    # ------------------------------------------------------------------ shared forward steps
+    def _dense_layer_decision(self, block, p: str, x, lstate, Lf, jb: int, ones):
+        """Dense path: block `p`'s layer decision on input x -> (L, prob, new LSTM state, next jb).
+        Unskippable blocks return `ones` itself (callers test `L is ones` to skip the blend);
+        jb counts the skippable blocks (the columns of force['layer'])."""
+        Lj, pj = ones, ones
+        if block.skippable:
+            if block.lgate is not None:
+                self.layer_gate.at_block(p)
+                lstate = self.layer_gate.step(block.lgate(x), lstate)
+                logit = self.layer_gate.logit(lstate[0])
+                pj, Lj = torch.sigmoid(logit), hard_decision(logit)
+            if Lf is not None:
+                Lj = torch.as_tensor(Lf[:, jb], dtype=x.dtype)
+            jb += 1
+        return Lj, pj, lstate, jb
+
+    def _dense_channel_gate(self, block, p: str, x, cstate, Lj, chf: dict, channels: dict, cprobs: dict):
+        """Dense path: block `p`'s channel gate on input x -> (mask, active count, new RNN state).
+        The RNN state advances only where the block runs (Lj); forced masks override the gate."""
+        gname = f"{p}.cgate"
+        if cstate is not None:
+            self.channel_rnn.at_block(p, block.cgate.ddi_layer_gate)
+        logit, new = block.cgate(x, self.channel_rnn, cstate)
+        if cstate is not None:
+            cstate = tuple(torch.lerp(o, a, Lj[:, None]) for a, o in zip(new, cstate))
+        mask = hard_decision(logit)
+        if gname in chf:
+            mask = torch.as_tensor(chf[gname], dtype=x.dtype)
+        channels[gname], cprobs[gname] = mask * Lj[:, None], torch.sigmoid(logit)
+        return mask, mask.sum(1), cstate
+
+    def _sparse_channel_mask(self, cgate, gname: str, j: int, x, ex, idx, cstate, chf: dict, gates: bool,
+                             run: "SparseRun"):
+        """Sparse path: the channel mask of block j for the samples it runs (`ex` local, `idx`
+        original indices) -> (mask, new RNN state); the gate does not run when fully forced."""
+        if not gates:
+            mask = chf[gname] if idx is None else chf[gname][idx]
+            run.channel(gname, j, idx, mask, None)
+            return mask, cstate
+        sub = None if cstate is None or ex is None else tuple(s.index_select(0, ex) for s in cstate)
+        logit, new = cgate.sparse(x, self.channel_rnn, cstate if ex is None else sub)
+        if cstate is not None:
+            cstate = new if ex is None else tuple(s.index_copy(0, ex, t) for s, t in zip(cstate, new))
+        if gname in chf:
+            src = chf[gname]
+            mask = src if idx is None else src[idx]
+        else:
+            mask = (logit > 0).float()
+        run.channel(gname, j, idx, mask, logit)
+        return mask, cstate
+
+    def _dense_output(self, logits, exit_logits, L_cols, p_cols, k_cols, channels, cprobs) -> DynamicOutput:
+        L, P = torch.stack(L_cols, 1), torch.stack(p_cols, 1)
+        skip = self.skippable_idx
+        return DynamicOutput(logits=logits, exit_logits=exit_logits, layer_decisions=L[:, skip],
+                             layer_probs=P[:, skip], channel_decisions=channels, channel_probs=cprobs,
+                             block_run=L, block_active=torch.stack(k_cols, 1))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, mode: str = "dense", force: dict | None = None,

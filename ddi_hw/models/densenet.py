@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from ddi_hw.errors import UserError
 from ddi_hw.models.base import DynamicNet
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
-from ddi_hw.models.gates import ChannelGateRNN, DenseLightGate, LayerGateEmbed, SharedLSTMGate, hard_decision
-from ddi_hw.models.output import DynamicOutput
+from ddi_hw.models.gates import ChannelGateRNN, DenseLightGate, LayerGateEmbed, SharedLSTMGate
 from ddi_hw.models.registry import register_model
 from ddi_hw.models.sparse_ops import FoldCache, fold_bn, module_tensors, run_channel_groups
 
@@ -155,8 +154,7 @@ class DenseNet(DynamicNet):
                 exit_positions = default_exit_positions(list(block_sizes)) if not imagenet else \
                     densenet201_exit_positions(block_sizes)
             pos = sorted(exit_positions)
-            if any(not 0 <= p < total for p in pos) or len(set(pos)) != len(pos):
-                raise UserError(f"exit_positions must be distinct dense-layer indices in 0..{total - 1}")
+            self._check_exit_positions(pos, total, "dense-layer")
         else:
             pos = []
         self.exit_positions = pos
@@ -193,25 +191,8 @@ class DenseNet(DynamicNet):
             for m in tr.modules():
                 ann(m, f"transitions.{t}", "backbone")
         for j, layer in enumerate(self.layers):
-            p = self._names[j]
-            lg = f"{p}.lgate" if layer.lgate is not None else None
-            cg = f"{p}.cgate" if layer.cgate is not None else None
-            for name, m in layer.named_modules():
-                top = name.split(".")[0]
-                if top == "lgate":
-                    ann(m, p, "gate")
-                elif top == "cgate":
-                    ann(m, p, "gate", layer_gate=lg)
-                else:
-                    ann(m, p, "backbone", out_gate=cg if name == "conv1" else None,
-                        in_gate=cg if name == "conv2" else None, layer_gate=lg)
-        for shared in (self.layer_gate, self.channel_rnn):
-            if shared is not None:
-                for m in shared.modules():
-                    ann(m, "", "gate")
-        for i, e in enumerate(self.exits):
-            for m in e.modules():
-                ann(m, f"exits.{i}", "exit")
+            self._annotate_gated_block(self._names[j], layer)
+        self._annotate_shared_gates_and_exits()
 
     def _head(self, h):
         return self.fc(F.relu(self.norm(h)).mean((2, 3)))
@@ -232,29 +213,10 @@ class DenseNet(DynamicNet):
             for layer in blk:
                 name = self._names[j]
                 xin = torch.cat(feats, 1) if len(feats) > 1 else feats[0]
-                Lj, pj = ones, ones
-                if layer.skippable:
-                    if layer.lgate is not None:
-                        self.layer_gate.at_block(name)
-                        lstate = self.layer_gate.step(layer.lgate(xin), lstate)
-                        logit = self.layer_gate.logit(lstate[0])
-                        pj, Lj = torch.sigmoid(logit), hard_decision(logit)
-                    if Lf is not None:
-                        Lj = torch.as_tensor(Lf[:, jb], dtype=h.dtype)
-                    jb += 1
+                Lj, pj, lstate, jb = self._dense_layer_decision(layer, name, xin, lstate, Lf, jb, ones)
                 mask, kj = None, ones * layer.width
                 if layer.cgate is not None:
-                    gname = f"{name}.cgate"
-                    if cstate is not None:
-                        self.channel_rnn.at_block(name, layer.cgate.ddi_layer_gate)
-                    logit, new = layer.cgate(xin, self.channel_rnn, cstate)
-                    if cstate is not None:
-                        cstate = tuple(torch.lerp(o, a, Lj[:, None]) for a, o in zip(new, cstate))
-                    mask = hard_decision(logit)
-                    if gname in chf:
-                        mask = torch.as_tensor(chf[gname], dtype=h.dtype)
-                    channels[gname], cprobs[gname] = mask * Lj[:, None], torch.sigmoid(logit)
-                    kj = mask.sum(1)
+                    mask, kj, cstate = self._dense_channel_gate(layer, name, xin, cstate, Lj, chf, channels, cprobs)
                 y = layer(xin, mask)
                 if Lj is not ones:  # Fig. 3: a skipped layer repeats the previous layer's features
                     y = torch.lerp(prev, y, Lj[:, None, None, None])
@@ -267,12 +229,7 @@ class DenseNet(DynamicNet):
             h = torch.cat(feats, 1)
             if b < len(self.transitions):
                 h = self.transitions[b](h)
-        logits = self._head(h)
-        L, P = torch.stack(L_cols, 1), torch.stack(p_cols, 1)
-        skip = self.skippable_idx
-        return DynamicOutput(logits=logits, exit_logits=exit_logits, layer_decisions=L[:, skip],
-                             layer_probs=P[:, skip], channel_decisions=channels, channel_probs=cprobs,
-                             block_run=L, block_active=torch.stack(k_cols, 1))
+        return self._dense_output(self._head(h), exit_logits, L_cols, p_cols, k_cols, channels, cprobs)
 
     # ------------------------------------------------------------------ sparse (inference) path
     def _forward_sparse(self, x, force, run):
@@ -313,22 +270,9 @@ class DenseNet(DynamicNet):
                     xe = xin if ex is None else xin.index_select(0, ex)
                     idx = run.sub(ex)
                     mask = None
-                    if layer.cgate is not None and not gates:
-                        gname = f"{self._names[j]}.cgate"
-                        mask = chf[gname] if idx is None else chf[gname][idx]
-                        run.channel(gname, j, idx, mask, None)
-                    elif layer.cgate is not None:
-                        gname = f"{self._names[j]}.cgate"
-                        sub = None if cstate is None or ex is None else tuple(s.index_select(0, ex) for s in cstate)
-                        logit, new = layer.cgate.sparse(xe, self.channel_rnn, cstate if ex is None else sub)
-                        if cstate is not None:
-                            cstate = new if ex is None else tuple(s.index_copy(0, ex, t) for s, t in zip(cstate, new))
-                        if gname in chf:
-                            src = chf[gname]
-                            mask = src if idx is None else src[idx]
-                        else:
-                            mask = (logit > 0).float()
-                        run.channel(gname, j, idx, mask, logit)
+                    if layer.cgate is not None:
+                        mask, cstate = self._sparse_channel_mask(layer.cgate, f"{self._names[j]}.cgate", j, xe, ex,
+                                                                 idx, cstate, chf, gates, run)
                     y = layer.sparse(xe, mask, self.max_channel_groups)
                     if ex is None:
                         buf[:, c_in:c_in + k] = y

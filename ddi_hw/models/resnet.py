@@ -38,8 +38,7 @@ import torch.nn.functional as F
 from ddi_hw.errors import UserError
 from ddi_hw.models.base import DynamicNet
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
-from ddi_hw.models.gates import (ChannelGateCNN, ChannelGateRNN, LayerGateEmbed, SharedLSTMGate,
-                                 hard_decision)
+from ddi_hw.models.gates import ChannelGateCNN, ChannelGateRNN, LayerGateEmbed, SharedLSTMGate
 from ddi_hw.models.registry import register_model
 from ddi_hw.models.sparse_ops import FoldCache, fold_bn, module_tensors, run_channel_groups
 
@@ -190,8 +189,7 @@ class CifarResNet(DynamicNet):
         stage_sizes = [n] * len(widths)
         if exits:
             pos = sorted(exit_positions if exit_positions is not None else default_exit_positions(stage_sizes))
-            if any(not 0 <= p < len(blocks) for p in pos) or len(set(pos)) != len(pos):
-                raise UserError(f"exit_positions must be distinct block indices in 0..{len(blocks) - 1}")
+            self._check_exit_positions(pos, len(blocks), "block")
         else:
             pos = []
         self.exit_positions = pos
@@ -221,30 +219,11 @@ class CifarResNet(DynamicNet):
         for m in self.stem.modules():
             ann(m, "stem", "backbone")
         for j, b in enumerate(self.blocks):
-            p = f"blocks.{j}"
-            lg = f"{p}.lgate" if b.lgate is not None else None
-            cg = f"{p}.cgate" if b.cgate is not None else None
-            for name, m in b.named_modules():
-                top = name.split(".")[0]
-                if top == "lgate":
-                    ann(m, p, "gate")
-                elif top == "cgate":
-                    ann(m, p, "gate", layer_gate=lg)
-                else:
-                    ann(m, p, "backbone", out_gate=cg if name == "conv1" else None,
-                        in_gate=cg if name == "conv2" else None, layer_gate=lg)
-        for shared in (self.layer_gate, self.channel_rnn):
-            if shared is not None:
-                for m in shared.modules():  # block re-set before every call (one spec per call)
-                    ann(m, "", "gate")
-        for i, e in enumerate(self.exits):
-            for m in e.modules():
-                ann(m, f"exits.{i}", "exit")
+            self._annotate_gated_block(f"blocks.{j}", b)
+        self._annotate_shared_gates_and_exits()
 
     # ------------------------------------------------------------------ dense (training) path
     def _forward_dense(self, x, force):
-        from ddi_hw.models.output import DynamicOutput
-
         n = x.shape[0]
         h = self.stem(x)
         lstate = self.layer_gate.init_state(n, x) if self.layer_gate is not None else None
@@ -255,40 +234,16 @@ class CifarResNet(DynamicNet):
         exit_at = {p: i for i, p in enumerate(self.exit_positions)}
         jb = 0
         for j, b in enumerate(self.blocks):
-            Lj, pj = ones, ones
-            if b.skippable:
-                if b.lgate is not None:
-                    self.layer_gate.at_block(f"blocks.{j}")
-                    lstate = self.layer_gate.step(b.lgate(h), lstate)
-                    logit = self.layer_gate.logit(lstate[0])
-                    pj, Lj = torch.sigmoid(logit), hard_decision(logit)
-                if Lf is not None:
-                    Lj = torch.as_tensor(Lf[:, jb], dtype=h.dtype)
-                jb += 1
+            Lj, pj, lstate, jb = self._dense_layer_decision(b, f"blocks.{j}", h, lstate, Lf, jb, ones)
             mask, kj = None, ones * b.conv1.out_channels
             if b.cgate is not None:
-                name = f"blocks.{j}.cgate"
-                if cstate is not None:
-                    self.channel_rnn.at_block(f"blocks.{j}", b.cgate.ddi_layer_gate)
-                logit, new = b.cgate(h, self.channel_rnn, cstate)
-                if cstate is not None:  # RNN channel gate: state advances only where the block runs
-                    cstate = tuple(torch.lerp(o, a, Lj[:, None]) for a, o in zip(new, cstate))
-                mask = hard_decision(logit)
-                if name in chf:
-                    mask = torch.as_tensor(chf[name], dtype=h.dtype)
-                channels[name], cprobs[name] = mask * Lj[:, None], torch.sigmoid(logit)
-                kj = mask.sum(1)
+                mask, kj, cstate = self._dense_channel_gate(b, f"blocks.{j}", h, cstate, Lj, chf, channels, cprobs)
             y = b(h, mask)
             h = y if Lj is ones else torch.lerp(h, y, Lj[:, None, None, None])  # L*y + (1-L)*h
             L_cols.append(Lj), p_cols.append(pj), k_cols.append(kj)
             if j in exit_at:
                 exit_logits.append(self.exits[exit_at[j]](h))
-        logits = self.fc(h.mean((2, 3)))
-        L, P = torch.stack(L_cols, 1), torch.stack(p_cols, 1)
-        skip = self.skippable_idx
-        return DynamicOutput(logits=logits, exit_logits=exit_logits, layer_decisions=L[:, skip],
-                             layer_probs=P[:, skip], channel_decisions=channels, channel_probs=cprobs,
-                             block_run=L, block_active=torch.stack(k_cols, 1))
+        return self._dense_output(self.fc(h.mean((2, 3))), exit_logits, L_cols, p_cols, k_cols, channels, cprobs)
 
     # ------------------------------------------------------------------ sparse (inference) path
     def _sparse_blocks(self):
@@ -337,20 +292,8 @@ class CifarResNet(DynamicNet):
                 hx = h if ex is None else h.index_select(0, ex)
                 idx = run.sub(ex)
                 mask = None
-                if cgate is not None and not gates:
-                    mask = chf[name] if idx is None else chf[name][idx]
-                    run.channel(name, j, idx, mask, None)
-                elif cgate is not None:
-                    sub = None if cstate is None or ex is None else tuple(s.index_select(0, ex) for s in cstate)
-                    logit, new = cgate.sparse(hx, self.channel_rnn, cstate if ex is None else sub)
-                    if cstate is not None:
-                        cstate = new if ex is None else tuple(s.index_copy(0, ex, t) for s, t in zip(cstate, new))
-                    if name in chf:
-                        src = chf[name]
-                        mask = src if idx is None else src[idx]
-                    else:
-                        mask = (logit > 0).float()
-                    run.channel(name, j, idx, mask, logit)
+                if cgate is not None:
+                    mask, cstate = self._sparse_channel_mask(cgate, name, j, hx, ex, idx, cstate, chf, gates, run)
                 y = b.sparse(hx, mask, self.max_channel_groups)
                 h = y if ex is None else h.index_copy(0, ex, y)
             if j in exit_at:

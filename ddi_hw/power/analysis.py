@@ -35,14 +35,23 @@ def read_power(path: Path) -> tuple[pd.DataFrame, int]:
     return good, n_lines - len(good)
 
 
-def read_windows(path: Path) -> pd.DataFrame:
+def read_csv_checked(path: Path, columns: list[str], not_found: str) -> pd.DataFrame:
+    """A CSV that must exist and hold `columns`; `not_found` is the message when it is absent
+    ({path} is filled in). One place for the checks every measurement file needs."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"windows file {path} not found: the board driver writes it while running")
+        raise UserError(not_found.format(path=path))
     df = pd.read_csv(path)
-    missing = [c for c in WINDOW_HEADER if c not in df.columns]
+    missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise UserError(f"{path} lacks columns {missing}; expected {WINDOW_HEADER}")
+        raise UserError(f"{path} lacks columns {missing}; expected {columns}")
+    return df
+
+
+def read_windows(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    df = read_csv_checked(path, WINDOW_HEADER,
+                          "windows file {path} not found: the board driver writes it while running")
     if (df["end_mono_s"] < df["start_mono_s"]).any():
         raise UserError(f"{path} has windows that end before they start; re-record them")
     return df.sort_values("start_mono_s").reset_index(drop=True)
