@@ -61,6 +61,8 @@ CONFIG_SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "hardware": ("eyeriss-65nm", "a hardware preset name", lambda v: isinstance(v, str)),
     "target_saving": (0.5, "a fraction in [0, 1)", lambda v: isinstance(v, _num) and 0 <= v < 1),
     "seed": (0, "an integer", lambda v: isinstance(v, int)),
+    "threads": (0, "an integer >= 0 (torch CPU threads per process; 0 = cores / processes)",
+                lambda v: isinstance(v, int) and v >= 0),
     "log_every": (10, "a positive integer", lambda v: isinstance(v, int) and v > 0),
     "eval_every": (0, "an integer >= 0 (0 = only at the end)", lambda v: isinstance(v, int) and v >= 0),
     "ckpt_every": (200, "a positive integer", lambda v: isinstance(v, int) and v > 0),
@@ -299,7 +301,9 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2**32)
     random.seed(cfg["seed"])
-    if world > 1:
+    if cfg["threads"]:  # e.g. 1 each for two runs side by side on a 2-core machine
+        torch.set_num_threads(cfg["threads"])
+    elif world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     ds = load_dataset(cfg["dataset"], data_dir)
@@ -340,7 +344,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     metrics_path = out_dir / "metrics.csv"
     if resume:
         state = ck.load_resume(out_dir, model, optimizer)
-        changed = [k for k in cfg if k not in ("eval_every", "log_every", "ckpt_every", "description")
+        changed = [k for k in cfg if k not in ("eval_every", "log_every", "ckpt_every", "description", "threads")
                    and state["config"].get(k) != cfg[k]]
         if changed:
             k = changed[0]
@@ -504,10 +508,13 @@ def train_command(
     steps: Optional[int] = typer.Option(None, help="override the number of training steps"),
     init: Optional[str] = typer.Option(None, help="run directory of the previous stage (iadi/ddi)"),
     dataset: Optional[str] = typer.Option(None, help="override the data set: cifar10|imagenet|smoke"),
+    lr: Optional[float] = typer.Option(None, help="override the peak learning rate"),
+    alpha: Optional[float] = typer.Option(None, help="override alpha, the weight of the resource loss"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = cores / processes)"),
 ) -> None:
     """Train a static backbone, IADI or DDI model from a recipe."""
     overrides = {"resource": resource, "hardware": hardware, "target_saving": target_saving, "init": init,
-                 "dataset": dataset, "steps": steps}
+                 "dataset": dataset, "steps": steps, "lr": lr, "alpha": alpha, "threads": threads}
     cfg_path = Path(config)
     cfg = load_config(cfg_path, overrides)
     out_dir = out or Path("runs") / cfg_path.stem

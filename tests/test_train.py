@@ -38,6 +38,10 @@ def test_config_validation(tmp_path):
     p.write_text("arch: resnet14\nepochs: 2\n")
     c = load_config(p, {"steps": 5, "resource": "energy"})  # --steps replaces epochs
     assert c["steps"] == 5 and c["epochs"] is None and c["resource"] == "energy" and c["lr"] == 0.05
+    c = load_config(p, {"lr": 0.01, "alpha": 2.0, "threads": 1, "steps": None})  # --lr/--alpha/--threads
+    assert (c["lr"], c["alpha"], c["threads"], c["epochs"]) == (0.01, 2.0, 1, 2)
+    with pytest.raises(UserError, match="'threads' is -1"):
+        validate_config({"arch": "resnet14", "steps": 1, "threads": -1})
 
 
 def test_every_shipped_config_is_valid():

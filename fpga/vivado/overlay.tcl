@@ -35,13 +35,14 @@ apply_bd_automation -rule xilinx.com:bd_rule:axi4 -config {Master "/ps7/M_AXI_GP
     [get_bd_intf_pins ddi_engine_0/s_axi_control]
 apply_bd_automation -rule xilinx.com:bd_rule:axi4 -config {Master "/ps7/M_AXI_GP0" Clk "Auto"} \
     [get_bd_intf_pins marker_gpio/S_AXI]
-# data path: engine m_axi_gmem0/1/2 -> one SmartConnect -> PS S_AXI_HP0 (DDR)
+# data path: engine m_axi_gmem0/1/2 -> one SmartConnect -> PS S_AXI_HP0 (DDR). Automation only applies
+# to an unconnected interface: S_AXI_HP0 is connected after the first call, so target each master.
 set first 1
 foreach m {m_axi_gmem0 m_axi_gmem1 m_axi_gmem2} {
     set intc [expr {$first ? "New AXI SmartConnect" : "/axi_smc"}]
     apply_bd_automation -rule xilinx.com:bd_rule:axi4 -config [list Clk_master {Auto} Clk_slave {Auto} \
         Clk_xbar {Auto} Master "/ddi_engine_0/$m" Slave {/ps7/S_AXI_HP0} ddr_seg {Auto} intc_ip $intc \
-        master_apm {0}] [get_bd_intf_pins ps7/S_AXI_HP0]
+        master_apm {0}] [get_bd_intf_pins ddi_engine_0/$m]
     set first 0
 }
 # measurement marker: GPIO bit 0 -> PMOD JA1 (constraints in zedboard_marker.xdc)
