@@ -53,6 +53,8 @@ CONFIG_SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "batch_size": (128, "a positive integer", lambda v: isinstance(v, int) and v > 0),
     "eval_batch_size": (500, "a positive integer", lambda v: isinstance(v, int) and v > 0),
     "lr": (0.05, "a positive number", lambda v: isinstance(v, _num) and v > 0),
+    "gate_lr_mult": (1.0, "a positive number (gate learning rate = lr * this, IADI/DDI)",
+                     lambda v: isinstance(v, _num) and v > 0),
     "lr_schedule": ("cosine", "cosine|constant", lambda v: v in ("cosine", "constant")),
     "momentum": (0.9, "a number in [0, 1)", lambda v: isinstance(v, _num) and 0 <= v < 1),
     "weight_decay": (1e-4, "a number >= 0", lambda v: isinstance(v, _num) and v >= 0),
@@ -336,7 +338,13 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     gate_names = gate_parameter_names(model) if cfg["stage"] == "iadi" else set()
     if cfg["stage"] == "iadi" and not gate_names:
         raise UserError(f"stage iadi: model {cfg['arch']} has no gate parameters; enable layer_gates or channel_gates")
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+    # Gates start from scratch on a pre-trained backbone: they may learn faster (gate_lr_mult) so the
+    # target saving is reached early and the rest of the run, at a gentle backbone lr, recovers accuracy.
+    gate_set = gate_parameter_names(model) if cfg["stage"] != "static" else set()
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if n not in gate_set], "lr_mult": 1.0},
+              {"params": [p for n, p in named if n in gate_set], "lr_mult": float(cfg["gate_lr_mult"])}]
+    optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"])
 
     state = {"step": 0, "phase": "gates" if cfg["stage"] == "iadi" and cfg["gate_steps"] > 0 else "main",
@@ -418,7 +426,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                     return {"stopped_at": state["step"]}
                 lr = lr_at(cfg, phase_step, main_steps, phase)
                 for g in optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g["lr_mult"]
                 x, y = train_batch(ds, state["step"], cfg["batch_size"], cfg["seed"], rank, world)
                 out = net(x, mode="dense")
                 loss_ce = torch.nn.functional.cross_entropy(out.logits, y)

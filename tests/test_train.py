@@ -105,6 +105,32 @@ def test_gates_only_step_keeps_backbone_frozen(tmp_path):
     assert gate_keys and any(not torch.equal(after[k], fresh[k]) for k in gate_keys)  # gates trained
 
 
+def test_gate_lr_mult_scales_only_the_gate_update(tmp_path):
+    """One plain-SGD step from the same start: gates move exactly m times further, the rest equally."""
+    static = tmp_path / "static"
+    train(cfg(steps=2), static, show_progress=False)
+    base = cfg(stage="iadi", init=str(static), steps=1, gate_steps=0, alpha=0.5, momentum=0.0,
+               weight_decay=0.0, lr_schedule="constant")
+    train(base, tmp_path / "m1", show_progress=False)
+    train({**base, "gate_lr_mult": 4.0}, tmp_path / "m4", show_progress=False)
+    from ddi_hw.models import create_model
+    from ddi_hw.train import gate_parameter_names
+
+    torch.manual_seed(3)  # the seed train() uses before building the model: the gates' start
+    start = create_model("resnet14", layer_gates=True, channel_gates=True)
+    start.load_state_dict(_weights(static), strict=False)
+    start_sd = start.state_dict()
+    gates = gate_parameter_names(start)
+    m1, m4 = _weights(tmp_path / "m1"), _weights(tmp_path / "m4")
+    moved = 0
+    for k in dict(start.named_parameters()):
+        d1, d4 = m1[k] - start_sd[k], m4[k] - start_sd[k]
+        want = 4.0 * d1 if k in gates else d1
+        assert torch.allclose(d4, want, rtol=1e-4, atol=2e-6), k  # float32 rounding of w + dw
+        moved += int(k in gates and d1.abs().max() > 0)
+    assert moved > 0
+
+
 def test_alpha_sign_flip_moves_saving_to_target(tmp_path):
     static = tmp_path / "static"
     train(cfg(steps=30, lr=0.1), static, show_progress=False)
