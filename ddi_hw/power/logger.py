@@ -6,7 +6,10 @@ Why it is built this way:
   * intervals come from time.monotonic (immune to NTP steps); wall time is recorded too and a
     disagreement between the two is counted as a clock jump;
   * garbage lines, silent gaps, timeouts and disconnects are counted, never fatal: a lost meter
-    is reopened with exponential backoff on the same path (use /dev/serial/by-id/... on a host).
+    is reopened with exponential backoff on the same path (use /dev/serial/by-id/... on a host);
+  * binary meters (fixed-length answer frames) go through the same loop: the source cuts frames
+    out of the byte stream, resynchronising on the frame start and end marker, and the bytes it
+    skips are counted as garbage_bytes; text and frames share one parser slot and one writer.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ class Counters:
 
     samples: int = 0
     batches: int = 0
-    garbage_lines: int = 0
+    garbage_lines: int = 0  # unparseable lines, or rejected frames of a binary meter
+    garbage_bytes: int = 0  # binary meters: bytes skipped while resynchronising on a frame
     timeouts: int = 0
     gaps: int = 0
     gap_seconds: float = 0.0
@@ -94,8 +98,37 @@ def _opt(x: float | None) -> str:
     return "" if x is None else repr(float(x))
 
 
+def split_frames(buf: bytes, start: bytes, length: int,
+                 ok: Callable[[bytes], bool]) -> tuple[list[bytes], int, bytes]:
+    """Cut fixed-length frames out of a byte stream: (candidates, dropped, rest).
+
+    A candidate is `length` bytes beginning with `start`. A good one (`ok`) is consumed whole; a
+    bad one is still returned, so the parser rejects and counts it, but only its first byte is
+    consumed, so a real frame beginning inside it is not lost. Bytes that cannot begin a frame
+    are dropped and counted; `rest` is a possible frame start still waiting for its bytes.
+    """
+    out, dropped, i, n = [], 0, 0, len(buf)
+    while True:
+        j = buf.find(start, i)
+        if j < 0:  # no start left; keep a tail that may be the first bytes of one
+            k = max(i, n - len(start) + 1)
+            while k < n and not start.startswith(buf[k:]):
+                k += 1
+            return out, dropped + k - i, buf[k:]
+        dropped += j - i
+        if n - j < length:
+            return out, dropped, buf[j:]
+        frame = buf[j:j + length]
+        out.append(frame)
+        if ok(frame):
+            i = j + length
+        else:
+            i, dropped = j + 1, dropped + 1
+
+
 class SerialSource:
-    """A serial meter (pyserial). Streaming profiles push lines; polled ones answer a query."""
+    """A serial meter (pyserial). Streaming profiles push lines; polled ones answer a query;
+    binary ones answer a request with a fixed-length frame."""
 
     def __init__(self, port: str, profile: MeterProfile, timeout: float = 0.5,
                  baudrate: int | None = None):
@@ -104,6 +137,7 @@ class SerialSource:
         self.ser = None
         self._buf = b""
         self.idle = False  # the last read() got no bytes at all (counted as a timeout)
+        self.dropped_bytes = 0  # binary profiles: skipped bytes not yet taken by the logger
         self.errors: tuple[type[BaseException], ...] = (OSError,)
 
     @property
@@ -130,9 +164,16 @@ class SerialSource:
                 pass
         self.ser = None
 
-    def read(self) -> list[tuple[str, float, float]]:
-        """Complete lines with host (mono, wall) stamps; [] on timeout. Raises on disconnect."""
+    def take_dropped(self) -> int:
+        n, self.dropped_bytes = self.dropped_bytes, 0
+        return n
+
+    def read(self) -> list[tuple[str | bytes, float, float]]:
+        """Complete lines (or frames) with host (mono, wall) stamps; [] on timeout.
+        Raises on disconnect."""
         p = self.profile
+        if p.binary:
+            return self._read_frames()
         if p.query is None:
             data = self.ser.read(max(1, self.ser.in_waiting))
             self.idle = not data
@@ -156,6 +197,35 @@ class SerialSource:
         self._buf += data
         *done, self._buf = self._buf.split(b"\n")
         return [(d.decode("ascii", "replace"), mono, wall) for d in done]
+
+    def _read_frames(self) -> list[tuple[bytes, float, float]]:
+        """Send the request; read until a good frame, a complete garbage answer, or the timeout.
+
+        Reads are partial, so bytes accumulate in the buffer across calls; candidates that fail
+        their end-marker check are returned too (the parser counts them as garbage).
+        """
+        p = self.profile
+        t0m, t0w = time.monotonic(), time.time()
+        self.ser.write(p.request)
+        self.idle = False
+        deadline, got, out = t0m + self.timeout, 0, []
+        while True:
+            data = self.ser.read(max(1, self.ser.in_waiting))
+            got += len(data)
+            frames, dropped, self._buf = split_frames(self._buf + data, p.frame_start,
+                                                      p.frame_len, p.frame_ok)
+            self.dropped_bytes += dropped
+            if frames:
+                # stamped at the middle of the request/answer exchange, like polled SCPI
+                m, w = time.monotonic(), time.time()
+                out += [(f, (t0m + m) / 2, (t0w + w) / 2) for f in frames]
+            if any(p.frame_ok(f) for f in frames):
+                return out
+            if got >= p.frame_len and not self._buf:
+                return out  # a whole answer arrived and none of it was a frame: don't wait
+            if time.monotonic() >= deadline:
+                self.idle = not out
+                return out
 
 
 class VisaSource:
@@ -265,13 +335,15 @@ class PowerLogger:
                     self.source.close()
                     connected = False
                     continue
+                finally:
+                    c.garbage_bytes += self._take_dropped()
                 if not lines and getattr(self.source, "idle", True):
                     c.timeouts += 1
                 n_before = c.samples
-                for text, mono, wall in lines:
+                for raw, mono, wall in lines:  # raw: a text line, or a frame of a binary meter
                     mono, wall = self.clock(mono, wall)
                     try:
-                        r = self.parse(text, self.shunt)
+                        r = self.parse(raw, self.shunt)
                     except ValueError:
                         c.garbage_lines += 1
                         continue
@@ -304,7 +376,12 @@ class PowerLogger:
 
     @property
     def source_is_polled(self) -> bool:
-        return getattr(getattr(self.source, "profile", None), "query", "visa") is not None
+        profile = getattr(self.source, "profile", None)
+        return profile is None or profile.polled  # no profile: VISA, always polled
+
+    def _take_dropped(self) -> int:
+        take = getattr(self.source, "take_dropped", None)
+        return take() if take is not None else 0
 
     def _flush(self, sink: PowerCsv, rows: list[tuple], on_batch) -> None:
         sink.append(rows)
