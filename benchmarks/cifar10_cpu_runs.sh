@@ -20,12 +20,12 @@ iadi() {  # name resource target steps
   ddi-hw train --config $C/resnet38_iadi.yaml --init "$OUT/resnet38_static" --data-dir "$D" --out "$OUT/$1" \
     --resource $2 --hardware zedboard --target-saving $3 --steps $4 $T
 }
-iadi iadi_flops50 flops 0.5 800
+iadi iadi_flops50 flops 0.5 1000
 for t in 30 40 60 70 80; do iadi iadi_flops$t flops 0.$t 600; done
 iadi iadi_energy50 energy 0.5 600
 
 # DDI: exits added to the 50 % IADI model, trained on L_o + sum_i L_i (+ alpha E)
-ddi-hw train --config $C/resnet38_ddi.yaml --init "$OUT/iadi_flops50" --data-dir "$D" --out "$OUT/ddi" --steps 1000 $T
+ddi-hw train --config $C/resnet38_ddi.yaml --init "$OUT/iadi_flops50" --data-dir "$D" --out "$OUT/ddi" --steps 400 $T
 
 # Evaluation: accuracy vs FLOPs/energy, budgets at the static baselines' costs (Table II), Table I
 ddi-hw eval "$OUT"/resnet{14,20,26,38}_static "$OUT"/iadi_* "$OUT/ddi" --data-dir "$D" --hardware zedboard --out "$OUT/eval"
