@@ -248,7 +248,9 @@ def _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_si
                           layer_gated=bool(side["model"].get("layer_gates")))
             correct = res["pred"] == res["label"]
             fits = statics[statics[col] <= b * (1 + 1e-9)]
-            base = fits.iloc[-1] if len(fits) else None
+            # the real competitor: the most accurate static net within the budget (at short schedules a
+            # shallower net can beat a deeper one, so "the most expensive that fits" would flatter DDI)
+            base = fits.loc[fits["accuracy"].idxmax()] if len(fits) else None
             exit_taken = res["exit_taken"] if res["exit_taken"] is not None else np.full(len(correct), -1)
             row = {"run": name, "metric": budget_metric, "budget": b, "accuracy": float(correct.mean()),
                    "mean_cost": float(res[f"cost_{budget_metric}"].mean()),
