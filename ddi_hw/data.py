@@ -14,6 +14,7 @@ Why it looks like this:
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import tarfile
@@ -159,7 +160,16 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
         return ImageSet(torch.from_numpy(x.copy()), torch.from_numpy(y))
 
     return Dataset("cifar10", split(CIFAR10_TRAIN_FILES), split(CIFAR10_TEST_FILES), 10, 32,
-                   CIFAR10_MEAN, CIFAR10_STD, pad=4, description=f"CIFAR-10 from {data_dir}")
+                   CIFAR10_MEAN, CIFAR10_STD, pad=4, description=f"CIFAR-10 sha256:{files_digest(raw)}")
+
+
+def files_digest(raw: dict[str, bytes]) -> str:
+    """Short content digest of a data set's files (name + bytes): runs name their data by it, not by
+    the path it had on the machine that trained them."""
+    h = hashlib.sha256()
+    for name in sorted(raw):
+        h.update(name.encode() + b"\0" + hashlib.sha256(raw[name]).digest())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- smoke set
@@ -248,7 +258,8 @@ def load_imagenet(data_dir: str | Path) -> Dataset:
     train = ImageFolder(root / "train", store=256)
     test = ImageFolder(root / "val", classes=train.classes, store=224)
     return Dataset("imagenet", train, test, len(train.classes), 224, IMAGENET_MEAN, IMAGENET_STD, pad=0,
-                   description=f"ImageNet from {root}")
+                   description=f"ImageNet class-per-folder ({len(train)} train / {len(test)} val images, "
+                               f"{len(train.classes)} classes)")
 
 
 def load_dataset(name: str, data_dir: str | Path | None) -> Dataset:

@@ -1,4 +1,5 @@
-"""Training: config validation, bit-exact resume, the alpha sign flip, and 2-process DDP."""
+"""Training: config validation, bit-exact resume, lr schedules, the alpha rules (paper's sign flip and
+dual ascent), target-miss warnings, no machine paths in run metadata, and 2-process DDP."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +13,7 @@ import torch
 
 from ddi_hw import checkpoint as ck
 from ddi_hw.errors import UserError
-from ddi_hw.train import load_config, train, validate_config
+from ddi_hw.train import TARGET_TOL, load_config, lr_at, next_alpha, target_miss, train, validate_config
 
 TINY = dict(arch="resnet14", dataset="smoke", batch_size=16, eval_batch_size=150, eval_limit=150,
             log_every=1, ckpt_every=1000, lr=0.05, seed=3)
@@ -135,8 +136,8 @@ def test_alpha_sign_flip_moves_saving_to_target(tmp_path):
     static = tmp_path / "static"
     train(cfg(steps=30, lr=0.1), static, show_progress=False)
     run = tmp_path / "iadi"
-    train(cfg(stage="iadi", init=str(static), steps=40, gate_steps=0, alpha=2.0, target_saving=0.4, lr=0.1),
-          run, show_progress=False)
+    train(cfg(stage="iadi", init=str(static), steps=40, gate_steps=0, alpha=2.0, target_saving=0.4, lr=0.1,
+              alpha_rule="sign"), run, show_progress=False)
     with open(run / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
     saving = [float(r["saving"]) for r in rows]
@@ -193,3 +194,81 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "unknown key 'momentun'" in res.stderr
+
+
+def test_lr_schedule_warmup_then_decay_by_hand():
+    c = cfg(steps=100, lr=0.2, warmup_frac=0.1)
+    assert [lr_at(c, i, 100, "main") for i in (0, 4, 9)] == pytest.approx([0.02, 0.1, 0.2])
+    assert lr_at(c, 10, 100, "main") == pytest.approx(0.2)  # cosine starts after the warm-up
+    assert lr_at(c, 55, 100, "main") == pytest.approx(0.1)  # half-way through the 90 cosine steps
+    assert lr_at(c, 100, 100, "main") == pytest.approx(0.0, abs=1e-12)
+    lin = {**c, "lr_schedule": "linear"}
+    assert lr_at(lin, 55, 100, "main") == pytest.approx(0.1) and lr_at(lin, 32, 100, "main") == pytest.approx(
+        0.2 * (1 - 22 / 90))
+    assert lr_at({**c, "lr_schedule": "constant"}, 60, 100, "main") == 0.2
+    assert lr_at(c, 3, 100, "gates") == 0.2  # IADI step 1: constant
+
+
+def test_dual_alpha_is_bounded_integral_plus_proportional():
+    c = cfg(steps=1, alpha=1.0, alpha_gain=0.1)
+    st: dict = {}
+    a1 = next_alpha(c, st, saving=0.2, goal=0.5, phase="main")  # error 0.3
+    assert st["alpha_integral"] == pytest.approx(0.03) and a1 == pytest.approx(min(1.0, 0.03 + 5 * 0.3))
+    a2 = next_alpha(c, st, saving=0.6, goal=0.5, phase="main")  # overshoot: integral shrinks, P pulls back
+    assert st["alpha_integral"] == pytest.approx(0.02) and a2 == pytest.approx(0.02 - 5 * 0.1)
+    for _ in range(200):
+        a = next_alpha(c, st, saving=-0.1, goal=0.8, phase="main")
+    assert a == 1.0 and st["alpha_integral"] == 1.0  # bounded by |alpha|
+    assert next_alpha(c, st, saving=0.1, goal=0.0, phase="gates") == -1.0  # step 1: the sign rule
+    assert next_alpha({**c, "alpha_rule": "sign"}, {}, saving=0.1, goal=0.5, phase="main") == 1.0
+
+
+def _plant(rule: str, target: float, bound: float, steps: int = 1500, force: float = 1.0) -> list[float]:
+    """A stand-in for gates under SGD: a logit bias b integrates (alpha - force), where `force` is the
+    cross-entropy's pull towards running blocks; sample i skips when b > t_i (t_i spread over [-1, 1]);
+    the saving is 0.6 x the skipped fraction of a 64-sample batch minus 0.1 of gate overhead."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    thresholds = np.linspace(-1, 1, 1000)
+    c = cfg(steps=1, alpha=bound, alpha_rule=rule)
+    st: dict = {}
+    b, out = -1.5, []
+    for _ in range(steps):
+        saving = 0.6 * float((b > rng.choice(thresholds, 64)).mean()) - 0.1
+        out.append(saving)
+        b += 0.01 * (next_alpha(c, st, saving, target, "main") - force)
+    return out
+
+
+def test_dual_rule_holds_targets_the_sign_rule_cannot_reach():
+    # the reported failure: a fixed |alpha| weaker than the pull of the loss never reaches the target
+    assert max(_plant("sign", 0.4, bound=0.5)[-300:]) < 0.0
+    for target in (0.1, 0.25, 0.4):  # the same default setting (bound 5, default gain) for every target
+        late = _plant("dual", target, bound=5.0)[-500:]
+        assert abs(sum(late) / len(late) - target) < 0.03, target
+
+
+def test_dual_rule_moves_the_real_gates_towards_the_target(tmp_path):
+    static = tmp_path / "static"
+    train(cfg(steps=30, lr=0.1), static, show_progress=False)
+    run = tmp_path / "iadi"
+    train(cfg(stage="iadi", init=str(static), steps=40, gate_steps=0, target_saving=0.4, lr=0.1),
+          run, show_progress=False)
+    with open(run / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    saving = [float(r["saving"]) for r in rows]
+    alphas = [float(r["alpha"]) for r in rows]
+    assert saving[0] < 0.1 and max(saving) > 0.2  # all gates open at first, then blocks are skipped
+    assert alphas[1] > alphas[0] > 0 and max(alphas) <= 5.0  # alpha rose while below the target, bounded
+    side = ck.load_model_state(run)[1]
+    assert side["init"]["run"] == "../static" and side["config"]["init"] == "../static"  # no machine paths
+    assert str(tmp_path) not in (run / "model.json").read_text()
+
+
+def test_target_miss_is_named_with_the_fix():
+    c = cfg(stage="iadi", init="x", steps=1, target_saving=0.5)
+    assert target_miss(c, {"saving": 0.5 + TARGET_TOL * 0.9}) is None
+    msg = target_miss(c, {"saving": 0.43})
+    assert "0.430" in msg and "0.5" in msg and "alpha" in msg
+    assert target_miss(cfg(steps=1), {"saving": 0.0}) is None  # static runs have no target
