@@ -17,10 +17,12 @@ writes files.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -583,13 +585,29 @@ def train_command(
     cfg_path = Path(config)
     cfg = load_config(cfg_path, overrides)
     out_dir = out or Path("runs") / cfg_path.stem
-    final = train(cfg, out_dir, data_dir=data_dir, resume=resume)
+    with stop_signals_interrupt():
+        final = train(cfg, out_dir, data_dir=data_dir, resume=resume)
     if final:
         typer.echo(f"{out_dir}: test acc {final['acc']:.4f}, {cfg['resource']} saving {final['saving']:.3f}, "
                    f"skip ratio {final['skip_ratio']:.3f} ({final['step']} steps)")
         miss = target_miss(cfg, final)
         if miss:
             typer.echo(f"warning: {miss}", err=True)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """SIGTERM, and SIGINT even where a shell started us in the background with SIGINT ignored, end the
+    run like Ctrl-C: the resume file and the logged metrics are written, then the command exits 130."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def target_miss(cfg: dict[str, Any], final: dict[str, Any]) -> str | None:

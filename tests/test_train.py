@@ -272,3 +272,37 @@ def test_target_miss_is_named_with_the_fix():
     msg = target_miss(c, {"saving": 0.43})
     assert "0.430" in msg and "0.5" in msg and "alpha" in msg
     assert target_miss(cfg(steps=1), {"saving": 0.0}) is None  # static runs have no target
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_background_run_stops_on_signal_with_resume_saved(tmp_path, sig):
+    """Started from a script in the background (SIGINT ignored, as bash does for `cmd &`), the run
+    still stops on SIGTERM/SIGINT, writes the resume file and the metrics so far, and exits 130."""
+    import signal
+    import time
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("arch: resnet14\ndataset: smoke\nsteps: 100000\nbatch_size: 8\nlog_every: 1\nckpt_every: 100000\n")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ddi_hw.cli", "train", "--config", str(conf), "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 300
+    for line in proc.stdout:  # plain progress lines (no terminal): wait until steps are running
+        if line.startswith("step 20/") or time.time() > deadline:
+            break
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in out + err, (out, err)
+    step = ck.load_resume(run, *_model_and_opt(run))["step"]
+    assert step >= 20
+    with open(run / "metrics.csv") as f:
+        assert int(list(csv.DictReader(f))[-1]["step"]) == step  # every logged step up to the stop
+
+
+def _model_and_opt(run):
+    from ddi_hw.models import create_model
+
+    m = create_model("resnet14", num_classes=10, layer_gates=False, channel_gates=False, exits=False)
+    return m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
