@@ -23,8 +23,8 @@ def main() -> None:
     from rich.progress import track
 
     from ddi_hw import csim
-    from ddi_hw.checkpoint import atomic_write_text
     from ddi_hw.fixedpoint import conv_layer
+    from energy_models.atomic import atomic_write_text
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/out/fpga_mask_sweep")

@@ -416,8 +416,8 @@ def run_command(
     import json
     from pathlib import Path
 
-    from ddi_hw.checkpoint import atomic_write_text
     from ddi_hw.export import load_bundle, test_images
+    from energy_models.atomic import atomic_write_text
 
     b = load_bundle(bundle)
     name = dataset or b.manifest.get("dataset")

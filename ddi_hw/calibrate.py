@@ -12,13 +12,18 @@ these measurements: it is reported, not silently trusted.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ddi_hw.errors import UserError
+from energy_models.atomic import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 COUNT_COLUMNS = ["dram_accesses", "sram_accesses", "noc_accesses", "rf_accesses", "macs", "cycles"]
 MEASUREMENT_COLUMNS = ["config", *COUNT_COLUMNS, "energy_j"]
@@ -239,16 +244,13 @@ def calibrate_command(
     base_text, _ = _read(str(hardware))
     text = calibrated_preset_text(base_text, preset.name, result, Path(measurements).name)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    load_preset(tmp)  # never leave a preset behind that the loader would refuse
-    os.replace(tmp, out)
+    with atomic_path(out, suffix=".yaml") as tmp:
+        tmp.write_text(text)
+        load_preset(tmp)  # never leave a preset behind that the loader would refuse
     fit_csv = out.with_suffix(".fit.csv")
     rows = result.summary().assign(base=[base[c] for c in COEFFICIENTS],
                                    kept_from_base=[c in result.fixed for c in COEFFICIENTS])
-    rows.to_csv(fit_csv.with_name(fit_csv.name + ".tmp"), index=False)
-    os.replace(fit_csv.with_name(fit_csv.name + ".tmp"), fit_csv)
+    atomic_write_text(fit_csv, rows.to_csv(index=False))
     typer.echo(f"wrote {out} and {fit_csv}")
 
 

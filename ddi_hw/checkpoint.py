@@ -11,43 +11,21 @@ A run directory holds:
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from safetensors import safe_open
 
 from ddi_hw.errors import UserError
+from energy_models.atomic import atomic_write_bytes, atomic_write_text
 
 FORMAT = "ddi-hw-checkpoint/1"
 MODEL_FILE, SIDECAR_FILE, RESUME_FILE = "model.safetensors", "model.json", "resume.safetensors"
-
-
-def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace (never a torn file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

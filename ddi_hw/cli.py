@@ -9,7 +9,15 @@ import sys
 
 import typer
 
+from ddi_hw.backends import run_command
+from ddi_hw.calibrate import calibrate_command
 from ddi_hw.errors import UserError
+from ddi_hw.evaluate import eval_command
+from ddi_hw.export import export_command
+from ddi_hw.power.cli import power_app
+from ddi_hw.profile_cmd import profile_command
+from ddi_hw.table1 import table1_command
+from ddi_hw.train import train_command
 
 app = typer.Typer(
     add_completion=False,
@@ -18,16 +26,15 @@ app = typer.Typer(
     help="Energy-aware dual dynamic inference: profile, train, evaluate, export, run, measure.",
 )
 
-# --- command registrations (one line each; keep the order of the pipeline) ---
-from ddi_hw.power.cli import power_app; app.add_typer(power_app, name="power")
-from ddi_hw.train import train_command; app.command("train")(train_command)
-from ddi_hw.evaluate import eval_command; app.command("eval")(eval_command)
-from ddi_hw.calibrate import calibrate_command; app.command("calibrate")(calibrate_command)
-from ddi_hw.table1 import table1_command; app.command("table1")(table1_command)
-from ddi_hw.export import export_command; app.command("export")(export_command)
-from ddi_hw.backends import run_command; app.command("run")(run_command)
-from ddi_hw.profile_cmd import profile_command; app.command("profile")(profile_command)
-# @@COMMANDS@@
+# --- command registrations (keep the order of the pipeline) ---
+app.add_typer(power_app, name="power")
+app.command("train")(train_command)
+app.command("eval")(eval_command)
+app.command("calibrate")(calibrate_command)
+app.command("table1")(table1_command)
+app.command("export")(export_command)
+app.command("run")(run_command)
+app.command("profile")(profile_command)
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ METRIC_UNITS = {"flops": ("MFLOPs", 1e-6), "energy": ("uJ (modelled)", 1e-6), "l
 
 
 def _csv(df, path: Path) -> None:
-    from ddi_hw.checkpoint import atomic_write_text
+    from energy_models.atomic import atomic_write_text
 
     buf = io.StringIO()
     df.to_csv(buf, index=False)
@@ -52,8 +52,9 @@ def _csv(df, path: Path) -> None:
 
 
 def _png(fig, path: Path) -> None:
-    from ddi_hw.checkpoint import atomic_write_bytes
     import matplotlib.pyplot as plt
+
+    from energy_models.atomic import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

@@ -501,7 +501,7 @@ def export_model(model, out_dir: str | Path, calib_images, source: str = "", dat
     float32) and the classifier go to processor.safetensors."""
     from safetensors.numpy import save as st_save
 
-    from ddi_hw.checkpoint import atomic_write_bytes, atomic_write_text
+    from energy_models.atomic import atomic_write_bytes, atomic_write_text
 
     model.eval()
     mc = load_regmap().constants
@@ -593,7 +593,7 @@ def export_command(
     import torch
 
     from ddi_hw.backends import ReferenceBackend, run_images, summarize
-    from ddi_hw.checkpoint import atomic_write_text
+    from energy_models.atomic import atomic_write_text
 
     model, side = load_checkpoint_model(checkpoint)
     name = dataset or side.get("config", {}).get("dataset")

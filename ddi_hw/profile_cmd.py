@@ -8,7 +8,6 @@ a half-written table or destroys an earlier one.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -86,26 +85,22 @@ def _check_writable(out: Path) -> None:
 
 
 def _write_all(df, out: Path, preset) -> None:
-    """Write every file under a temporary name, then move them all into place."""
-    tmp = {}
+    """Write every file under a temporary name, then move them all into place (nothing is
+    replaced unless all four were written)."""
+    from contextlib import ExitStack
+
+    from energy_models.atomic import atomic_path
+
     try:
-        for name in FILES:
-            fd, path = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=Path(name).suffix)
-            os.close(fd)
-            tmp[name] = path
-        df.to_csv(tmp["cost_table.csv"], index=False)
-        df.to_parquet(tmp["cost_table.parquet"], index=False)
-        plot_energy_per_layer(df, tmp["energy_per_layer.png"], preset)
-        plot_energy_vs_channels(df, tmp["energy_vs_channels.png"], preset)
-        for name, path in tmp.items():
-            os.replace(path, out / name)
+        with ExitStack() as stack:
+            tmp = {name: stack.enter_context(atomic_path(out / name, suffix=Path(name).suffix)) for name in FILES}
+            df.to_csv(tmp["cost_table.csv"], index=False)
+            df.to_parquet(tmp["cost_table.parquet"], index=False)
+            plot_energy_per_layer(df, tmp["energy_per_layer.png"], preset)
+            plot_energy_vs_channels(df, tmp["energy_vs_channels.png"], preset)
     except OSError as err:
         raise UserError(f"could not write results to {out} ({err.strerror}); nothing was "
                         "replaced") from None
-    finally:
-        for path in tmp.values():
-            if os.path.exists(path):
-                os.remove(path)
 
 
 def dense_rows(df):

@@ -9,14 +9,14 @@ the wrong register on the board. Everything else is generated from (`regmap.h`) 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import yaml
+
+from energy_models.atomic import atomic_write_text
 
 HEADER_PATH = Path(__file__).resolve().parent.parent / "fpga" / "hls" / "regmap.h"
 
@@ -125,12 +125,8 @@ def generate_header(rm: RegMap | None = None) -> str:
 
 
 def write_header(path: Path = HEADER_PATH) -> Path:
-    """Write the header atomically (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(generate_header())
-    os.replace(tmp, path)
+    """Write the header atomically (a compiler never reads a half-written one)."""
+    atomic_write_text(path, generate_header())
     return path
 
 

@@ -10,13 +10,16 @@ paper.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ddi_hw.errors import UserError
+from energy_models.atomic import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Paper Table I: ResNet74-IADI on CIFAR-10, energy MEASURED on a ZedBoard by the authors.
 PAPER = {"compute_saving_pct": [40.0, 50.0, 60.0, 70.0, 80.0],
@@ -164,10 +167,9 @@ def plot(table: "pd.DataFrame", path: Path) -> None:
     fig.suptitle("Table I: IADI compute vs energy saving vs accuracy" + ("\n" + "; ".join(notes) if notes else ""),
                  fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def table1_command(
@@ -192,9 +194,7 @@ def table1_command(
                         tuple(s.strip() for s in stages.split(",") if s.strip()))
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("table1.csv", table.to_csv(index=False)), ("table1.md", to_markdown(table))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
     plot(table, out / "table1.png")
     typer.echo(to_markdown(table))
     typer.echo(f"wrote {out / 'table1.csv'}, table1.md, table1.png")

@@ -155,8 +155,8 @@ def attach_costs(model, metrics: list[str], hardware: str, input_shape) -> dict[
     """Attach the cost table of `hardware` when energy/latency is needed; return its identity."""
     if all(m == "flops" for m in metrics):
         return {"source": "model", "hardware": None, "sha256": None}
-    from energy_models import profile_model
     from ddi_hw.cost import CostTable
+    from energy_models import profile_model
 
     df = profile_model(model, tuple(input_shape), hardware=hardware)
     model.attach_cost_table(CostTable.from_frame(df))
@@ -293,8 +293,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     """On resume, drop rows logged after the resumed checkpoint (they will be logged again)."""
     if not path.exists():
         return
-    from ddi_hw.checkpoint import atomic_write_text
     import io
+
+    from energy_models.atomic import atomic_write_text
 
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= last_step]
@@ -335,8 +336,9 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     resume file; tests use it to prove that `resume=True` continues exactly. `on_finish(model)` is
     called on every rank with the final model (tests compare the ranks' weights).
     """
-    import numpy as np
     import random
+
+    import numpy as np
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -448,7 +450,14 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                                            "dataset": ds.description, "smoke_test": ds.smoke_test,
                                            "dense_cost": {cfg["resource"]: dense_cost}, "world_size": world})
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     gate_budget = cfg["gate_steps"] if cfg["stage"] == "iadi" else 0
     total_est = (gate_budget if state["phase"] == "gates" else state["phase_start"]) + main_steps

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from ddi_hw.errors import UserError
+from energy_models.errors import UserError
 
 DATAFLOWS = ("os", "ws", "is")
 ENERGY_FIELDS = ("mac_pj", "rf_pj", "noc_pj", "sram_pj", "dram_pj")

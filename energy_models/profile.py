@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from energy_models.energy import add_energy, analytic_counts
+from energy_models.errors import UserError
 from energy_models.presets import DATAFLOWS, load_preset
 from energy_models.scalesim_runner import COUNT_COLUMNS, SimLayer, run_sweeps, sim_fields
 from energy_models.specs import LayerSpec, extract_specs
@@ -37,8 +38,6 @@ def axes(spec: LayerSpec) -> list[tuple[str, int]]:
 def profile_specs(specs, hardware="eyeriss-65nm", dataflow: str | None = None, cache_dir=None,
                   jobs: int | None = None, progress=True) -> pd.DataFrame:
     """Cost table for already extracted specs (see `profile_model`)."""
-    from ddi_hw.errors import UserError
-
     preset = load_preset(hardware)
     dataflow = dataflow or preset.dataflow
     if dataflow not in DATAFLOWS:

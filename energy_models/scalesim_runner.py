@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from energy_models.atomic import atomic_write_text
+from energy_models.errors import UserError
+
 RUNNER_VERSION = 1  # bump when the meaning of cached counts changes
 # macs: SCALE-Sim's compute count (ofmap pixels x window); cycles: its compute cycles including
 # stalls (`total_cycles`); SRAM and DRAM counts are in words, per operand, as SCALE-Sim reports.
@@ -400,10 +403,7 @@ def _cache_load(path: Path, key: dict) -> dict | None:
 
 def _cache_store(path: Path, key: dict, counts: dict) -> None:
     counts = {str(a): v for a, v in counts.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(dict(key=key, counts=counts, checksum=_digest(counts))))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(dict(key=key, counts=counts, checksum=_digest(counts))))
 
 
 def default_cache_dir() -> Path:
@@ -426,14 +426,13 @@ def run_sweeps(requests, sim: dict, cache_dir=None, jobs: int | None = None,
     `requests`: iterable of (SimLayer, axis, list of actives, groups).
     Returns {(SimLayer, axis, groups): {active: counts}}. `progress(done, total)` is called as
     chunks finish."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
         (cache / scalesim_version()).mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        from ddi_hw.errors import UserError
         raise UserError(f"cannot use SCALE-Sim cache folder {cache} ({err.strerror}); choose "
                         "another with --cache-dir or DDI_HW_CACHE") from None
     todo, results = [], {}

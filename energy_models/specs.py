@@ -30,6 +30,8 @@ import math
 import operator
 from dataclasses import asdict, dataclass
 
+from energy_models.errors import UserError
+
 KINDS = ("conv", "linear", "pool", "add")
 
 
@@ -100,8 +102,6 @@ def extract_specs(model, input_shape) -> list:
     import torch
     from torch import nn
     from torch.overrides import TorchFunctionMode
-
-    from ddi_hw.errors import UserError
 
     if len(input_shape) < 2 or any(int(d) <= 0 for d in input_shape):
         raise UserError(f"input shape {tuple(input_shape)} is invalid; give e.g. (1, 3, 32, 32)")

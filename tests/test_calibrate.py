@@ -5,8 +5,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ddi_hw.calibrate import (COEFFICIENTS, base_coefficients, calibrate_command, config_counts,
-                              fit, read_measurements)
+from ddi_hw.calibrate import COEFFICIENTS, base_coefficients, calibrate_command, config_counts, fit, read_measurements
 from ddi_hw.errors import UserError
 from energy_models.presets import load_preset
 

@@ -86,7 +86,6 @@ def test_streamed_trace_gives_known_energy_per_window(tmp_path):
     _wait(lambda: logger.counters.samples > 20)
     rec = WindowRecorder(tmp_path / "windows.csv", marker=lambda level: active.set() if level else active.clear())
     rec.idle(0.4)
-    durations = []
     for k in range(3):
         with rec.window("cfg", repeat=k, n_inferences=10):
             time.sleep(0.5)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from energy_models.specs import LayerSpec, extract_specs
 from ddi_hw.errors import UserError
+from energy_models.specs import LayerSpec, extract_specs
 
 
 # ----------------------------------------------------------------- reference models (plain torch)

@@ -42,7 +42,6 @@ from ddi_hw.models.gates import ChannelGateCNN, ChannelGateRNN, LayerGateEmbed, 
 from ddi_hw.models.registry import register_model
 from ddi_hw.models.sparse_ops import FoldCache, fold_bn, module_tensors, run_channel_groups
 
-
 SLICE_CACHE = 16  # sliced weights kept per block (batch 1: one entry per distinct channel mask; 0 = none)
 CHANNELS_LAST_MIN = 32  # blocks this wide run channels-last (oneDNN direct conv)
 

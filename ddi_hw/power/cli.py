@@ -1,7 +1,6 @@
 """`ddi-hw power log|analyze`: record a power meter, then turn the log into energy per inference."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -11,9 +10,9 @@ power_app = typer.Typer(no_args_is_help=True, help="Power meter logging and ener
 
 
 def _atomic_csv(df, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    from energy_models.atomic import atomic_write_text
+
+    atomic_write_text(path, df.to_csv(index=False))
 
 
 @power_app.command("log")

@@ -24,6 +24,7 @@ from typing import Callable
 
 from ddi_hw.errors import UserError
 from ddi_hw.power.meters import VISA_INIT, VISA_QUERY, MeterProfile, Shunt, parse_scpi_number
+from energy_models.atomic import atomic_write_text
 
 HEADER = ["host_wall_s", "host_mono_s", "meter_t_s", "volts", "amps", "watts"]
 
@@ -296,10 +297,7 @@ class PowerLogger:
         return Counters()
 
     def _write_status(self) -> None:
-        path = status_path(self.out)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self.counters), indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(status_path(self.out), json.dumps(asdict(self.counters), indent=1))
 
     def run(self, duration: float | None = None,
             on_batch: Callable[[Counters], None] | None = None) -> Counters:
