@@ -2,18 +2,17 @@
 
     reference  the numpy fixed-point model of the engine (ddi_hw.fixedpoint), no toolchain needed
     csim       the HLS C++ engine compiled with g++ and called through ctypes (ddi_hw.csim)
-    board      the engine in the ZedBoard's programmable logic through PYNQ (ddi_hw.board, engineer D)
+    board      the engine in the ZedBoard's programmable logic through PYNQ (ddi_hw.board)
 
 Everything else of a dynamic inference runs on the processor, identically for all three, in
-numpy float32/float64 from the dequantised int16 feature maps: layer gates (global average pool,
-1x1 embedding, shared LSTM cell, linear), channel gates (3x3/2 conv, ReLU, pool, linear -- or the
-RNN variant, or DenseNet's light 1x1/3x3 gate), exit branches (max pools, two 3x3 conv+BN+ReLU,
+numpy float32/float64 from the dequantised int16 feature maps: layer and channel gates (one numpy
+forward per gate kind, `ddi_hw.processor.GATE_OPS`), exit branches (max pools, two 3x3 conv+BN+ReLU,
 pool, linear), the final average pool + classifier, and the budgeted-exit decisions (RADI) from
 the exported cost plan. DenseNet concatenation and 2x2 average pooling also run there, in integer
 arithmetic. Layer skipping = the processor does not launch the engine; channel skipping = the
 engine's output/input channel masks.
 
-Implementing a backend (the contract engineer D's board backend follows):
+Implementing a backend (the contract `ddi_hw.board.BoardBackend` follows):
 
     class BoardBackend(Backend):
         name = "board"
@@ -40,6 +39,7 @@ import typer
 
 from ddi_hw.errors import UserError
 from ddi_hw.fixedpoint import conv_layer, dequantize, quantize
+from ddi_hw.processor import GATE_OPS, conv2d_f, maxpool2_ceil
 
 PROGRAM_OPS = ("input", "block", "conv", "concat", "avgpool2", "exit", "head")
 
@@ -48,18 +48,9 @@ def step_processor_keys(step: dict) -> list[str]:
     """processor.safetensors entries a program step reads (checked when a bundle is loaded)."""
     op, keys = step.get("op"), []
     if op == "block":
-        if step.get("layer_gate"):
-            pre = step["layer_gate"]["prefix"]
-            keys += [f"{pre}.conv.weight", f"{pre}.conv.bias"] + [
-                f"layer_gate.{n}" for n in ("lstm.weight_ih", "lstm.weight_hh", "lstm.bias_ih", "lstm.bias_hh",
-                                            "proj.weight", "proj.bias")]
-        if step.get("channel_gate"):
-            cg = step["channel_gate"]
-            convs = ("conv1", "conv2") if cg["kind"] == "dense_light" else ("conv",)
-            keys += [f"{cg['prefix']}.{c}.{n}" for c in convs for n in ("weight", "bias")]
-            keys += [f"{cg['prefix']}.fc.weight", f"{cg['prefix']}.fc.bias"]
-            if cg["kind"] == "rnn":
-                keys += [f"channel_rnn.lstm.{n}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        for gate in (step.get("layer_gate"), step.get("channel_gate")):
+            if gate:
+                keys += GATE_OPS[gate["kind"]].keys(gate["prefix"])
     elif op == "exit":
         keys += [f"{step['prefix']}.{n}" for n in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
                                                    "fc.weight", "fc.bias")]
@@ -126,51 +117,11 @@ def get_backend(name: str) -> Backend:
         return CsimBackend()
     if name == "board":
         try:
-            from ddi_hw.board import BoardBackend  # engineer D; needs pynq on the board
+            from ddi_hw.board import BoardBackend  # needs pynq (the board image)
         except ImportError as err:
             raise UserError(f"the board backend is unavailable here ({err}); use --backend reference or csim") from None
         return BoardBackend()
     raise UserError(f"unknown backend {name!r}; choose reference, csim or board")
-
-
-# ----------------------------------------------------------------------------- processor ops (float)
-
-
-def conv2d_f(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1, pad: int = 0) -> np.ndarray:
-    """Float conv of one CHW image by im2col (processor side: gates and exit branches)."""
-    c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
-    oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
-    cols = np.empty((c, kh, kw, oh, ow), dtype=x.dtype)
-    for ky in range(kh):
-        for kx in range(kw):
-            cols[:, ky, kx] = xp[:, ky:ky + stride * (oh - 1) + 1:stride, kx:kx + stride * (ow - 1) + 1:stride]
-    y = w.reshape(o, -1) @ cols.reshape(-1, oh * ow)
-    if b is not None:
-        y += b[:, None]
-    return y.reshape(o, oh, ow)
-
-
-def maxpool2_ceil(x: np.ndarray) -> np.ndarray:
-    c, h, w = x.shape
-    hp, wp = -(-h // 2) * 2, -(-w // 2) * 2
-    xp = np.full((c, hp, wp), -np.inf, dtype=x.dtype)
-    xp[:, :h, :w] = x
-    return xp.reshape(c, hp // 2, 2, wp // 2, 2).max(axis=(2, 4))
-
-
-def sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
-
-
-def lstm_cell(x, state, w_ih, w_hh, b_ih, b_hh):
-    """torch.nn.LSTMCell gate order (i, f, g, o)."""
-    h, c = state
-    z = w_ih @ x + b_ih + w_hh @ h + b_hh
-    i, f, g, o = np.split(z, 4)
-    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
-    return sigmoid(o) * np.tanh(c), c
 
 
 @dataclass
@@ -195,43 +146,17 @@ class _Processor:
 
     def __init__(self, bundle):
         self.b, self.p = bundle, bundle.processor
-        self.lstate = self.cstate = None
+        self.state: dict[str, tuple] = {}  # shared recurrent prefix -> LSTM (h, c) of this image
 
     def f(self, env, t):
         return dequantize(env[t], self.b.tensor_frac(t)).astype(np.float32)
 
-    def layer_gate(self, step, x) -> bool:
-        p, pre = self.p, step["prefix"]
-        pooled = x.mean(axis=(1, 2))
-        emb = p[f"{pre}.conv.weight"].reshape(p[f"{pre}.conv.weight"].shape[0], -1) @ pooled + p[f"{pre}.conv.bias"]
-        if self.lstate is None:
-            z = np.zeros(p["layer_gate.lstm.weight_hh"].shape[1], np.float32)
-            self.lstate = (z, z)
-        self.lstate = lstm_cell(emb, self.lstate, p["layer_gate.lstm.weight_ih"], p["layer_gate.lstm.weight_hh"],
-                                p["layer_gate.lstm.bias_ih"], p["layer_gate.lstm.bias_hh"])
-        logit = p["layer_gate.proj.weight"] @ self.lstate[0] + p["layer_gate.proj.bias"]
-        return bool(logit[0] > 0)
-
-    def channel_gate(self, step, x) -> np.ndarray:
-        p, pre = self.p, step["prefix"]
-        if step["kind"] == "cnn":
-            h = np.maximum(conv2d_f(x, p[f"{pre}.conv.weight"], p[f"{pre}.conv.bias"], 2, 1), 0)
-            logit = p[f"{pre}.fc.weight"] @ h.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
-        elif step["kind"] == "dense_light":
-            h = np.maximum(conv2d_f(x, p[f"{pre}.conv1.weight"], p[f"{pre}.conv1.bias"], 2, 0), 0)
-            h = np.maximum(conv2d_f(h, p[f"{pre}.conv2.weight"], p[f"{pre}.conv2.bias"], 1, 1), 0)
-            logit = p[f"{pre}.fc.weight"] @ h.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
-        elif step["kind"] == "rnn":
-            w = p[f"{pre}.conv.weight"]
-            emb = w.reshape(w.shape[0], -1) @ x.mean(axis=(1, 2)) + p[f"{pre}.conv.bias"]
-            if self.cstate is None:
-                z = np.zeros(p["channel_rnn.lstm.weight_hh"].shape[1], np.float32)
-                self.cstate = (z, z)
-            self.cstate = lstm_cell(emb, self.cstate, p["channel_rnn.lstm.weight_ih"], p["channel_rnn.lstm.weight_hh"],
-                                    p["channel_rnn.lstm.bias_ih"], p["channel_rnn.lstm.bias_hh"])
-            logit = p[f"{pre}.fc.weight"] @ self.cstate[0] + p[f"{pre}.fc.bias"]
-        else:
-            raise UserError(f"bundle uses channel gate kind {step['kind']!r}, unknown to this version")
+    def gate(self, gate: dict, x) -> np.ndarray:
+        """0/1 decisions of a layer or channel gate (`ddi_hw.processor.GATE_OPS[kind]`)."""
+        op = GATE_OPS[gate["kind"]]
+        logit, new = op.forward(self.p, gate["prefix"], op.shared, x, self.state.get(op.shared))
+        if op.shared:
+            self.state[op.shared] = new
         return (logit > 0).astype(np.uint8)
 
     def exit_branch(self, step, x) -> np.ndarray:
@@ -312,13 +237,13 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
         elif op == "block":
             run = True
             if st.get("layer_gate"):
-                run = proc.layer_gate(st["layer_gate"], proc.f(env, st["in"]))
+                run = bool(proc.gate(st["layer_gate"], proc.f(env, st["in"]))[0])
             res.block_run.append(int(run))
             if bud:
                 bud.L[st["index"]] = int(run)
             if st.get("channel_gate") and run:
                 cg = st["channel_gate"]
-                masks[cg["name"]] = proc.channel_gate(cg, proc.f(env, st["in"]))
+                masks[cg["name"]] = proc.gate(cg, proc.f(env, st["in"]))
                 res.channel_masks[cg["name"]] = masks[cg["name"]]
                 if bud:
                     bud.k[st["index"]] = int(masks[cg["name"]].sum())

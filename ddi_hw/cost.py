@@ -39,7 +39,7 @@ class CostTable:
             raise UserError(f"cost table lacks columns {sorted(missing)}; build it with "
                             "energy_models.profile_model or CostTable.from_specs")
         have = ["flops"] + [m for m, col in _METRIC_COLUMN.items() if col in df.columns]
-        spec_cols = [c for c in ("kind", "block", "role", "out_gate", "in_gate", "layer_gate",
+        spec_cols = [c for c in ("kind", "block", "role", "out_gate", "in_gate", "layer_gate", "gate_kind",
                                  "in_ch", "out_ch") if c in df.columns]
         curves: dict[tuple[str, str, str], torch.Tensor] = {}
         rows: dict[str, dict] = {}

@@ -126,14 +126,6 @@ def _dense_costs(model, metrics: list[str]) -> dict[str, float]:
     return {m: float(model.dense_cost(m)) for m in metrics}
 
 
-def _block_names(model, n_blocks: int) -> list[str]:
-    """Names of the layer-gated (skippable) blocks, in the order of `layer_decisions` columns."""
-    idx = getattr(model, "skippable_idx", None)
-    if idx is not None and len(idx) == n_blocks:
-        return [f"blocks.{j}" for j in idx]
-    return [f"block{i}" for i in range(n_blocks)]
-
-
 def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str | Path | None = None,
                   hardware: str | None = None, metrics: tuple[str, ...] = ("flops", "energy", "latency"),
                   budgets: list[float] | None = None, budget_metric: str = "flops", limit: int | None = None,
@@ -201,7 +193,7 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
             pred_frames[name] = pf
             _csv(pf, out_dir / f"predictions_{name}.csv")
             if res["layer"] is not None:
-                names = _block_names(model, res["layer"].shape[1])
+                names = model.skippable_block_names  # the columns of layer_decisions
                 for b, s in zip(names, 1 - res["layer"].mean(0)):
                     block_rows.append({"run": name, "block": b, "skip_ratio": float(s)})
             for g, s in res["channel_skip"].items():

@@ -172,12 +172,17 @@ def load_bundle(path: str | Path) -> Bundle:
 def _check_program(b: Bundle) -> None:
     """Every step names known layers, tensors and processor parameters."""
     from ddi_hw.backends import PROGRAM_OPS, step_processor_keys  # the interpreter defines the steps
+    from ddi_hw.processor import GATE_OPS
 
     tensors = b.manifest.get("tensors", {})
     for i, step in enumerate(b.program):
         op = step.get("op")
         if op not in PROGRAM_OPS:
             raise _bad(b.path, f"program step {i} has unknown op {op!r}")
+        for gate in (step.get("layer_gate"), step.get("channel_gate")) if op == "block" else ():
+            if gate and gate.get("kind") not in GATE_OPS:
+                raise _bad(b.path, f"program step {i} uses gate kind {gate.get('kind')!r}, unknown to this version "
+                           f"(known: {', '.join(GATE_OPS)})")
         if op == "block" and not (isinstance(step.get("end"), int) and i < step["end"] <= len(b.program)):
             raise _bad(b.path, f"program step {i} jumps to {step.get('end')!r} (must lie after it)")
         if op == "exit" and not (isinstance(step.get("pools"), int) and 0 <= step["pools"] <= 8):
@@ -330,9 +335,27 @@ class _Builder:
         self.program.append({"op": "exit", "index": i, "in": t_in, "prefix": f"exits.{i}", "pools": e.pools})
 
     def shared_gates(self, model) -> None:
-        for name in ("layer_gate", "channel_rnn"):
-            if getattr(model, name, None) is not None:
-                self.add_proc(name, getattr(model, name))
+        """The recurrent parts shared by all gates of a kind, once each under the kind's name."""
+        from ddi_hw.models.gates import GATE_KINDS
+
+        for kind in GATE_KINDS.values():
+            if kind.shared and getattr(model, kind.shared, None) is not None:
+                self.add_proc(kind.shared, getattr(model, kind.shared))
+
+    def gate_steps(self, model, prefix: str, block) -> tuple[dict | None, dict | None]:
+        """The block's layer / channel gate entries of its program step (kind = the processor's
+        numpy forward, `ddi_hw.processor.GATE_OPS`), their tensors added to the processor blob."""
+        from ddi_hw.models.gates import LAYER_GATE
+
+        lg = cg = None
+        if block.lgate is not None:
+            lg = {"prefix": f"{prefix}.lgate", "kind": LAYER_GATE.deploy}
+            self.add_proc(lg["prefix"], block.lgate)
+        if block.cgate is not None:
+            name = f"{prefix}.cgate"
+            cg = {"name": name, "prefix": name, "kind": model.channel_gate.deploy}
+            self.add_proc(name, block.cgate)
+        return lg, cg
 
 
 def _export_resnet(model, calib):
@@ -355,14 +378,9 @@ def _export_resnet(model, calib):
     bd.program[-1]["dense_iterations"] = it
     h, exit_at = "stem", {p: i for i, p in enumerate(model.exit_positions)}
     for j, b in enumerate(model.blocks):
-        gate = f"blocks.{j}.cgate" if b.cgate is not None else None
-        blk = {"op": "block", "index": j, "in": h, "out": f"b{j}.out",
-               "layer_gate": {"prefix": f"blocks.{j}.lgate"} if b.lgate is not None else None,
-               "channel_gate": {"name": gate, "prefix": gate, "kind": model.channel_gate_kind} if gate else None}
-        if b.lgate is not None:
-            bd.add_proc(f"blocks.{j}.lgate", b.lgate)
-        if gate:
-            bd.add_proc(gate, b.cgate)
+        lg, cg = bd.gate_steps(model, f"blocks.{j}", b)
+        gate = cg["name"] if cg else None
+        blk = {"op": "block", "index": j, "in": h, "out": f"b{j}.out", "layer_gate": lg, "channel_gate": cg}
         bd.program.append(blk)
         dense, res = 0, h
         if not b.skippable:
@@ -418,7 +436,6 @@ def _export_densenet(model, calib):
     it = bd.conv("stem.conv", model.stem.conv, "x", "stem", relu=False)
     bd.program[-1]["dense_iterations"] = it
     exit_at = {p: i for i, p in enumerate(model.exit_positions)}
-    kind = {"cnn": "dense_light", "rnn": "rnn", None: None}[model.channel_gate_kind]
     h, j = "stem", 0
     for b, blk in enumerate(model.dense_blocks):
         feats, prev_y = [h], None
@@ -428,14 +445,10 @@ def _export_densenet(model, calib):
             if len(feats) > 1:
                 bd.program.append({"op": "concat", "in": list(feats), "out": t_in})
                 bd.shapes[t_in] = [sum(bd.shapes[f][0] for f in feats)] + bd.shapes[feats[0]][1:]
-            gate = f"{name}.cgate" if layer.cgate is not None else None
+            lg, cg = bd.gate_steps(model, name, layer)
+            gate = cg["name"] if cg else None
             step = {"op": "block", "index": j, "in": t_in, "out": f"d{j}.y", "skip_from": prev_y,
-                    "layer_gate": {"prefix": f"{name}.lgate"} if layer.lgate is not None else None,
-                    "channel_gate": {"name": gate, "prefix": gate, "kind": kind} if gate else None}
-            if layer.lgate is not None:
-                bd.add_proc(f"{name}.lgate", layer.lgate)
-            if gate:
-                bd.add_proc(gate, layer.cgate)
+                    "layer_gate": lg, "channel_gate": cg}
             bd.program.append(step)
             dense = bd.conv(f"{name}.conv1", layer.conv1, t_in, f"d{j}.mid", bn=layer.bn2, relu=True,
                             pre=_bn_affine(layer.bn1), t_act=f"d{j}.act", out_gate=gate)
@@ -469,6 +482,9 @@ def _export_densenet(model, calib):
     bd.add_proc("fc", model.fc)
     bd.program.append({"op": "head", "in": h, "prefix": "fc", "norm": "norm"})
     return bd
+
+
+_EXPORTERS = {"resnet": _export_resnet, "densenet": _export_densenet}  # model family -> walker
 
 
 def _budget_plan(model, metric: str = "flops") -> dict:
@@ -507,12 +523,10 @@ def export_model(model, out_dir: str | Path, calib_images, source: str = "", dat
     mc = load_regmap().constants
     if getattr(model, "input_size", 10 ** 6) > mc["MAX_W"]:
         raise UserError(f"input width {getattr(model, 'input_size', '?')} exceeds the engine's MAX_W={mc['MAX_W']}")
-    if hasattr(model, "blocks") and hasattr(model, "stem"):
-        bd = _export_resnet(model, calib_images)
-    elif hasattr(model, "dense_blocks"):
-        bd = _export_densenet(model, calib_images)
-    else:
+    exporter = _EXPORTERS.get(getattr(model, "family", None))
+    if exporter is None:
         raise UserError(f"export supports the ResNets and DenseNets of ddi_hw.models, not {type(model).__name__}")
+    bd = exporter(model, calib_images)
 
     budget = _budget_plan(model)
     blob = bytearray()  # engine.bin: weights, bias (and input affine) of every layer, 64-byte aligned

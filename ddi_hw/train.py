@@ -175,19 +175,17 @@ def _module_state_names(model, kinds: tuple, role: str) -> set[str]:
 
 def gate_parameter_names(model) -> set[str]:
     """Names of the parameters of gating networks (trained alone in IADI step 1)."""
-    from ddi_hw.models import gates
+    from ddi_hw.models.gates import gate_module_classes
 
-    kinds = tuple(getattr(gates, k) for k in ("LayerGateEmbed", "SharedLSTMGate", "ChannelGateCNN",
-                                               "ChannelGateRNN", "DenseLightGate") if hasattr(gates, k))
     params = {n for n, _ in model.named_parameters()}
-    return _module_state_names(model, kinds, "gate") & params
+    return _module_state_names(model, gate_module_classes(), "gate") & params
 
 
 def exit_state_names(model) -> set[str]:
     """Names of the parameters and buffers of exit branches (new in the DDI stage)."""
-    from ddi_hw.models import exits
+    from ddi_hw.models.exits import ExitBranch
 
-    return _module_state_names(model, (exits.ExitBranch,) if hasattr(exits, "ExitBranch") else (), "exit")
+    return _module_state_names(model, (ExitBranch,), "exit")
 
 
 def sample_skip_ratio(out, layer_gated: bool):

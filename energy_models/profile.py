@@ -15,7 +15,7 @@ from energy_models.presets import DATAFLOWS, load_preset
 from energy_models.scalesim_runner import COUNT_COLUMNS, SimLayer, run_sweeps, sim_fields
 from energy_models.specs import LayerSpec, extract_specs
 
-SPEC_COLUMNS = ("layer", "kind", "block", "role", "out_gate", "in_gate", "layer_gate", "in_ch",
+SPEC_COLUMNS = ("layer", "kind", "block", "role", "out_gate", "in_gate", "layer_gate", "gate_kind", "in_ch",
                 "out_ch", "in_h", "in_w", "out_h", "out_w", "kernel_h", "kernel_w", "stride",
                 "padding", "groups")
 

@@ -8,6 +8,7 @@ control its channels. Model builders annotate modules with plain attributes (all
     module.ddi_out_gate = "stage1.block0.cgate"  # channel gate masking this layer's output channels
     module.ddi_in_gate  = "stage1.block0.cgate"  # channel gate masking this layer's input channels
     module.ddi_layer_gate = "stage1.block0.lgate"  # layer gate that can skip the whole block
+    module.ddi_gate_kind = "cnn"        # role "gate": which kind of gate (the model's own registry)
 
 so plain torchvision-style models work unannotated and gated models need no special tracing.
 
@@ -55,6 +56,7 @@ class LayerSpec:
     out_gate: str | None = None
     in_gate: str | None = None
     layer_gate: str | None = None
+    gate_kind: str | None = None
 
     @property
     def macs(self) -> int:
@@ -93,6 +95,7 @@ def _annotations(module, name: str) -> dict:
         out_gate=getattr(module, "ddi_out_gate", None),
         in_gate=getattr(module, "ddi_in_gate", None),
         layer_gate=getattr(module, "ddi_layer_gate", None),
+        gate_kind=getattr(module, "ddi_gate_kind", None),
     )
 
 

@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from ddi_hw.cost import CostTable, interp, model_specs
 from ddi_hw.errors import UserError
-from ddi_hw.models.gates import hard_decision
+from ddi_hw.models import gates
+from ddi_hw.models.gates import GATE_KINDS, LAYER_GATE, hard_decision
 from ddi_hw.models.output import DynamicOutput
 from ddi_hw.models.sparse_ops import FoldCache
 
@@ -47,8 +48,8 @@ class CostPlan:
 
     Rows are assigned to events by their `block` column; inside a block by role and gates:
     backbone rows with an `out_gate` / `in_gate` form V (costed at k on that axis), other backbone
-    rows f, gate rows with a `layer_gate` c (channel gate: runs only with the block), other gate
-    rows g (layer gate: runs whenever the block is reached).
+    rows f, gate rows whose `gate_kind` has the role "channel" c (runs only with the block), other
+    gate rows g (layer gate: runs whenever the block is reached).
     """
 
     def __init__(self, table: CostTable, events: list[tuple[str, str]], skippable: list[bool]):
@@ -104,7 +105,11 @@ class CostPlan:
         for n in names:
             row = self.table.rows[n]
             if row.get("role", "backbone") == "gate":  # channel gates run only with their block
-                (cgate if ".cgate." in n or n.startswith("channel_rnn.") else lgate).append(n)
+                kind = GATE_KINDS.get(str(row.get("gate_kind")))
+                if kind is None:
+                    raise UserError(f"cost table row {n!r} is a gate of unknown kind {row.get('gate_kind')!r}; "
+                                    "profile this model again")
+                (cgate if kind.role == "channel" else lgate).append(n)
             elif _given(row.get("out_gate")):
                 gated.append((n, "out"))
                 widths.add(len(self.table.curve(n, "out", "flops")) - 1)
@@ -165,6 +170,7 @@ class DynamicNet(nn.Module):
     (with block_run / block_active) and `_forward_sparse(x, force, run: SparseRun)`."""
 
     input_size: int = 32
+    family: str = ""  # "resnet" | "densenet": picks the channel-gate kind (gates.CHANNEL_GATE_OPTIONS)
     skip_forced_gates: bool = True  # False: run gates even when `force` overrides every decision
 
     def __init__(self):
@@ -231,9 +237,30 @@ class DynamicNet(nn.Module):
             "layer_gate_ratio": (plan.g[metric] / backbone).numpy(),
             "channel_gate_ratio": (plan.c[metric] / backbone).numpy()})
 
+    @property
+    def block_names(self) -> list[str]:
+        """Module names of the blocks in execution order (columns of `block_run`)."""
+        return [b for kind, b in self.events if kind == "block"]
+
+    @property
+    def skippable_block_names(self) -> list[str]:
+        """Names of the layer-gated (skippable) blocks: the columns of `layer_decisions`."""
+        names = self.block_names
+        return [names[j] for j in self.skippable_idx]
+
+    # ------------------------------------------------------------------ gates (ask the registry)
+    def _choose_channel_gate(self, channel_gates: bool, option: str) -> None:
+        self.channel_gate = gates.channel_gate_kind(option if channel_gates else None, self.family)
+
+    def _build_shared_gates(self, layer_gates: bool) -> None:
+        """The recurrent parts shared by all gates of a kind (built after the blocks)."""
+        self.layer_gate = LAYER_GATE.make_shared() if layer_gates else None
+        kind = self.channel_gate
+        self.channel_rnn = kind.make_shared() if kind is not None and kind.make_shared else None
+
     def _annotate(self, module: nn.Module, block: str, role: str, out_gate=None, in_gate=None,
-                  layer_gate=None) -> None:
-        module.ddi_block, module.ddi_role = block, role
+                  layer_gate=None, gate_kind=None) -> None:
+        module.ddi_block, module.ddi_role, module.ddi_gate_kind = block, role, gate_kind
         module.ddi_out_gate, module.ddi_in_gate, module.ddi_layer_gate = out_gate, in_gate, layer_gate
 
     def _annotate_gated_block(self, p: str, block: nn.Module) -> None:
@@ -244,19 +271,19 @@ class DynamicNet(nn.Module):
         for name, m in block.named_modules():
             top = name.split(".")[0]
             if top == "lgate":
-                self._annotate(m, p, "gate")
+                self._annotate(m, p, "gate", gate_kind=LAYER_GATE.name)
             elif top == "cgate":
-                self._annotate(m, p, "gate", layer_gate=lg)
+                self._annotate(m, p, "gate", layer_gate=lg, gate_kind=gates.kind_of(block.cgate).name)
             else:
                 self._annotate(m, p, "backbone", out_gate=cg if name == "conv1" else None,
                                in_gate=cg if name == "conv2" else None, layer_gate=lg)
 
     def _annotate_shared_gates_and_exits(self) -> None:
         """The shared LSTMs (block re-set before every call: one spec per call) and exit branches."""
-        for shared in (self.layer_gate, self.channel_rnn):
+        for shared, kind in ((self.layer_gate, LAYER_GATE), (self.channel_rnn, self.channel_gate)):
             if shared is not None:
                 for m in shared.modules():
-                    self._annotate(m, "", "gate")
+                    self._annotate(m, "", "gate", gate_kind=kind.name)
         for i, e in enumerate(self.exits):
             for m in e.modules():
                 self._annotate(m, f"exits.{i}", "exit")

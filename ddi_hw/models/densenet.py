@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ddi_hw.errors import UserError
 from ddi_hw.models.base import DynamicNet
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
-from ddi_hw.models.gates import ChannelGateRNN, DenseLightGate, LayerGateEmbed, SharedLSTMGate
+from ddi_hw.models.gates import LAYER_GATE, GateKind
 from ddi_hw.models.registry import register_model
 from ddi_hw.models.sparse_ops import FoldCache, fold_bn, module_tensors, run_channel_groups
 
@@ -43,7 +43,7 @@ def _bn_affine(bn):
 
 
 class DenseLayer(nn.Module):
-    def __init__(self, c_in: int, growth: int, skippable: bool, layer_gate: bool, channel_gate: str | None,
+    def __init__(self, c_in: int, growth: int, skippable: bool, layer_gate: bool, channel_gate: GateKind | None,
                  bn_size: int = 4):
         super().__init__()
         width = bn_size * growth
@@ -52,9 +52,8 @@ class DenseLayer(nn.Module):
         self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, growth, 3, padding=1, bias=False)
-        self.lgate = LayerGateEmbed(c_in) if layer_gate and skippable else None
-        self.cgate = (DenseLightGate(c_in, width, growth) if channel_gate == "cnn"
-                      else ChannelGateRNN(c_in, width) if channel_gate == "rnn" else None)
+        self.lgate = LAYER_GATE.build(c_in, width, growth) if layer_gate and skippable else None
+        self.cgate = channel_gate.build(c_in, width, growth) if channel_gate else None
         self._fold = FoldCache()
 
     def forward(self, x, mask=None):
@@ -118,14 +117,16 @@ class Stem(nn.Module):
 class DenseNet(DynamicNet):
     """Gated DenseNet-BC; see the module docstring for the exact skipping semantics."""
 
+    family = "densenet"
+
     def __init__(self, block_sizes, growth: int, num_classes: int = 10, imagenet: bool = False,
                  layer_gates: bool = False, channel_gates: bool = False, channel_gate_kind: str = "cnn",
                  exits: bool = False, exit_positions: list[int] | None = None, max_channel_groups: int = 8,
-                 input_size: int | None = None):
+                 input_size: int = 32):
         super().__init__()
-        self.input_size = input_size or (224 if imagenet else 32)
+        self.input_size = input_size
         self.max_channel_groups = max_channel_groups
-        self.channel_gate_kind = channel_gate_kind if channel_gates else None
+        self._choose_channel_gate(channel_gates, channel_gate_kind)
         c = 64 if imagenet else 2 * growth
         self.stem = Stem(c, imagenet)
         size = self.input_size // 4 if imagenet else self.input_size
@@ -133,7 +134,7 @@ class DenseNet(DynamicNet):
         for b, n in enumerate(block_sizes):
             layers = []
             for i in range(n):
-                layers.append(DenseLayer(c + i * growth, growth, i > 0, layer_gates, self.channel_gate_kind))
+                layers.append(DenseLayer(c + i * growth, growth, i > 0, layer_gates, self.channel_gate))
                 sizes.append(size)
                 chans.append(c + (i + 1) * growth)
             blocks.append(nn.ModuleList(layers))
@@ -146,8 +147,7 @@ class DenseNet(DynamicNet):
         self.transitions = nn.ModuleList(trans)
         self.norm = nn.BatchNorm2d(c)
         self.fc = nn.Linear(c, num_classes)
-        self.layer_gate = SharedLSTMGate() if layer_gates else None
-        self.channel_rnn = SharedLSTMGate(out=None) if self.channel_gate_kind == "rnn" else None
+        self._build_shared_gates(layer_gates)
         total = sum(block_sizes)
         if exits:
             if exit_positions is None:
@@ -317,14 +317,13 @@ for _d in (76, 82, 88, 100):
     _cifar_densenet(_d)
 
 
-@register_model
+@register_model(num_classes=1000, input_size=224)
 def densenet201(**kw):
     """ImageNet DenseNet-201 (growth 32, blocks 6/12/48/32, 224x224)."""
     return DenseNet((6, 12, 48, 32), growth=32, imagenet=True, **kw)
 
 
-@register_model
+@register_model(input_size=16)
 def densenet_tiny(**kw):
     """Test-sized DenseNet-BC (growth 4, 3 blocks of 3 layers, 16x16 input)."""
-    kw.setdefault("input_size", 16)
     return DenseNet((3, 3, 3), growth=4, **kw)

@@ -14,14 +14,24 @@
 
 Decisions are hard 0/1 (logit > 0). In training the straight-through estimator keeps the hard
 value in the forward pass and passes the sigmoid's gradient backwards.
+
+`GATE_KINDS` (end of this file) is the one registry of gate kinds: every other module asks it which
+module a kind builds, what a gate decides (its role in the cost accounting), which shared part
+the exporter writes, and which numpy forward (`ddi_hw.processor.GATE_OPS`, torch-free) the
+reference and the board run for it. A new gate kind is one class here plus one entry there.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddi_hw.errors import UserError
 from ddi_hw.models.sparse_ops import FoldCache, module_tensors
 
 GATE_HIDDEN = 10
@@ -44,6 +54,10 @@ class LayerGateEmbed(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(c_in, hidden, 1)
         self.fused = FoldCache()
+
+    @classmethod
+    def for_block(cls, c_in: int, width: int, growth: int | None = None) -> "LayerGateEmbed":
+        return cls(c_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.adaptive_avg_pool2d(x, 1)).flatten(1)
@@ -116,6 +130,10 @@ class ChannelGateCNN(nn.Module):
         nn.init.constant_(self.fc.bias, OPEN_BIAS)
         self.fused = FoldCache()
 
+    @classmethod
+    def for_block(cls, c_in: int, width: int, growth: int | None = None) -> "ChannelGateCNN":
+        return cls(c_in, width)
+
     def forward(self, x: torch.Tensor, rnn=None, state=None):
         h = F.relu(self.conv(x))
         return self.fc(h.mean((2, 3))), state
@@ -139,6 +157,10 @@ class ChannelGateRNN(nn.Module):
         self.fc = nn.Linear(hidden, k)
         nn.init.constant_(self.fc.bias, OPEN_BIAS)
 
+    @classmethod
+    def for_block(cls, c_in: int, width: int, growth: int | None = None) -> "ChannelGateRNN":
+        return cls(c_in, width)
+
     def forward(self, x: torch.Tensor, rnn: SharedLSTMGate, state):
         emb = self.conv(F.adaptive_avg_pool2d(x, 1)).flatten(1)
         h, c = rnn.step(emb, state)
@@ -157,8 +179,70 @@ class DenseLightGate(nn.Module):
         self.fc = nn.Linear(growth, bottleneck)
         nn.init.constant_(self.fc.bias, OPEN_BIAS)
 
+    @classmethod
+    def for_block(cls, c_in: int, width: int, growth: int | None = None) -> "DenseLightGate":
+        return cls(c_in, width, growth)
+
     def forward(self, x: torch.Tensor, rnn=None, state=None):
         h = F.relu(self.conv2(F.relu(self.conv1(x))))
         return self.fc(h.mean((2, 3))), state
 
     sparse = forward
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class GateKind:
+    """Everything the other modules need to know about one kind of gate."""
+    name: str
+    role: str  # "layer": may skip its block, runs whenever the block is reached; "channel": masks
+    #            the block's channels, runs only when the block runs (MGL2S)
+    cls: type  # the per-block module; `cls.for_block(c_in, width, growth)` builds it
+    deploy: str  # key of ddi_hw.processor.GATE_OPS: the numpy forward the reference and board run
+    shared: str | None = None  # model attribute of the recurrent part all gates of this kind step
+    make_shared: Callable[[], nn.Module] | None = None  # builds that shared part
+
+    def build(self, c_in: int, width: int, growth: int | None = None) -> nn.Module:
+        return self.cls.for_block(c_in, width, growth)
+
+
+LAYER_GATE = GateKind("lstm", "layer", LayerGateEmbed, "lstm", "layer_gate", SharedLSTMGate)
+GATE_KINDS: dict[str, GateKind] = {k.name: k for k in (
+    LAYER_GATE,
+    GateKind("cnn", "channel", ChannelGateCNN, "cnn"),
+    GateKind("dense_light", "channel", DenseLightGate, "dense_light"),
+    GateKind("rnn", "channel", ChannelGateRNN, "rnn", "channel_rnn", partial(SharedLSTMGate, out=None)),
+)}
+# create_model(channel_gate_kind=...) -> gate kind per model family (DenseNets: the light gate of Fig. 4)
+CHANNEL_GATE_OPTIONS: dict[str, dict[str, str]] = {
+    "cnn": {"resnet": "cnn", "densenet": "dense_light"},
+    "rnn": {"resnet": "rnn", "densenet": "rnn"},
+}
+
+
+def check_channel_gate_option(option: str) -> None:
+    if option not in CHANNEL_GATE_OPTIONS:
+        raise UserError(f"channel_gate_kind must be {' or '.join(map(repr, CHANNEL_GATE_OPTIONS))}, not {option!r}")
+
+
+def channel_gate_kind(option: str | None, family: str) -> GateKind | None:
+    """The channel-gate kind a `family` model builds for `channel_gate_kind=option` (None: no gates)."""
+    if option is None:
+        return None
+    check_channel_gate_option(option)
+    return GATE_KINDS[CHANNEL_GATE_OPTIONS[option][family]]
+
+
+def kind_of(module: nn.Module) -> GateKind:
+    """The registered kind of a per-block gate module."""
+    for k in GATE_KINDS.values():
+        if type(module) is k.cls:
+            return k
+    raise KeyError(f"{type(module).__name__} is not a registered gate kind")
+
+
+def gate_module_classes() -> tuple[type, ...]:
+    """Every module class that is part of a gating network (IADI step 1 trains only these)."""
+    return tuple(dict.fromkeys([k.cls for k in GATE_KINDS.values()] + [SharedLSTMGate]))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ddi_hw.errors import UserError
 from ddi_hw.models.base import DynamicNet
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
-from ddi_hw.models.gates import ChannelGateCNN, ChannelGateRNN, LayerGateEmbed, SharedLSTMGate
+from ddi_hw.models.gates import LAYER_GATE, GateKind
 from ddi_hw.models.registry import register_model
 from ddi_hw.models.sparse_ops import FoldCache, fold_bn, module_tensors, run_channel_groups
 
@@ -71,7 +71,7 @@ class Stem(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, layer_gate: bool, channel_gate: str | None):
+    def __init__(self, c_in: int, c_out: int, stride: int, layer_gate: bool, channel_gate: GateKind | None):
         super().__init__()
         self.stride = stride
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
@@ -82,9 +82,8 @@ class BasicBlock(nn.Module):
         if not self.skippable:  # option B projection shortcut
             self.sc_conv = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
             self.sc_bn = nn.BatchNorm2d(c_out)
-        self.lgate = LayerGateEmbed(c_in) if layer_gate and self.skippable else None
-        gate_cls = {"cnn": ChannelGateCNN, "rnn": ChannelGateRNN, None: None}[channel_gate]
-        self.cgate = gate_cls(c_in, c_out) if gate_cls else None
+        self.lgate = LAYER_GATE.build(c_in, c_out) if layer_gate and self.skippable else None
+        self.cgate = channel_gate.build(c_in, c_out) if channel_gate else None
         self._fold = FoldCache()
 
     def forward(self, x, mask=None):
@@ -160,30 +159,30 @@ class BasicBlock(nn.Module):
 class CifarResNet(DynamicNet):
     """Gated CIFAR ResNet; see the module docstring for the exact skipping semantics."""
 
-    input_size = 32
+    family = "resnet"
 
     def __init__(self, depth: int, num_classes: int = 10, layer_gates: bool = False,
                  channel_gates: bool = False, channel_gate_kind: str = "cnn", exits: bool = False,
-                 exit_positions: list[int] | None = None, widths=(16, 32, 64), max_channel_groups: int = 8):
+                 exit_positions: list[int] | None = None, widths=(16, 32, 64), max_channel_groups: int = 8,
+                 input_size: int = 32):
         super().__init__()
         if (depth - 2) % 6:
             raise UserError(f"CIFAR ResNet depth must be 6n+2 (14, 20, 26, 38, 74, 110), not {depth}")
         n = (depth - 2) // 6
-        self.depth, self.max_channel_groups = depth, max_channel_groups
-        self.channel_gate_kind = channel_gate_kind if channel_gates else None
+        self.depth, self.max_channel_groups, self.input_size = depth, max_channel_groups, input_size
+        self._choose_channel_gate(channel_gates, channel_gate_kind)
         self.stem = Stem(widths[0])
         blocks, sizes, chans, c_in, size = [], [], [], widths[0], self.input_size
         for s, w in enumerate(widths):
             for i in range(n):
                 stride = 2 if (s > 0 and i == 0) else 1
                 size //= stride
-                blocks.append(BasicBlock(c_in, w, stride, layer_gates, self.channel_gate_kind))
+                blocks.append(BasicBlock(c_in, w, stride, layer_gates, self.channel_gate))
                 sizes.append(size)
                 chans.append(w)
                 c_in = w
         self.blocks = nn.ModuleList(blocks)
-        self.layer_gate = SharedLSTMGate() if layer_gates else None
-        self.channel_rnn = SharedLSTMGate(out=None) if self.channel_gate_kind == "rnn" else None
+        self._build_shared_gates(layer_gates)
         self.fc = nn.Linear(widths[-1], num_classes)
         stage_sizes = [n] * len(widths)
         if exits:
