@@ -18,12 +18,14 @@ import statistics
 import tempfile
 import time
 
+from energy_models.presets import DEFAULT_PRESET
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sample", type=int, default=24, help="direct runs timed per architecture")
     ap.add_argument("--jobs", type=int, default=None, help="processes (default: cores)")
-    ap.add_argument("--hardware", default="eyeriss-65nm")
+    ap.add_argument("--hardware", default=DEFAULT_PRESET)
     args = ap.parse_args()
 
     from rich.console import Console

@@ -103,6 +103,18 @@ class CostTable:
                    if role is None or r.get("role", "backbone") == role)
 
 
+def resource_loss(cost: torch.Tensor, alpha: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The resource term of the training loss, alpha * E (paper Eq. 5).
+
+    `cost` is the per-sample executed cost divided by the dense backbone's (E, differentiable
+    through the straight-through decisions). `alpha` is signed: the training loop's rule
+    (`ddi_hw.train.next_alpha`) makes it positive to save more and negative to give cost back
+    once the saving passes its goal. `dtype`: the loss's dtype (costs are float64).
+    """
+    mean = cost.mean() if dtype is None else cost.mean().to(dtype)
+    return alpha * mean
+
+
 def interp(curve: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of `curve` (index = active count) at float `active`, any shape.
 

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import typer
 
 from ddi_hw.errors import UserError
+from ddi_hw.runs import load_run
 
 SUMMARY_COLUMNS = [
     "run",  # run directory name
@@ -60,25 +61,6 @@ def _png(fig, path: Path) -> None:
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def load_run(run_dir: str | Path, metrics: list[str], hardware: str | None):
-    """Model of a run directory with its weights and the cost table for `metrics` attached."""
-    from ddi_hw import checkpoint as ck
-    from ddi_hw.train import attach_costs, build_model
-
-    state, side = ck.load_model_state(run_dir)
-    model = build_model(side["model"])
-    hw = hardware or side["config"].get("hardware", "eyeriss-65nm")
-    size = 224 if side["config"].get("dataset") == "imagenet" else 32
-    cost_id = attach_costs(model, metrics, hw, (1, 3, size, size))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise UserError(f"{run_dir}: weights do not fit the model its model.json describes "
-                        f"({str(err).strip().splitlines()[-1].strip()}); the run directory is damaged") from None
-    model.eval()
-    return model, side, hw, cost_id
 
 
 def predict(model, ds, metrics: list[str], batch_size: int, limit: int | None, budget: float | None = None,
@@ -159,7 +141,8 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
                 name += "_"
             used_names.add(name)
             progress.update(task, description=f"eval {name}")
-            model, side, hw, cost_id = load_run(run_dir, metrics, hardware)
+            run = load_run(run_dir, metrics, hardware)
+            model, side, hw = run.model, run.side, run.hardware
             cfg = side["config"]
             if cfg["dataset"] not in datasets:
                 datasets[cfg["dataset"]] = load_dataset(cfg["dataset"], data_dir)
@@ -197,7 +180,8 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
                 for b, s in zip(names, 1 - res["layer"].mean(0)):
                     block_rows.append({"run": name, "block": b, "skip_ratio": float(s)})
             for g, s in res["channel_skip"].items():
-                channel_rows += [{"run": name, "gate": g, "channel": k, "skip_ratio": float(v)} for k, v in enumerate(s)]
+                channel_rows += [{"run": name, "gate": g, "channel": k, "skip_ratio": float(v)}
+                                 for k, v in enumerate(s)]
             loaded[name] = (model, side, ds, dense)
             progress.advance(task)
 
@@ -327,8 +311,8 @@ def _plot_budgets(budget_df, metric, path):
 def _plot_skips(blocks_df, channels_df, name, path):
     plt = _plt()
     panels = [p for p in (("block", blocks_df), ("gate", channels_df)) if len(p[1])]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.3 * max(len(p[1].groupby(p[0])) for p in panels)), 3.2 * len(panels)),
-                             squeeze=False)
+    width = max(6, 0.3 * max(len(p[1].groupby(p[0])) for p in panels))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.2 * len(panels)), squeeze=False)
     for ax, (key, df) in zip(axes[:, 0], panels):
         g = df.groupby(key, sort=False).skip_ratio.mean()
         ax.bar(range(len(g)), g.values * 100, color="tab:blue" if key == "block" else "tab:orange")
@@ -336,7 +320,8 @@ def _plot_skips(blocks_df, channels_df, name, path):
         ax.set_xticklabels(g.index, rotation=90, fontsize=6)
         ax.set_ylabel("skip ratio [%]")
         ax.set_ylim(0, 100)
-        ax.set_title(f"{name}: skip ratio per {'block (layer gate)' if key == 'block' else 'channel gate (mean over channels)'}")
+        what = "block (layer gate)" if key == "block" else "channel gate (mean over channels)"
+        ax.set_title(f"{name}: skip ratio per {what}")
     fig.tight_layout()
     _png(fig, path)
 
@@ -367,11 +352,13 @@ def _plot_easy_hard(pf, ds, name, path, k: int = 8):
 
 def eval_command(
     run_dirs: list[Path] = typer.Argument(..., help="run directories written by ddi-hw train"),
-    data_dir: Optional[Path] = typer.Option(None, help="test data (cifar-10-batches-py/ or .tar.gz); not needed for smoke runs"),
+    data_dir: Optional[Path] = typer.Option(None, help="test data (cifar-10-batches-py/ or .tar.gz); "
+                                            "not needed for smoke runs"),
     out: Path = typer.Option(Path("eval"), help="directory for the CSV and PNG results"),
     hardware: Optional[str] = typer.Option(None, help="hardware preset for energy/latency (default: the run's)"),
     metrics: str = typer.Option("flops,energy,latency", help="comma list of flops,energy,latency"),
-    budgets: Optional[str] = typer.Option(None, help="comma list of budgets in the budget metric's unit (default: static runs' costs)"),
+    budgets: Optional[str] = typer.Option(None, help="comma list of budgets in the budget metric's unit "
+                                          "(default: static runs' costs)"),
     budget_metric: str = typer.Option("flops", help="metric of the budgets"),
     limit: Optional[int] = typer.Option(None, help="evaluate only the first N test images"),
     batch_size: int = typer.Option(500, help="evaluation batch size"),

@@ -579,22 +579,6 @@ def test_images(dataset: str, data_dir, limit: int | None, split: str = "test"):
     return normalize(x, ds).numpy(), y.numpy()
 
 
-def load_checkpoint_model(run_dir):
-    """A DynamicNet rebuilt from a run directory (safetensors + JSON sidecar, nothing unpickled)."""
-    from ddi_hw.checkpoint import load_model_state
-    from ddi_hw.train import build_model
-
-    state, side = load_model_state(run_dir)
-    if "model" not in side:
-        raise UserError(f"{run_dir}/model.json has no 'model' entry; it was not written by ddi-hw train")
-    model = build_model(side["model"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise UserError(f"{run_dir}: weights do not match the model in model.json ({str(err)[:120]})") from None
-    return model.eval(), side
-
-
 def export_command(
     checkpoint: str = typer.Argument(..., help="run directory with model.safetensors + model.json"),
     out: str = typer.Option(..., "--out", help="bundle directory to write"),
@@ -607,9 +591,11 @@ def export_command(
     import torch
 
     from ddi_hw.backends import ReferenceBackend, run_images, summarize
+    from ddi_hw.runs import load_run
     from energy_models.atomic import atomic_write_text
 
-    model, side = load_checkpoint_model(checkpoint)
+    run = load_run(checkpoint)
+    model, side = run.model, run.side
     name = dataset or side.get("config", {}).get("dataset")
     if not name:
         raise UserError("cannot tell the data set of this run: pass --dataset cifar10|smoke")

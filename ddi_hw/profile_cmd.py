@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from ddi_hw.errors import UserError
+from energy_models.presets import DEFAULT_PRESET
 
 LEVELS = (("DRAM", "e_dram_pj"), ("SRAM", "e_sram_pj"), ("array/NoC", "e_noc_pj"),
           ("RF", "e_rf_pj"), ("MAC", "e_mac_pj"), ("static", "e_static_pj"))
@@ -24,7 +25,7 @@ FILES = ("cost_table.csv", "cost_table.parquet", "energy_per_layer.png", "energy
 def profile_command(
     arch: str = typer.Option("resnet74", help="Architecture from ddi_hw.models "
                              "(resnet14/20/26/38/74/110, densenet100, densenet201, ...)."),
-    hardware: str = typer.Option("eyeriss-65nm", help="Shipped preset (eyeriss-65nm, zedboard) "
+    hardware: str = typer.Option(DEFAULT_PRESET, help="Shipped preset (eyeriss-65nm, zedboard) "
                                  "or a YAML file copied from one."),
     dataflow: Optional[str] = typer.Option(None, help="Systolic dataflow: os, ws or is "
                                            "(default: the preset's)."),
@@ -38,8 +39,8 @@ def profile_command(
     channel_gates: bool = typer.Option(False, help="Profile the model with channel gates "
                                        "(adds input-channel sweeps of gated layers)."),
     exits: bool = typer.Option(False, help="Profile the model with its early-exit branches."),
-    input_size: Optional[int] = typer.Option(None, help="Input height/width (default 224 for "
-                                             "densenet201, else 32)."),
+    input_size: Optional[int] = typer.Option(None, help="Input height/width (default: the model's, "
+                                             "e.g. 224 for densenet201, 32 for CIFAR nets)."),
 ) -> None:
     """Profile a network on a systolic-array accelerator: per-layer, per-channel energy table."""
     from energy_models.presets import DATAFLOWS, load_preset
@@ -49,10 +50,10 @@ def profile_command(
         raise UserError(f"unknown dataflow '{dataflow}'; choose one of {', '.join(DATAFLOWS)}")
     if jobs is not None and jobs < 1:
         raise UserError("--jobs must be at least 1")
-    model = _build(arch, layer_gates, channel_gates, exits)
+    model = _build(arch, layer_gates, channel_gates, exits, input_size)
     out = out or Path("profile_out") / f"{arch}-{preset.name}"
     _check_writable(out)
-    size = input_size or (224 if arch == "densenet201" else 32)
+    size = model.input_size
 
     from rich.console import Console
 
@@ -65,13 +66,14 @@ def profile_command(
     _summary(console, df, arch, preset, out)
 
 
-def _build(arch, layer_gates, channel_gates, exits):
+def _build(arch, layer_gates, channel_gates, exits, input_size):
     try:
         from ddi_hw.models import create_model
     except ImportError as err:
         raise UserError(f"ddi_hw.models is not available ({err}); profile custom models "
                         "from Python with energy_models.profile_model") from None
-    return create_model(arch, layer_gates=layer_gates, channel_gates=channel_gates, exits=exits)
+    return create_model(arch, layer_gates=layer_gates, channel_gates=channel_gates, exits=exits,
+                        input_size=input_size)
 
 
 def _check_writable(out: Path) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import math
 import os
 import signal
@@ -30,6 +29,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from ddi_hw.errors import UserError
+from ddi_hw.runs import attach_costs, build_model, model_kwargs
+from energy_models.presets import DEFAULT_PRESET
 
 STAGES = ("static", "iadi", "ddi")
 RESOURCES = ("flops", "energy", "latency")
@@ -75,7 +76,7 @@ CONFIG_SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "alpha_gain": (0.05, "a number > 0 (dual rule: alpha change per step per unit of saving error)",
                    lambda v: isinstance(v, _num) and v > 0),
     "resource": ("flops", "flops|energy|latency", lambda v: v in RESOURCES),
-    "hardware": ("eyeriss-65nm", "a hardware preset name", lambda v: isinstance(v, str)),
+    "hardware": (DEFAULT_PRESET, "a hardware preset name", lambda v: isinstance(v, str)),
     "target_saving": (0.5, "a fraction in [0, 1)", lambda v: isinstance(v, _num) and 0 <= v < 1),
     "seed": (0, "an integer", lambda v: isinstance(v, int)),
     "threads": (0, "an integer >= 0 (torch CPU threads per process; 0 = cores / processes)",
@@ -132,36 +133,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
 
 
 # ----------------------------------------------------------------------------- model + costs
-
-
-def model_kwargs(cfg: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    gated = cfg["stage"] != "static"
-    return {"name": cfg["arch"], "num_classes": num_classes,
-            "layer_gates": gated and cfg["layer_gates"], "channel_gates": gated and cfg["channel_gates"],
-            "channel_gate_kind": cfg["channel_gate_kind"], "exits": cfg["stage"] == "ddi",
-            "exit_positions": cfg["exit_positions"] if cfg["stage"] == "ddi" else None}
-
-
-def build_model(kwargs: dict[str, Any]):
-    from ddi_hw.models import create_model
-
-    try:
-        return create_model(**kwargs)
-    except (KeyError, ValueError) as err:
-        raise UserError(f"cannot build model {kwargs['name']!r}: {err}") from None
-
-
-def attach_costs(model, metrics: list[str], hardware: str, input_shape) -> dict[str, Any]:
-    """Attach the cost table of `hardware` when energy/latency is needed; return its identity."""
-    if all(m == "flops" for m in metrics):
-        return {"source": "model", "hardware": None, "sha256": None}
-    from ddi_hw.cost import CostTable
-    from energy_models import profile_model
-
-    df = profile_model(model, tuple(input_shape), hardware=hardware)
-    model.attach_cost_table(CostTable.from_frame(df))
-    digest = hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()
-    return {"source": "energy_models.profile_model", "hardware": hardware, "sha256": digest, "rows": len(df)}
 
 
 def _module_state_names(model, kinds: tuple, role: str) -> set[str]:
@@ -342,6 +313,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from ddi_hw import checkpoint as ck
+    from ddi_hw.cost import resource_loss
     from ddi_hw.data import load_dataset, steps_per_epoch, train_batch
 
     out_dir = Path(out_dir)
@@ -499,7 +471,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                     skip = _all_mean(skip, world)
                     goal = 0.0 if phase == "gates" else target
                     alpha = next_alpha(cfg, state, saving, goal, phase)
-                    loss = loss + alpha * cost.mean().to(loss.dtype)
+                    loss = loss + resource_loss(cost, alpha, loss.dtype)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -531,8 +503,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                     window = {k: 0.0 for k in window} | {"n": 0}
                 progress.update(task, completed=state["step"])
                 if cfg["eval_every"] and state["step"] % cfg["eval_every"] == 0 and rank == 0:
-                    ev = evaluate_model(model, ds, cfg["resource"], dense_cost, cfg["eval_batch_size"], cfg["eval_limit"],
-                                        kwargs["layer_gates"])
+                    ev = evaluate_model(model, ds, cfg["resource"], dense_cost, cfg["eval_batch_size"],
+                                        cfg["eval_limit"], kwargs["layer_gates"])
                     rows.append({"step": state["step"], "phase": phase, "split": "test", **ev, "alpha": "",
                                  "lr": lr, "seconds": round(time.time() - t0, 3)})
                     set_train_mode(state["phase"])

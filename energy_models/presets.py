@@ -11,6 +11,7 @@ from pathlib import Path
 
 from energy_models.errors import UserError
 
+DEFAULT_PRESET = "eyeriss-65nm"  # the preset used when none is named (profiler, training, CLI)
 DATAFLOWS = ("os", "ws", "is")
 ENERGY_FIELDS = ("mac_pj", "rf_pj", "noc_pj", "sram_pj", "dram_pj")
 SIM_INT_FIELDS = ("array_rows", "array_cols", "ifmap_sram_kb", "filter_sram_kb", "ofmap_sram_kb")

@@ -11,7 +11,7 @@ import pandas as pd
 
 from energy_models.energy import add_energy, analytic_counts
 from energy_models.errors import UserError
-from energy_models.presets import DATAFLOWS, load_preset
+from energy_models.presets import DATAFLOWS, DEFAULT_PRESET, load_preset
 from energy_models.scalesim_runner import COUNT_COLUMNS, SimLayer, run_sweeps, sim_fields
 from energy_models.specs import LayerSpec, extract_specs
 
@@ -35,7 +35,7 @@ def axes(spec: LayerSpec) -> list[tuple[str, int]]:
     return out
 
 
-def profile_specs(specs, hardware="eyeriss-65nm", dataflow: str | None = None, cache_dir=None,
+def profile_specs(specs, hardware=DEFAULT_PRESET, dataflow: str | None = None, cache_dir=None,
                   jobs: int | None = None, progress=True) -> pd.DataFrame:
     """Cost table for already extracted specs (see `profile_model`)."""
     preset = load_preset(hardware)
@@ -83,10 +83,11 @@ def _run(requests, sim, cache_dir, jobs, progress):
         return run_sweeps(requests, sim, cache_dir=cache_dir, jobs=jobs, progress=update)
 
 
-def profile_model(model, input_shape, hardware="eyeriss-65nm", dataflow: str | None = "os",
+def profile_model(model, input_shape, hardware=DEFAULT_PRESET, dataflow: str | None = None,
                   cache_dir=None, jobs: int | None = None, progress=True) -> pd.DataFrame:
     """Per-layer, per-active-channel access counts and Eq. 6 energy of `model` on `hardware`
-    (a preset name, a YAML path or a `Preset`). SCALE-Sim results are cached in `cache_dir`
-    (default `$DDI_HW_CACHE` or ~/.cache/ddi-hw/scalesim) and run in `jobs` processes."""
+    (a preset name, a YAML path or a `Preset`) with `dataflow` (default: the preset's). SCALE-Sim
+    results are cached in `cache_dir` (default `$DDI_HW_CACHE` or ~/.cache/ddi-hw/scalesim) and
+    run in `jobs` processes."""
     specs = extract_specs(model, input_shape)
     return profile_specs(specs, hardware, dataflow, cache_dir, jobs, progress)

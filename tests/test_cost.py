@@ -114,3 +114,16 @@ def test_real_profiler_table(tmp_path):
     assert model.dense_cost("energy") > 0 and model.dense_cost("latency") > 0
     out = model.eval()(torch.randn(2, 3, 32, 32), mode="sparse")
     assert (out.cost["energy"] > 0).all()
+
+
+def test_resource_loss_is_alpha_times_the_mean_normalised_cost():
+    from ddi_hw.cost import resource_loss
+
+    cost = torch.tensor([0.2, 0.6, 0.7], dtype=torch.float64, requires_grad=True)
+    term = resource_loss(cost, 2e-4, dtype=torch.float32)
+    assert term.dtype == torch.float32
+    assert term.item() == (2e-4 * torch.tensor(0.5, dtype=torch.float32)).item()  # alpha * mean(E), by hand
+    term.backward()
+    assert torch.allclose(cost.grad, torch.full((3,), 2e-4 / 3, dtype=torch.float64))  # pushes every cost down
+    back = resource_loss(cost.detach(), -2e-4)  # negative alpha (goal passed): gives cost back
+    assert back.dtype == torch.float64 and back.item() == pytest.approx(-2e-4 * 0.5)
