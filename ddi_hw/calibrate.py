@@ -57,7 +57,8 @@ def config_counts(rows: pd.DataFrame) -> dict[str, float]:
     s = rows[need].sum()
     return {"dram_accesses": float(s.dram_reads_ifmap + s.dram_reads_filter + s.dram_writes_ofmap),
             "sram_accesses": float(s.sram_reads_ifmap + s.sram_reads_filter + s.sram_writes_ofmap),
-            "noc_accesses": float(s.noc_accesses), "rf_accesses": float(s.rf_accesses), "macs": float(s.macs), "cycles": float(s.cycles)}
+            "noc_accesses": float(s.noc_accesses), "rf_accesses": float(s.rf_accesses), "macs": float(s.macs),
+            "cycles": float(s.cycles)}
 
 
 def read_measurements(path: Path) -> pd.DataFrame:
@@ -206,7 +207,8 @@ def calibrated_preset_text(base_text: str, base_name: str, result: Fit, source: 
 
 
 def calibrate_command(
-    measurements: Path = typer.Argument(..., help="CSV: config, dram_accesses, sram_accesses, noc_accesses, rf_accesses, macs, cycles, energy_j (J per inference, baseline-subtracted)"),
+    measurements: Path = typer.Argument(..., help="CSV: config, dram_accesses, sram_accesses, noc_accesses, "
+                                        "rf_accesses, macs, cycles, energy_j (J per inference, baseline-subtracted)"),
     hardware: str = typer.Option("zedboard", "--hardware", help="base preset name or YAML file"),
     out: Path = typer.Option(Path("calibrated_preset.yaml"), "--out", help="calibrated preset to write"),
 ) -> None:

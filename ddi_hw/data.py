@@ -134,10 +134,12 @@ def _read_cifar_files(data_dir: Path) -> dict[str, bytes]:
                 members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
                 missing = [n for n in wanted if n not in members]
                 if missing:
-                    raise UserError(f"{data_dir} lacks {', '.join(missing)}; expected the official cifar-10-python.tar.gz")
+                    raise UserError(f"{data_dir} lacks {', '.join(missing)}; "
+                                    "expected the official cifar-10-python.tar.gz")
                 return {n: tar.extractfile(members[n]).read() for n in wanted}
         except tarfile.TarError as err:
-            raise UserError(f"{data_dir} is not a readable tar archive ({err}); expected cifar-10-python.tar.gz") from None
+            raise UserError(f"{data_dir} is not a readable tar archive ({err}); "
+                            "expected cifar-10-python.tar.gz") from None
     missing = [n for n in wanted if not (data_dir / n).is_file()]
     if missing:
         nested = data_dir / "cifar-10-batches-py"

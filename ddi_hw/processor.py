@@ -113,7 +113,8 @@ class GateOp:
 
 
 GATE_OPS: dict[str, GateOp] = {
-    "lstm": GateOp(_layer_lstm, ("conv.weight", "conv.bias"), "layer_gate", LSTM_TENSORS + ("proj.weight", "proj.bias")),
+    "lstm": GateOp(_layer_lstm, ("conv.weight", "conv.bias"), "layer_gate",
+                   LSTM_TENSORS + ("proj.weight", "proj.bias")),
     "cnn": GateOp(_channel_cnn, ("conv.weight", "conv.bias", "fc.weight", "fc.bias")),
     "dense_light": GateOp(_channel_dense_light, ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
                                                  "fc.weight", "fc.bias")),

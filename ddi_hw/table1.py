@@ -175,7 +175,8 @@ def plot(table: "pd.DataFrame", path: Path) -> None:
 def table1_command(
     summary_csv: Path = typer.Argument(..., help="summary.csv written by `ddi-hw eval`"),
     measured: Optional[Path] = typer.Option(None, "--measured", help="energy_summary.csv from `ddi-hw power analyze`"),
-    dense_config: str = typer.Option("dense", "--dense-config", help="configuration name of the static network in --measured"),
+    dense_config: str = typer.Option("dense", "--dense-config",
+                                     help="configuration name of the static network in --measured"),
     stages: str = typer.Option("iadi", "--stages", help="comma list of run stages to tabulate"),
     out: Path = typer.Option(Path("table1"), "--out", help="directory for table1.csv, table1.md, table1.png"),
 ) -> None:

@@ -546,7 +546,8 @@ def train_command(
     resource: Optional[str] = typer.Option(None, help="resource to save: flops|energy|latency"),
     hardware: Optional[str] = typer.Option(None, help="hardware preset for the energy/latency cost table"),
     target_saving: Optional[float] = typer.Option(None, help="fraction of the resource to save (IADI/DDI)"),
-    data_dir: Optional[Path] = typer.Option(None, help="cifar-10-batches-py/ directory or .tar.gz (ImageNet: root with train/ val/)"),
+    data_dir: Optional[Path] = typer.Option(None, help="cifar-10-batches-py/ directory or .tar.gz "
+                                            "(ImageNet: root with train/ val/)"),
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<config name>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out exactly where it stopped"),
     steps: Optional[int] = typer.Option(None, help="override the number of training steps"),

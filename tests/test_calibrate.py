@@ -85,8 +85,8 @@ def test_config_counts_sums_a_cost_table_slice():
     rows = pd.DataFrame({"macs": [10, 20], "cycles": [5, 7], "rf_accesses": [30, 60], "noc_accesses": [20, 40],
                          "sram_reads_ifmap": [1, 2], "sram_reads_filter": [3, 4], "sram_writes_ofmap": [5, 6],
                          "dram_reads_ifmap": [7, 8], "dram_reads_filter": [9, 10], "dram_writes_ofmap": [11, 12]})
-    assert config_counts(rows) == {"dram_accesses": 57.0, "sram_accesses": 21.0, "noc_accesses": 60.0, "rf_accesses": 90.0,
-                                   "macs": 30.0, "cycles": 12.0}
+    assert config_counts(rows) == {"dram_accesses": 57.0, "sram_accesses": 21.0, "noc_accesses": 60.0,
+                                   "rf_accesses": 90.0, "macs": 30.0, "cycles": 12.0}
 
 
 def test_cli_writes_a_loadable_calibrated_preset(tmp_path, capsys):
@@ -146,13 +146,17 @@ def test_calibrated_preset_reproduces_the_fit_through_energy_models_eq6(tmp_path
     n_cfg, layers = 25, 6
     raw = pd.DataFrame({
         "config": np.repeat([f"cfg{i}" for i in range(n_cfg)], layers), "source": "scalesim",
-        "macs": rng.integers(10**5, 10**7, n_cfg * layers), "sram_reads_ifmap": rng.integers(10**4, 10**6, n_cfg * layers),
-        "sram_reads_filter": rng.integers(10**4, 10**6, n_cfg * layers), "sram_writes_ofmap": rng.integers(10**3, 10**5, n_cfg * layers),
-        "dram_reads_ifmap": rng.integers(10**3, 10**5, n_cfg * layers), "dram_reads_filter": rng.integers(10**3, 10**5, n_cfg * layers),
+        "macs": rng.integers(10**5, 10**7, n_cfg * layers),
+        "sram_reads_ifmap": rng.integers(10**4, 10**6, n_cfg * layers),
+        "sram_reads_filter": rng.integers(10**4, 10**6, n_cfg * layers),
+        "sram_writes_ofmap": rng.integers(10**3, 10**5, n_cfg * layers),
+        "dram_reads_ifmap": rng.integers(10**3, 10**5, n_cfg * layers),
+        "dram_reads_filter": rng.integers(10**3, 10**5, n_cfg * layers),
         "dram_writes_ofmap": rng.integers(10**3, 10**5, n_cfg * layers)})
     raw["cycles"] = (raw.macs / 128 * rng.uniform(1, 3, len(raw))).astype(np.int64)
     tab = add_energy(raw.copy(), true, "os")
-    meas = pd.DataFrame([{"config": c, **config_counts(g), "energy_j": g.energy_pj.sum() * 1e-12 * (1 + rng.normal(0, 0.002))}
+    meas = pd.DataFrame([{"config": c, **config_counts(g),
+                          "energy_j": g.energy_pj.sum() * 1e-12 * (1 + rng.normal(0, 0.002))}
                          for c, g in tab.groupby("config")])
     src = tmp_path / "meas.csv"
     meas.to_csv(src, index=False)

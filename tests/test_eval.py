@@ -89,7 +89,8 @@ def test_budget_table_monotone_and_consistent(runs):
         # baseline: the most accurate static run that fits in the budget
         st = res["summary"][(res["summary"].stage == "static") & (res["summary"].flops <= row.budget * (1 + 1e-9))]
         if len(st):
-            assert row.base_accuracy == st.accuracy.max() and row.base_run in set(st.run[st.accuracy == st.accuracy.max()])
+            assert row.base_accuracy == st.accuracy.max() and \
+                row.base_run in set(st.run[st.accuracy == st.accuracy.max()])
     # at the full dense cost every sample reaches the final classifier
     full = b.iloc[-1]
     assert full.final_share == pytest.approx((bp[bp.budget == full.budget].exit_taken == -1).mean())

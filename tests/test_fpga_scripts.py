@@ -45,7 +45,8 @@ def test_top_part_and_ip_names_agree():
     rm = load_regmap()
     assert re.search(r"set top\s+(\w+)", HLS_TCL).group(1) == rm.top
     assert re.search(rf"void\s+{rm.top}\s*\(", CPP)
-    assert re.search(r"set part\s+(\S+)", HLS_TCL).group(1) == rm.part == re.search(r"set part\s+(\S+)", BD_TCL).group(1)
+    assert re.search(r"set part\s+(\S+)", HLS_TCL).group(1) == rm.part == \
+        re.search(r"set part\s+(\S+)", BD_TCL).group(1)
     vendor = re.search(r"-vendor (\S+)", HLS_TCL).group(1)
     lib = re.search(r"-library (\S+)", HLS_TCL).group(1)
     ver = re.search(r"-version (\S+)", HLS_TCL).group(1)
@@ -206,7 +207,8 @@ def test_dry_run_of_an_unchanged_copy_passes(tmp_path):
 
 
 MUTATIONS = {
-    "misspelled cell": ([("vivado/overlay.tcl", ("[get_bd_intf_pins marker_gpio/GPIO]", "[get_bd_intf_pins marker_gpi/GPIO]"))],
+    "misspelled cell": ([("vivado/overlay.tcl",
+                          ("[get_bd_intf_pins marker_gpio/GPIO]", "[get_bd_intf_pins marker_gpi/GPIO]"))],
                         (), "overlay.tcl", "no bd cell 'marker_gpi'"),
     "missing source file": ([], ("hls/regmap.h",), "hls.tcl", "file not found"),
     "wrong HLS part": ([("vivado/hls.tcl", ("xc7z020clg484-1", "xc7z020clg400-1"))],

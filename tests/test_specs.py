@@ -237,11 +237,9 @@ def test_macs_at_scales_with_active_channels():
 
 
 def _create(name, **kw):
-    models = pytest.importorskip("ddi_hw.models", reason="ddi_hw.models (engineer B) not there yet")
-    try:
-        return models.create_model(name, **kw)
-    except Exception as err:  # B's builder still in progress
-        pytest.skip(f"create_model({name!r}) failed: {err}")
+    from ddi_hw.models import create_model
+
+    return create_model(name, **kw)
 
 
 @pytest.mark.parametrize("name, hands", [

@@ -18,9 +18,13 @@ def _atomic_csv(df, path: Path) -> None:
 @power_app.command("log")
 def log_command(
     out: Path = typer.Option(..., "--out", help="append-only CSV of samples (resumes if it exists)"),
-    meter: Optional[str] = typer.Option(None, "--meter", help="serial meter profile: csv-stream, hp34401a-shunt, um25c, um24c, um34c (RDTech USB meters, binary frames; --supply-v/--shunt-ohm unused)"),
-    port: Optional[str] = typer.Option(None, "--port", help="serial device, e.g. /dev/ttyUSB0, or /dev/rfcomm0 for a Bluetooth UM25C"),
-    visa: Optional[str] = typer.Option(None, "--visa", help="VISA address of a SCPI DMM, e.g. 'USB0::0x2A8D::0x0101::MY1::INSTR'"),
+    meter: Optional[str] = typer.Option(None, "--meter", help="serial meter profile: csv-stream, hp34401a-shunt, "
+                                        "um25c, um24c, um34c (RDTech USB meters, binary frames; "
+                                        "--supply-v/--shunt-ohm unused)"),
+    port: Optional[str] = typer.Option(None, "--port", help="serial device, e.g. /dev/ttyUSB0, or /dev/rfcomm0 "
+                                       "for a Bluetooth UM25C"),
+    visa: Optional[str] = typer.Option(None, "--visa", help="VISA address of a SCPI DMM, "
+                                       "e.g. 'USB0::0x2A8D::0x0101::MY1::INSTR'"),
     visa_backend: str = typer.Option("", "--visa-backend", help="pyvisa backend, e.g. '@py' or '@sim'"),
     duration: Optional[float] = typer.Option(None, "--duration", help="seconds to log (default: until Ctrl-C)"),
     baud: Optional[int] = typer.Option(None, "--baud", help="override the profile's baud rate"),
