@@ -350,8 +350,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
             raise UserError(f"init {cfg['init']} does not fit this {cfg['stage']} model "
                             f"({'unexpected ' + unexpected[0] if unexpected else 'missing ' + stray[0]}); "
                             "check that 'arch' and the gate options match the init run")
-        init_info = {"run": os.path.relpath(Path(cfg["init"]).resolve(), out_dir.resolve()), "stage": side.get("config", {}).get("stage"),
-                     "metrics": side.get("metrics", {})}
+        init_info = {"run": os.path.relpath(Path(cfg["init"]).resolve(), out_dir.resolve()),
+                     "stage": side.get("config", {}).get("stage"), "metrics": side.get("metrics", {})}
 
     gate_names = gate_parameter_names(model) if cfg["stage"] == "iadi" else set()
     if cfg["stage"] == "iadi" and not gate_names:
@@ -556,7 +556,8 @@ def train_command(
     lr: Optional[float] = typer.Option(None, help="override the peak learning rate"),
     alpha: Optional[float] = typer.Option(None, help="override alpha, the weight of the resource loss"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = cores / processes)"),
-    alpha_rule: Optional[str] = typer.Option(None, help="how alpha holds the target: dual (default) | sign (the paper's)"),
+    alpha_rule: Optional[str] = typer.Option(None, help="how alpha holds the target: dual (default) | "
+                                             "sign (the paper's)"),
 ) -> None:
     """Train a static backbone, IADI or DDI model from a recipe."""
     overrides = {"resource": resource, "hardware": hardware, "target_saving": target_saving, "init": init,
