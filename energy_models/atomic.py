@@ -18,30 +18,32 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = ".tmp", fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `path` to write into (by any library: `df.to_csv`,
     `fig.savefig`, ...); when the block succeeds it replaces `path`, else it is removed.
-    `suffix` lets writers that pick the format from the extension see the right one."""
+    `suffix` lets writers that pick the format from the extension see the right one; `fsync=False`
+    skips the flush to disk for files rewritten many times a second whose loss costs nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies, as in open()
     try:
         yield tmp
-        with open(tmp, "rb+") as f:  # the writer may not have synced: make the data durable first
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb+") as f:  # the writer may not have synced: make the data durable first
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+def atomic_write_bytes(path: str | Path, payload: bytes, fsync: bool = True) -> None:
     """Replace `path` by `payload` atomically (see the module docstring)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=fsync) as tmp:
         with open(tmp, "wb") as f:
             f.write(payload)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | Path, text: str, fsync: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), fsync)

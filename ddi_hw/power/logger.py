@@ -297,7 +297,8 @@ class PowerLogger:
         return Counters()
 
     def _write_status(self) -> None:
-        atomic_write_text(status_path(self.out), json.dumps(asdict(self.counters), indent=1))
+        # rewritten every batch; only counters (the samples file is fsync'ed): atomic, not synced
+        atomic_write_text(status_path(self.out), json.dumps(asdict(self.counters), indent=1), fsync=False)
 
     def run(self, duration: float | None = None,
             on_batch: Callable[[Counters], None] | None = None) -> Counters:
