@@ -333,14 +333,12 @@ class DynamicNet(nn.Module):
             run.channel(gname, j, idx, mask, None)
             return mask, cstate
         sub = None if cstate is None or ex is None else tuple(s.index_select(0, ex) for s in cstate)
-        logit, new = cgate.sparse(x, self.channel_rnn, cstate if ex is None else sub)
+        logit, new, mask = cgate.sparse(x, self.channel_rnn, cstate if ex is None else sub)
         if cstate is not None:
             cstate = new if ex is None else tuple(s.index_copy(0, ex, t) for s, t in zip(cstate, new))
         if gname in chf:
             src = chf[gname]
             mask = src if idx is None else src[idx]
-        else:
-            mask = (logit > 0).float()
         run.channel(gname, j, idx, mask, logit)
         return mask, cstate
 

@@ -235,7 +235,7 @@ class DenseNet(DynamicNet):
     def _forward_sparse(self, x, force, run):
         n = x.shape[0]
         h = self.stem(x)
-        lstate = None  # numpy (h, c) of the layer-gate LSTM, created at the first gate
+        lstate = None  # numpy [h | c] of the layer-gate LSTM, created at the first gate
         cstate = self.channel_rnn.init_state(n, x) if self.channel_rnn is not None else None
         Lf, chf = force.get("layer"), force.get("channel", {})
         Lf = Lf.numpy() > 0.5 if Lf is not None else None  # decisions are made in numpy
@@ -285,7 +285,7 @@ class DenseNet(DynamicNet):
                             return
                         buf = buf[keep]
                         pooled = None if pooled is None else pooled[keep]
-                        lstate = None if lstate is None else tuple(s[keep.numpy()] for s in lstate)
+                        lstate = None if lstate is None else lstate[keep.numpy()]
                         cstate = None if cstate is None else tuple(s[keep] for s in cstate)
                 j += 1
             h = buf

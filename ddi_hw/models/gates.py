@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddi_hw.errors import UserError
-from ddi_hw.models.sparse_ops import FoldCache, module_tensors
+from ddi_hw.models import _gatekernels
+from ddi_hw.models.sparse_ops import FoldCache, module_tensors, pixel_layout
 
 GATE_HIDDEN = 10
 OPEN_BIAS = 2.0  # gates start open (sigmoid(2) = 0.88): training starts from zero skipping
@@ -45,6 +46,12 @@ def hard_decision(logit: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(logit)
         return hard + (p - p.detach())  # value is exactly `hard`
     return hard
+
+
+def _ptrs(weight: torch.Tensor, bias: torch.Tensor):
+    """float32 contiguous copies' data pointers (for the C kernels) and the copies (kept alive)."""
+    w, b = weight.detach().float().contiguous(), bias.detach().float().contiguous()
+    return w.data_ptr(), b.data_ptr(), (w, b)
 
 
 class LayerGateEmbed(nn.Module):
@@ -86,35 +93,30 @@ class SharedLSTMGate(nn.Module):
     def step(self, emb: torch.Tensor, state):
         return self.lstm(emb, state)
 
-    def fused_step(self, pooled: torch.Tensor, embed: "LayerGateEmbed", state, area: int = 1):
-        """Inference form of embed -> LSTM cell -> linear, for the sparse path. Same math,
-        rearranged for few calls: the 1x1 embedding is folded into the LSTM input weights, one
-        product covers [pooled, h], sigmoid(x) = (1 + tanh(x / 2)) / 2 lets one tanh serve all four
-        LSTM gates, and it runs in numpy (~1 us per call on 10-wide vectors, vs ~5-10 us per torch
-        op, which would otherwise dominate a gate at batch 1).
-        `pooled` may be a spatial sum over `area` pixels (1/area is folded into the weights).
-        `state`: numpy (h, c) or None. Returns (logits as numpy (N,), new state)."""
-        lstm, proj, H = self.lstm, self.proj, self.hidden
-
-        def fuse():
-            w_ih = lstm.weight_ih @ embed.conv.weight.flatten(1) / area
-            b = lstm.weight_ih @ embed.conv.bias + lstm.bias_ih + lstm.bias_hh
-            scale = torch.full((4 * H,), 0.5)
-            scale[2 * H:3 * H] = 1.0  # the g gate uses tanh itself; i, f, o use sigmoid
-            w = (torch.cat([w_ih, lstm.weight_hh], 1) * scale[:, None]).t().contiguous()  # (c + H, 4H)
-            return w.numpy(), (b * scale).numpy(), proj.weight.detach().t().contiguous().numpy(), \
-                float(proj.bias)
-        w, b, pw, pb = embed.fused.get(fuse, lambda: module_tensors(embed.conv, lstm, proj))
-        p = pooled.numpy()
+    def fused_step(self, x: torch.Tensor, embed: "LayerGateEmbed", state):
+        """Inference form of embed -> LSTM cell -> linear for the sparse path: one C call
+        (`_gatekernels.lstm_gate`: mean pool, the 1x1 embedding folded into the LSTM input
+        weights, one product over [pooled, h], pointwise ops in place) on cached folded weights.
+        Same math as `embed` + `step` + `logit` (tested against them). `x`: (N, C, H, W) features
+        (pooled here) or (N, C) already pooled means. `state`: float32 numpy (N, 2H) = [h | c],
+        updated in place, or None (zeros). Returns (logits as numpy (N,), state)."""
+        f = embed.fused.get(lambda: self._fold(embed), lambda: module_tensors(embed.conv, self.lstm, self.proj))
+        n = x.shape[0]
         if state is None:
-            h = c = np.zeros((p.shape[0], H), dtype=p.dtype)
-        else:
-            h, c = state
-        t = np.tanh(np.concatenate([p, h], 1) @ w + b)  # gates i, f, g, o as in nn.LSTMCell
-        s = t * 0.5 + 0.5
-        c = s[:, H:2 * H] * c + s[:, :H] * t[:, 2 * H:3 * H]
-        h = s[:, 3 * H:] * np.tanh(c)
-        return (h @ pw)[:, 0] + pb, (h, c)
+            state = np.zeros((n, 2 * self.hidden), dtype=np.float32)
+        out = np.empty(n, dtype=np.float32)
+        x, layout = pixel_layout(x)
+        _gatekernels.lstm_gate(*layout, f[0], f[1], f[2], f[3], self.hidden, state, out)
+        return out, state
+
+    def _fold(self, embed: "LayerGateEmbed"):
+        """(w ptr, b ptr, proj ptr, proj bias, tensors kept alive): w = [W_ih W_conv ; W_hh]^T."""
+        lstm = self.lstm
+        w_ih = lstm.weight_ih @ embed.conv.weight.flatten(1)
+        b = (lstm.weight_ih @ embed.conv.bias + lstm.bias_ih + lstm.bias_hh).float().contiguous()
+        w = torch.cat([w_ih, lstm.weight_hh], 1).t().float().contiguous()  # (C + H, 4H)
+        pw = self.proj.weight.detach().flatten().float().contiguous()
+        return w.data_ptr(), b.data_ptr(), pw.data_ptr(), float(self.proj.bias.detach()), (w, b, pw)
 
     def logit(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h).squeeze(1)
@@ -139,13 +141,18 @@ class ChannelGateCNN(nn.Module):
         return self.fc(h.mean((2, 3))), state
 
     def sparse(self, x: torch.Tensor, rnn=None, state=None):
-        """Same math; the stride-2 conv runs channels-last (oneDNN: 1.4-2.4x faster on CPU at
-        batch 1, measured) with cached channels-last weights, no module-call overhead."""
-        w, b, fw, fb = self.fused.get(lambda: (
-            self.conv.weight.contiguous(memory_format=torch.channels_last), self.conv.bias,
-            self.fc.weight, self.fc.bias), lambda: module_tensors(self.conv, self.fc))
-        h = F.relu_(F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, 2, 1))
-        return F.linear(h.mean((2, 3)), fw, fb), state
+        """Same math -> (logits, state, hard mask). The stride-2 conv runs channels-last (oneDNN:
+        1.4-2.4x faster on CPU at batch 1, measured) on cached weights; ReLU, pooling and the FC
+        are one C call (`_gatekernels.pool_fc`) that also writes the 0/1 mask."""
+        w, b, fw, fb, keep = self.fused.get(lambda: (
+            self.conv.weight.detach().contiguous(memory_format=torch.channels_last), self.conv.bias.detach(),
+            *_ptrs(self.fc.weight, self.fc.bias)), lambda: module_tensors(self.conv, self.fc))
+        y = F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, 2, 1)
+        n, k = y.shape[0], self.fc.out_features
+        logit, mask = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.float32)
+        y, layout = pixel_layout(y)
+        _gatekernels.pool_fc(*layout, True, fw, fb, k, logit, mask)
+        return torch.from_numpy(logit), state, torch.from_numpy(mask)
 
 
 class ChannelGateRNN(nn.Module):
@@ -166,7 +173,9 @@ class ChannelGateRNN(nn.Module):
         h, c = rnn.step(emb, state)
         return self.fc(h), (h, c)
 
-    sparse = forward
+    def sparse(self, x: torch.Tensor, rnn: SharedLSTMGate, state):
+        logit, state = self.forward(x, rnn, state)
+        return logit, state, (logit > 0).float()
 
 
 class DenseLightGate(nn.Module):
@@ -187,7 +196,9 @@ class DenseLightGate(nn.Module):
         h = F.relu(self.conv2(F.relu(self.conv1(x))))
         return self.fc(h.mean((2, 3))), state
 
-    sparse = forward
+    def sparse(self, x: torch.Tensor, rnn=None, state=None):
+        logit, state = self.forward(x)
+        return logit, state, (logit > 0).float()
 
 
 # ----------------------------------------------------------------------------- the registry

@@ -255,7 +255,7 @@ class CifarResNet(DynamicNet):
     def _forward_sparse(self, x, force, run):
         h = self.stem.sparse(x)
         n = x.shape[0]
-        lstate = None  # numpy (h, c) of the layer-gate LSTM, created at the first gate
+        lstate = None  # numpy [h | c] of the layer-gate LSTM, created at the first gate
         cstate = self.channel_rnn.init_state(n, x) if self.channel_rnn is not None else None
         Lf, chf = force.get("layer"), force.get("channel", {})
         Lf = Lf.numpy() > 0.5 if Lf is not None else None  # decisions are made in numpy
@@ -271,7 +271,7 @@ class CifarResNet(DynamicNet):
             if skippable:
                 d = logit = None
                 if lgate is not None and gates:
-                    logit, lstate = layer_gate.fused_step(h.sum((2, 3)), lgate, lstate, h.shape[2] * h.shape[3])
+                    logit, lstate = layer_gate.fused_step(h, lgate, lstate)
                     d = logit > 0
                 if Lf is not None:
                     d = Lf[:, jb] if run.active is None else Lf[run.active.numpy(), jb]
@@ -300,7 +300,7 @@ class CifarResNet(DynamicNet):
                     if not len(keep):
                         return
                     h = h[keep]
-                    lstate = None if lstate is None else tuple(s[keep.numpy()] for s in lstate)
+                    lstate = None if lstate is None else lstate[keep.numpy()]
                     cstate = None if cstate is None else tuple(s[keep] for s in cstate)
         run.at_end(self.fc(h.mean((2, 3))))
 

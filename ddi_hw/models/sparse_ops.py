@@ -16,6 +16,23 @@ def fold_bn(weight: torch.Tensor, bn, bias: torch.Tensor | None = None):
     return (weight * scale.view(-1, *([1] * (weight.dim() - 1)))).detach(), b.detach()
 
 
+def pixel_layout(x: torch.Tensor):
+    """(tensor, (data pointer, N, C, pixels, sample / channel / pixel stride)) of a float32
+    (N, C, H, W) or (N, C) tensor for the C gate kernels (NCHW, channels-last or a channel slice of
+    either; anything else is copied to a contiguous float32 tensor first). Keep the returned
+    tensor alive while the pointer is used."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    st = x.stride()
+    if x.dim() == 2:
+        return x, (x.data_ptr(), x.shape[0], x.shape[1], 1, st[0], st[1], 1)
+    n, c, h, w = x.shape
+    if st[2] != st[3] * w and h > 1:  # pixels not on one stride
+        x = x.contiguous()
+        st = x.stride()
+    return x, (x.data_ptr(), n, c, h * w, st[0], st[1], st[3])
+
+
 _VERSION = operator.attrgetter("_version")
 _PTR = torch.Tensor.data_ptr
 
