@@ -90,6 +90,65 @@ def measure(fns: dict, rounds: int) -> tuple[dict, dict]:
     return wall, cpu
 
 
+COMPONENTS = (  # (label, object getter, method name): the sparse path's entry points, timed in context
+    ("LSTM layer gate (fused C step)", lambda net: [net.layer_gate] if net.layer_gate is not None else [], "fused_step"),
+    ("CNN channel gate (conv + C head)", lambda net: [b.cgate for b in net.blocks if b.cgate is not None], "sparse"),
+    ("mask lookup (sliced-weight cache)", lambda net: list(net.blocks), "_mask_weights"),
+    ("block compute (convs, add, ReLU)", lambda net: list(net.blocks), "sparse"),
+    ("bookkeeping: record decisions", lambda net: [None], "layer"),
+    ("bookkeeping: channel records", lambda net: [None], "channel"),
+    ("bookkeeping: flush + costs", lambda net: [None], "finish"),
+)
+
+
+def components(net, x, force, gates: bool, rounds: int) -> list[tuple[str, int, float]]:
+    """Per-component thread CPU time of one batch-1 sparse forward, measured in context: each
+    entry point is wrapped with a timer (adds ~0.3 us per call), minimum over rounds. `None`
+    objects stand for `SparseRun` (patched on the class). Block compute includes its mask lookup.
+    Returns (label, calls per forward, us per forward) plus the whole forward."""
+    from ddi_hw.models.base import SparseRun
+    acc, calls, undo = {}, {}, []
+    for label, objs, attr in COMPONENTS:
+        for obj in objs(net):
+            target = SparseRun if obj is None else obj
+            fn = getattr(target, attr, None)
+            if fn is None:
+                continue
+
+            def timed(*a, _fn=fn, _label=label, **k):
+                t = time.thread_time()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    acc[_label] = acc.get(_label, 0.0) + time.thread_time() - t
+                    calls[_label] = calls.get(_label, 0) + 1
+            if obj is None:
+                undo.append((SparseRun, attr, fn))
+                setattr(SparseRun, attr, timed)
+            else:
+                undo.append((obj, attr, None))
+                setattr(obj, attr, timed)
+    best, ncalls = {}, {}
+    try:
+        for r in range(rounds + 2):
+            acc.clear(), calls.clear()
+            t = time.thread_time()
+            call(net, x, force, gates=gates)
+            acc["whole forward"] = time.thread_time() - t
+            if r >= 2:  # warm-up rounds
+                for k, v in acc.items():
+                    best[k] = min(best.get(k, float("inf")), v)
+                ncalls = dict(calls)
+    finally:
+        for target, attr, fn in reversed(undo):
+            if fn is None:
+                delattr(target, attr)
+            else:
+                setattr(target, attr, fn)
+    order = [lb for lb, _, _ in COMPONENTS] + ["whole forward"]
+    return [(k, ncalls.get(k, 1), 1e6 * best[k]) for k in order if k in best]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -175,6 +234,18 @@ def main() -> None:
               f"{1 - f / base_flops:8.1%} {1 - t / t_static:8.1%} {'' if ratio is None else f'{ratio:6.2f}':>6} "
               f"{'' if cratio is None else f'{cratio:7.2f}':>7}")
     print("note: " + BS64_CHANNEL_NOTE)
+    print(f"\nwhere batch-1 time goes at 50% skipping (thread CPU time in context, min over {args.rounds_bs1} rounds; "
+          "block compute includes its mask lookup; shares of the whole forward)")
+    x1 = torch.randn(1, 3, 32, 32, generator=g)
+    for kind, net in nets.items():
+        force = forced(net, 1, 0.5, 0.5, g)
+        for gates in (True, False):
+            with torch.no_grad():
+                parts = components(net, x1, force, gates, args.rounds_bs1)
+            whole = parts[-1][2]
+            print(f"  {kind} gates {'run' if gates else 'not run'}: " + "; ".join(
+                f"{lb} {n}x {us / n:.1f} us = {us / 1e3:.2f} ms ({us / whole:.0%})" for lb, n, us in parts[:-1])
+                + f"; whole forward {whole / 1e3:.2f} ms")
     summary["threads"] = args.threads
     summary["draws_bs1"] = args.draws
     summary["note_channel_bs64"] = BS64_CHANNEL_NOTE

@@ -182,79 +182,9 @@ static PyObject *pool_fc(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 }
 
 
-/* im2col3(x, C, H, W, s_c, s_y, s_x, stride, cols, cols2) -> None
-
-   Columns of a 3x3 convolution with padding 1 for one sample: cols is a float32 buffer
-   (C * 9, Ho * Wo), row c * 9 + 3 * ky + kx (the layout of weight.view(C_out, -1)), zeros where the
-   window leaves the image. Input strides are explicit (NCHW or channels-last). cols2 (stride 1
-   only; None to skip): the stride-2 columns of the same input, (C * 9, ceil(H/2) * ceil(W/2)), for
-   a stride-2 conv reading the same input (a channel gate beside conv1). */
-static PyObject *im2col3(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "im2col3 takes 10 arguments");
-        return NULL;
-    }
-    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
-    long C = PyLong_AsLong(args[1]), H = PyLong_AsLong(args[2]), W = PyLong_AsLong(args[3]);
-    long sc = PyLong_AsLong(args[4]), sy = PyLong_AsLong(args[5]), sx = PyLong_AsLong(args[6]);
-    long st = PyLong_AsLong(args[7]);
-    if (PyErr_Occurred()) return NULL;
-    if (st < 1 || H < 1 || W < 1 || C < 1) {
-        PyErr_SetString(PyExc_ValueError, "im2col3: unsupported sizes");
-        return NULL;
-    }
-    long Ho = (H - 1) / st + 1, Wo = (W - 1) / st + 1, P = Ho * Wo;
-    long H2 = (H + 1) / 2, W2 = (W + 1) / 2, P2 = H2 * W2;
-    int two = args[9] != Py_None;
-    if (two && st != 1) {
-        PyErr_SetString(PyExc_ValueError, "im2col3: stride-2 columns need stride 1");
-        return NULL;
-    }
-    Py_buffer cb, cb2;
-    if (writable(args[8], &cb, C * 9 * P, "cols") < 0) return NULL;
-    if (two && writable(args[9], &cb2, C * 9 * P2, "cols2") < 0) {
-        PyBuffer_Release(&cb);
-        return NULL;
-    }
-    float *cols = (float *)cb.buf, *cols2 = two ? (float *)cb2.buf : NULL;
-    for (long c = 0; c < C; c++)
-        for (long ky = 0; ky < 3; ky++)
-            for (long kx = 0; kx < 3; kx++) {
-                float *restrict row = cols + (c * 9 + ky * 3 + kx) * P;
-                for (long oy = 0; oy < Ho; oy++) {
-                    long iy = oy * st + ky - 1;
-                    float *restrict r = row + oy * Wo;
-                    if (iy < 0 || iy >= H) {
-                        memset(r, 0, sizeof(float) * Wo);
-                        continue;
-                    }
-                    const float *restrict src = x + c * sc + iy * sy;
-                    /* output columns whose input column is inside the image: [lo, hi) */
-                    long lo = kx == 0 ? 1 : 0, hi = (W - kx) / st + 1;
-                    if (hi > Wo) hi = Wo;
-                    for (long ox = 0; ox < lo; ox++) r[ox] = 0.0f;
-                    const float *restrict s0 = src + (lo * st + kx - 1) * sx;
-                    if (st == 1 && sx == 1)
-                        memcpy(r + lo, s0, sizeof(float) * (hi - lo));
-                    else
-                        for (long ox = lo; ox < hi; ox++) r[ox] = s0[(ox - lo) * st * sx];
-                    for (long ox = hi; ox < Wo; ox++) r[ox] = 0.0f;
-                }
-                if (two) { /* rows / columns 0, 2, 4, ... of the stride-1 columns */
-                    float *restrict r2 = cols2 + (c * 9 + ky * 3 + kx) * P2;
-                    for (long oy = 0; oy < H2; oy++)
-                        for (long ox = 0; ox < W2; ox++) r2[oy * W2 + ox] = row[2 * oy * Wo + 2 * ox];
-                }
-            }
-    PyBuffer_Release(&cb);
-    if (two) PyBuffer_Release(&cb2);
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
     {"lstm_gate", (PyCFunction)(void (*)(void))lstm_gate, METH_FASTCALL, "fused LSTM layer-gate step"},
     {"pool_fc", (PyCFunction)(void (*)(void))pool_fc, METH_FASTCALL, "ReLU, spatial mean and linear"},
-    {"im2col3", (PyCFunction)(void (*)(void))im2col3, METH_FASTCALL, "columns of a 3x3 conv, padding 1"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_gatekernels",

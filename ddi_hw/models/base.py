@@ -325,17 +325,15 @@ class DynamicNet(nn.Module):
         return mask, mask.sum(1), cstate
 
     def _sparse_channel_mask(self, cgate, gname: str, j: int, x, ex, idx, cstate, chf: dict, gates: bool,
-                             run: "SparseRun", cols2=None):
+                             run: "SparseRun"):
         """Sparse path: the channel mask of block j for the samples it runs (`ex` local, `idx`
-        original indices) -> (mask, new RNN state); the gate does not run when fully forced.
-        `cols2`: stride-2 im2col columns of x already computed (CNN gate at batch 1)."""
+        original indices) -> (mask, new RNN state); the gate does not run when fully forced."""
         if not gates:
             mask = chf[gname] if idx is None else chf[gname][idx]
             run.channel(gname, j, idx, mask, None)
             return mask, cstate
         sub = None if cstate is None or ex is None else tuple(s.index_select(0, ex) for s in cstate)
-        logit, new, mask = cgate.sparse(x, self.channel_rnn, cstate if ex is None else sub) if cols2 is None \
-            else cgate.sparse_columns(cols2)
+        logit, new, mask = cgate.sparse(x, self.channel_rnn, cstate if ex is None else sub)
         if cstate is not None:
             cstate = new if ex is None else tuple(s.index_copy(0, ex, t) for s, t in zip(cstate, new))
         if gname in chf:

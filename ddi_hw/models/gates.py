@@ -144,7 +144,7 @@ class ChannelGateCNN(nn.Module):
         """Same math -> (logits, state, hard mask). The stride-2 conv runs channels-last (oneDNN:
         1.4-2.4x faster on CPU at batch 1, measured) on cached weights; ReLU, pooling and the FC
         are one C call (`_gatekernels.pool_fc`) that also writes the 0/1 mask."""
-        w, b, _, _, fw, fb, keep = self._folded()
+        w, b, fw, fb, keep = self._folded()
         y = F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, 2, 1)
         n, k = y.shape[0], self.fc.out_features
         logit, mask = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.float32)
@@ -153,24 +153,13 @@ class ChannelGateCNN(nn.Module):
         return torch.from_numpy(logit), state, torch.from_numpy(mask)
 
     def _folded(self):
-        """Cached: conv weight channels-last and bias; conv weight as a (C, C * 9) matrix and bias
-        column; FC pointers for `pool_fc` (weight transposed) and the tensors behind them."""
+        """Cached: conv weight channels-last and bias; FC pointers for `pool_fc` (weight
+        transposed) and the tensors behind them."""
         def compute():
             w = self.conv.weight.detach()
             return (w.contiguous(memory_format=torch.channels_last), self.conv.bias.detach(),
-                    w.reshape(w.shape[0], -1).contiguous(), self.conv.bias.detach().view(-1, 1),
                     *_ptrs(self.fc.weight.t(), self.fc.bias))
         return self.fused.get(compute, lambda: module_tensors(self.conv, self.fc))
-
-    def sparse_columns(self, cols2: torch.Tensor):
-        """`sparse` for one sample whose stride-2 im2col columns (C * 9, P) are already computed
-        (shared with conv1's columns, see `BasicBlock.columns`): one GEMM, then `pool_fc`."""
-        _, _, w2d, bcol, fw, fb, keep = self._folded()
-        y = torch.addmm(bcol, w2d, cols2).float()  # (C, P)
-        k, c, p = self.fc.out_features, y.shape[0], y.shape[1]
-        logit, mask = np.empty((1, k), dtype=np.float32), np.empty((1, k), dtype=np.float32)
-        _gatekernels.pool_fc(y.data_ptr(), 1, c, p, c * p, p, 1, True, fw, fb, k, logit, mask)
-        return torch.from_numpy(logit), None, torch.from_numpy(mask)
 
 
 class ChannelGateRNN(nn.Module):

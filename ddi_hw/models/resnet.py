@@ -40,8 +40,7 @@ from ddi_hw.models.base import DynamicNet
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
 from ddi_hw.models.gates import LAYER_GATE, GateKind
 from ddi_hw.models.registry import register_model
-from ddi_hw.models import _gatekernels
-from ddi_hw.models.sparse_ops import FoldCache, fold_bn, module_tensors, pixel_layout, run_channel_groups
+from ddi_hw.models.sparse_ops import FoldCache, fold_bn, module_tensors, run_channel_groups
 
 SLICE_CACHE = 16  # sliced weights kept per block (batch 1: one entry per distinct channel mask; 0 = none)
 CHANNELS_LAST_MIN = 32  # blocks this wide run channels-last (oneDNN direct conv)
@@ -86,8 +85,6 @@ class BasicBlock(nn.Module):
         self.lgate = LAYER_GATE.build(c_in, c_out) if layer_gate and self.skippable else None
         self.cgate = channel_gate.build(c_in, c_out) if channel_gate else None
         self._fold = FoldCache()
-        self._cols = None  # im2col buffers of the batch-1 sparse path (see `columns`)
-        self.use_columns = stride == 1 and _conv_format(c_out) == torch.contiguous_format
 
     def forward(self, x, mask=None):
         """Masked dense block (training path)."""
@@ -110,24 +107,8 @@ class BasicBlock(nn.Module):
             self.conv1, self.bn1, self.conv2, self.bn2, getattr(self, "sc_conv", None),
             getattr(self, "sc_bn", None)))
 
-    def columns(self, x, gate: bool):
-        """Batch 1, NCHW, stride 1 (the 16-channel stage): im2col columns of x for conv1 and, with
-        `gate`, the stride-2 columns for the channel gate's conv, in one pass into buffers kept
-        by the block. conv1 then costs one GEMM over its active rows: PyTorch's NCHW conv redoes
-        the im2col, which does not shrink with the active output channels (about half its time)."""
-        c, hh, ww = x.shape[1:]
-        bufs = self._cols
-        if bufs is None or bufs[0].shape != (c * 9, hh * ww):
-            bufs = self._cols = (torch.empty(c * 9, hh * ww), torch.empty(c * 9, ((hh + 1) // 2) * ((ww + 1) // 2)))
-        x, _ = pixel_layout(x)
-        st = x.stride()
-        _gatekernels.im2col3(x.data_ptr(), c, hh, ww, st[1], st[2], st[3], 1, bufs[0].numpy(),
-                             bufs[1].numpy() if gate else None)
-        return bufs[0], (bufs[1] if gate else None)
-
-    def sparse(self, x, mask=None, max_groups: int = 8, cols=None):
-        """Only active channels computed: conv1 output and conv2 input sliced, BN folded.
-        `cols`: conv1's im2col columns of x (batch 1, see `columns`)."""
+    def sparse(self, x, mask=None, max_groups: int = 8):
+        """Only active channels computed: conv1 output and conv2 input sliced, BN folded."""
         w1, b1, w2, b2, *rest = self._folded()
         src, fmt, slices = rest[-3:]
         x = x.contiguous(memory_format=fmt)  # no-op when the previous block used the same format
@@ -135,23 +116,28 @@ class BasicBlock(nn.Module):
         if mask is None:
             out = F.conv2d(F.relu_(F.conv2d(x, w1, b1, self.stride, 1)), w2, b2, 1, 1)
         elif x.shape[0] == 1:  # one mask: its sliced weights, cached per mask
-            m = mask.numpy()
-            key = m.tobytes()
-            ws = slices.get(key) if SLICE_CACHE else None
-            if ws is None:
-                on = m[0].nonzero()[0]
-                ws = (w1, b1, w2) if len(on) == b1.shape[0] else self._slice(torch.from_numpy(on), src, b1, fmt)
-                if SLICE_CACHE:
-                    slices[key] = ws
-                    if len(slices) > SLICE_CACHE:
-                        slices.popitem(last=False)
-            else:
-                slices.move_to_end(key)
-            out = self._run_sliced(x, *ws, b2, cols=cols)
+            out = self._run_sliced(x, *self._mask_weights(mask, w1, b1, w2, src, fmt, slices), b2)
         else:
             out = run_channel_groups(x, mask, lambda xs, ch, m: self._sliced(xs, ch, m, w1, b1, w2, b2, src, fmt),
                                      max_groups)
         return F.relu_(out.add_(sc))
+
+    def _mask_weights(self, mask, w1, b1, w2, src, fmt, slices):
+        """Batch 1: (conv1 rows, bias, conv2 columns) of the active channels, from the per-mask
+        LRU cache (keyed by the mask's bytes) or sliced on a miss."""
+        m = mask.numpy()
+        key = m.tobytes()
+        ws = slices.get(key) if SLICE_CACHE else None
+        if ws is None:
+            on = m[0].nonzero()[0]
+            ws = (w1, b1, w2) if len(on) == b1.shape[0] else self._slice(torch.from_numpy(on), src, b1, fmt)
+            if SLICE_CACHE:
+                slices[key] = ws
+                if len(slices) > SLICE_CACHE:
+                    slices.popitem(last=False)
+        else:
+            slices.move_to_end(key)
+        return ws
 
     def _slice(self, ch, src, b1, fmt):
         """conv1 rows and conv2 input columns of the active channels, contiguous in `fmt`:
@@ -161,14 +147,11 @@ class BasicBlock(nn.Module):
         return (w1n.index_select(0, ch).contiguous(memory_format=fmt), b1.index_select(0, ch),
                 w2t.index_select(0, ch).transpose(0, 1).contiguous(memory_format=fmt))
 
-    def _run_sliced(self, x, w1, b1, w2, b2, m=None, cols=None):
+    def _run_sliced(self, x, w1, b1, w2, b2, m=None):
         if b1.shape[0] == 0:  # every channel off: conv2 sees zeros, leaves its folded BN shift
             ho = (x.shape[2] - 1) // self.stride + 1
             return b2.view(1, -1, 1, 1).expand(x.shape[0], -1, ho, ho).clone()
-        if cols is not None:  # NCHW weights: (k, C * 9) is a view
-            h = F.relu_(torch.addmm(b1.view(-1, 1), w1.view(w1.shape[0], -1), cols)).view(1, -1, *x.shape[2:])
-        else:
-            h = F.relu_(F.conv2d(x, w1, b1, self.stride, 1))
+        h = F.relu_(F.conv2d(x, w1, b1, self.stride, 1))
         if m is not None:
             h = h * m[:, :, None, None]
         return F.conv2d(h, w2, b2, 1, 1)
@@ -311,13 +294,10 @@ class CifarResNet(DynamicNet):
             if not skip:
                 hx = h if ex is None else h.index_select(0, ex)
                 idx = run.sub(ex)
-                mask = cols = cols2 = None
+                mask = None
                 if cgate is not None:
-                    if hx.shape[0] == 1 and b.use_columns:  # shared im2col for the gate and conv1
-                        cols, cols2 = b.columns(hx, gates and isinstance(cgate, ChannelGateCNN))
-                    mask, cstate = self._sparse_channel_mask(cgate, name, j, hx, ex, idx, cstate, chf, gates, run,
-                                                             cols2)
-                y = b.sparse(hx, mask, self.max_channel_groups, cols)
+                    mask, cstate = self._sparse_channel_mask(cgate, name, j, hx, ex, idx, cstate, chf, gates, run)
+                y = b.sparse(hx, mask, self.max_channel_groups)
                 h = y if ex is None else h.index_copy(0, ex, y)
             if j in exit_at:
                 keep = run.at_exit(exit_at[j], h, self.exits[exit_at[j]])
