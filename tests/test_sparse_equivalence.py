@@ -267,3 +267,98 @@ def test_batch1_slice_cache_matches_dense():
         model.blocks[1].conv1.weight.mul_(1.5)
         d = model(x, force=forces[0])
     assert torch.allclose(d.logits, model(x, mode="sparse", force=forces[0]).logits, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- fused C gate kernels vs modules
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_slice", "pooled"])
+def test_fused_lstm_gate_matches_modules(layout):
+    """`SharedLSTMGate.fused_step` (one C call on folded weights) gives the module path's logits
+    and LSTM state (embed -> LSTMCell -> linear) over several steps, for every input layout."""
+    from ddi_hw.models.gates import LayerGateEmbed, SharedLSTMGate
+    torch.manual_seed(0)
+    gate, embed = SharedLSTMGate(), LayerGateEmbed(24)
+    torch.nn.init.normal_(gate.proj.weight)
+    n = 3
+    state, fused_state = None, None
+    for step in range(4):
+        x = torch.randn(n, 24 + 8, 6, 5)[:, :24] if layout == "channel_slice" else torch.randn(n, 24, 6, 5)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            state = gate.step(embed(x), state)
+            want = gate.logit(state[0])
+            got, fused_state = gate.fused_step(x.mean((2, 3)) if layout == "pooled" else x, embed, fused_state)
+        assert torch.allclose(torch.from_numpy(got), want, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(torch.from_numpy(fused_state[:, :10]), state[0], atol=1e-5)
+        assert torch.allclose(torch.from_numpy(fused_state[:, 10:]), state[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_cnn_gate_matches_module(channels_last):
+    """`ChannelGateCNN.sparse` (channels-last conv + C ReLU/pool/FC head) gives the module's
+    logits, and its mask is exactly logit > 0."""
+    from ddi_hw.models.gates import ChannelGateCNN
+    torch.manual_seed(1)
+    gate = ChannelGateCNN(16, 12)
+    torch.nn.init.zeros_(gate.fc.bias)
+    x = torch.randn(4, 16, 9, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want, _ = gate(x)
+        got, _, mask = gate.sparse(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(mask, (got > 0).float())
+    assert 0 < mask.mean() < 1  # both decisions occur
+
+
+def test_batch1_unforced_gates_agree():
+    """Batch 1 (the fused-kernel and sliced-weight-cache path) with every gate deciding."""
+    model = randomize(create_model("resnet20", layer_gates=True, channel_gates=True))
+    model.layer_gate.proj.bias.data.zero_()
+    model.layer_gate.proj.weight.data.mul_(20)
+    for gname in model.gate_widths:
+        model.get_submodule(gname).fc.bias.data.zero_()
+    g = torch.Generator().manual_seed(9)
+    seen_skip = seen_partial = False
+    for _ in range(6):
+        x = torch.randn(1, 3, 32, 32, generator=g)
+        with torch.no_grad():
+            d = model(x)
+        s = model(x, mode="sparse")
+        assert torch.equal(d.layer_decisions, s.layer_decisions)
+        for gname in model.gate_widths:
+            assert torch.equal(d.channel_decisions[gname], s.channel_decisions[gname])
+        assert torch.allclose(d.logits, s.logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(d.cost["flops"], s.cost["flops"])
+        seen_skip |= bool((d.layer_decisions == 0).any())
+        seen_partial |= any(0 < float(d.channel_decisions[k].mean()) < 1 for k in model.gate_widths)
+    assert seen_skip and seen_partial
+
+
+def test_fused_gate_caches_follow_training():
+    """Folded gate weights (LSTM embedding folded into the input projection, CNN gate FC) are
+    recomputed after an optimizer step: the sparse path's decisions and logits follow the trained
+    weights, and differ from what the stale cache would give."""
+    model = randomize(create_model("resnet14", layer_gates=True, channel_gates=True))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    before = model(x, mode="sparse")  # fills every fold cache
+    model.train()
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "gate" in n], lr=0.5)
+    for _ in range(2):
+        out = model(x)
+        loss = out.logits.sum() + sum(p.sum() for p in out.channel_probs.values()) - out.layer_probs.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        d = model(x)
+    s = model(x, mode="sparse")
+    assert not torch.allclose(d.layer_probs, before.layer_probs, atol=1e-3)  # a stale cache would fail below
+    assert torch.allclose(s.layer_probs, d.layer_probs, atol=1e-5)
+    for gname in model.gate_widths:
+        assert torch.allclose(s.channel_probs[gname], d.channel_probs[gname], atol=1e-5)
+        assert torch.equal(s.channel_decisions[gname], d.channel_decisions[gname])
+    assert torch.equal(s.layer_decisions, d.layer_decisions)
+    assert torch.allclose(d.logits, s.logits, atol=1e-4, rtol=1e-4)

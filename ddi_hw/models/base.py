@@ -395,6 +395,14 @@ class DynamicNet(nn.Module):
         self._clear_folds()
         return out
 
+    def train(self, mode: bool = True):
+        """Also forgets folded weights: a training forward updates BN running statistics inside
+        the batch-norm kernel without bumping their version counters, so `FoldCache` could not
+        see it (and the sparse path needs `eval()`, which lands here)."""
+        out = super().train(mode)
+        self._clear_folds()
+        return out
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._clear_folds()
