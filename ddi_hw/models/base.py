@@ -606,12 +606,13 @@ class SparseRun:
         for g, K in net.gate_widths.items():  # gates never reached (their blocks skipped for all)
             if g not in self.channels:
                 self.channels[g] = torch.zeros(self.n, K)
-        sig, cprobs = {}, {}  # one sigmoid per distinct logits tensor (shared NaN tensors of unrun gates)
-        for g, v in self.channel_logits.items():
-            p = sig.get(id(v))
-            if p is None:
-                p = sig[id(v)] = torch.sigmoid(v)
-            cprobs[g] = p
+        # one sigmoid over all distinct logits tensors (unrun gates share NaN tensors), split into views
+        uniq = list({id(v): v for v in self.channel_logits.values()}.values())
+        cprobs = {}
+        if uniq:
+            flat = torch.sigmoid(torch.cat([v.reshape(-1) for v in uniq]))
+            sig = {id(v): p.view(v.shape) for v, p in zip(uniq, flat.split([v.numel() for v in uniq]))}
+            cprobs = {g: sig[id(v)] for g, v in self.channel_logits.items()}
         return DynamicOutput(
             logits=self.logits, exit_logits=[], layer_decisions=self.L[:, skip],
             layer_probs=probs[:, skip], channel_decisions=self.channels, cost=cost,

@@ -24,7 +24,8 @@ the batch has more than `max_channel_groups` distinct masks, one run over the un
 active channels with the mask applied). At batch 1 the sliced weights are cached per mask (LRU of
 `SLICE_CACHE` per block). Blocks of >= 32 channels run channels-last (oneDNN), which is faster and
 shrinks with the active channels; 16-channel blocks stay NCHW (see `_conv_format`). When `force`
-fixes every decision, no gate runs (`DynamicNet.fully_forced`).
+fixes every decision, no gate runs (`DynamicNet.fully_forced`). Gates run as fused C kernels on
+cached folded weights (`gates.SharedLSTMGate.fused_step`, `gates.ChannelGateCNN.sparse`).
 """
 from __future__ import annotations
 
