@@ -93,7 +93,7 @@ def measure(fns: dict, rounds: int) -> tuple[dict, dict]:
 
 
 COMPONENTS = (  # (label, object getter, method name): the sparse path's entry points, timed in context
-    ("LSTM layer gate (fused C step)", lambda net: [net.layer_gate] if net.layer_gate is not None else [], "fused_step"),
+    ("LSTM layer gate (fused C step)", lambda net: [g for g in [net.layer_gate] if g is not None], "fused_step"),
     ("CNN channel gate (conv + C head)", lambda net: [b.cgate for b in net.blocks if b.cgate is not None], "sparse"),
     ("mask lookup (sliced-weight cache)", lambda net: list(net.blocks), "_mask_weights"),
     ("block compute (convs, add, ReLU)", lambda net: list(net.blocks), "sparse"),
