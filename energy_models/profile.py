@@ -2,13 +2,18 @@
 
 One row per (layer, axis, active) as in docs/CONTRACTS.md: axis "out" sweeps active output
 channels 0..out_ch for every layer, axis "in" sweeps active input channels 0..in_ch for layers
-whose input channels are gated (`in_gate`). Conv/linear rows are simulated by SCALE-Sim
-(`source` = "scalesim"); pool/add rows are analytic (`source` = "analytic").
+whose input channels are gated (`in_gate`). What each row costs follows the engine's dataflow
+(energy_models/dataflow.py): conv rows are simulated by SCALE-Sim (`source` "scalesim", or
+"scalesim, ofmap not stored" for a gate conv whose only consumer is its pool); residual adds and
+global pools are fused into the conv that produces their input ("fused into <layer>", named in
+`fused_into`); layers on pooled vectors run on the preset's processor if it has one
+("processor"); other pools are analytic ("analytic").
 """
 from __future__ import annotations
 
 import pandas as pd
 
+from energy_models.dataflow import fused_counts, place, source_label
 from energy_models.energy import add_energy, analytic_counts
 from energy_models.presets import DATAFLOWS, load_preset
 from energy_models.scalesim_runner import COUNT_COLUMNS, SimLayer, run_sweeps, sim_fields
@@ -44,25 +49,43 @@ def profile_specs(specs, hardware="eyeriss-65nm", dataflow: str | None = None, c
     if dataflow not in DATAFLOWS:
         raise UserError(f"unknown dataflow '{dataflow}'; choose one of {', '.join(DATAFLOWS)}")
     sim = sim_fields(preset, dataflow)
+    where = place(specs)
+    on_proc = preset.proc_macs_per_s is not None
+
+    def simulated(s):
+        p = where[s.name]
+        return p.op in ("conv", "gate_conv") or (p.op == "vector" and not on_proc)
+
     requests = [(sim_layer(s), axis, list(range(1, n + 1)), s.groups)
-                for s in specs if s.kind in ("conv", "linear") for axis, n in axes(s)]
+                for s in specs if simulated(s) for axis, n in axes(s)]
     counts = _run(requests, sim, cache_dir, jobs, progress)
     rows = []
     for s in specs:
         spec_cols = s.as_dict()
         spec_cols["layer"] = spec_cols.pop("name")
+        p = where[s.name]
         for axis, n in axes(s):
             for active in range(n + 1):
-                if s.kind in ("conv", "linear"):
-                    c = (counts[(sim_layer(s), axis, s.groups)][active] if active
+                proc_s = 0.0
+                if simulated(s):
+                    c = (dict(counts[(sim_layer(s), axis, s.groups)][active]) if active
                          else dict.fromkeys(COUNT_COLUMNS, 0))
-                    source = "scalesim"
+                    if not p.store:
+                        c["dram_writes_ofmap"] = 0  # FLAG_NO_STORE: only the pooled sums leave
+                elif p.op == "vector":
+                    c = dict.fromkeys(COUNT_COLUMNS, 0)
+                    c["macs"] = (s.macs_at(active, s.in_ch) if axis == "out"
+                                 else s.macs_at(s.out_ch, active))
+                    proc_s = c["macs"] / preset.proc_macs_per_s
+                elif p.op in ("residual_add", "global_pool"):
+                    c = fused_counts(s, p, active)
                 else:
                     c = analytic_counts(s, axis, active, preset.array_cols)
-                    source = "analytic"
-                rows.append({**spec_cols, "axis": axis, "active": active, **c, "source": source})
+                rows.append({**spec_cols, "axis": axis, "active": active, **c, "proc_s": proc_s,
+                             "source": source_label(p, on_proc), "fused_into": p.fused_into})
     df = pd.DataFrame(rows)
-    df = df[list(SPEC_COLUMNS) + ["axis", "active", *COUNT_COLUMNS, "source"]]
+    df = df[list(SPEC_COLUMNS) + ["axis", "active", *COUNT_COLUMNS, "proc_s", "source",
+                                  "fused_into"]]
     df = add_energy(df, preset, dataflow)
     df["hardware"] = preset.name
     df["dataflow"] = dataflow
@@ -84,7 +107,7 @@ def _run(requests, sim, cache_dir, jobs, progress):
         return run_sweeps(requests, sim, cache_dir=cache_dir, jobs=jobs, progress=update)
 
 
-def profile_model(model, input_shape, hardware="eyeriss-65nm", dataflow: str | None = "os",
+def profile_model(model, input_shape, hardware="eyeriss-65nm", dataflow: str | None = None,
                   cache_dir=None, jobs: int | None = None, progress=True) -> pd.DataFrame:
     """Per-layer, per-active-channel access counts and Eq. 6 energy of `model` on `hardware`
     (a preset name, a YAML path or a `Preset`). SCALE-Sim results are cached in `cache_dir`
