@@ -132,7 +132,8 @@ def run_layer_full(x, w, bias, p: LayerParams, residual=None, pre=None, out_mask
     buf = np.zeros(n_map + (2 * o if p.pool else 0), dtype=np.int16)  # ofmap, then pooled int32s
     iters = np.zeros(1, dtype=np.uint32)
     flags = rm.flag_word(kernel=p.kernel, stride=p.stride, relu=p.relu, residual=p.residual,
-                         pre_affine=p.pre_affine, pool=p.pool, store=p.store)
+                         pre_affine=p.pre_affine, pool=p.pool, store=p.store,
+                         zero_masked=p.zero_masked)
     rc = lib.ddi_engine_run(_ptr(xs, ctypes.c_int16), _ptr(ws, ctypes.c_int16), _ptr(bs, ctypes.c_int32),
                             _ptr(buf, ctypes.c_int16), _ptr(rs, ctypes.c_int16), _ptr(ps, ctypes.c_int32),
                             c, o, h, wd, oh, ow, flags, p.acc_shift, p.res_shift, p.pre_shift,

@@ -39,6 +39,7 @@ class LayerParams:
     pre_shift: int = 0
     pool: bool = False  # FLAG_POOL: also produce the per-channel sums of the outputs
     store: bool = True  # False = FLAG_NO_STORE: the ofmap is not written (pooled sums only)
+    zero_masked: bool = True  # False = FLAG_NO_ZERO: masked output channels are left unwritten
 
     def __post_init__(self):
         if self.kernel not in (1, 3) or self.stride not in (1, 2):

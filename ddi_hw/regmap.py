@@ -49,7 +49,8 @@ class RegMap:
         raise KeyError(name)
 
     def flag_word(self, *, kernel: int, stride: int, relu: bool, residual: bool,
-                  pre_affine: bool = False, pool: bool = False, store: bool = True) -> int:
+                  pre_affine: bool = False, pool: bool = False, store: bool = True,
+                  zero_masked: bool = True) -> int:
         """The `flags` register value for one layer."""
         if kernel not in (1, 3) or stride not in (1, 2):
             raise ValueError(f"engine supports kernel 1/3 and stride 1/2, got {kernel}/{stride}")
@@ -57,7 +58,7 @@ class RegMap:
             raise ValueError("a launch that stores nothing must pool (FLAG_NO_STORE needs FLAG_POOL)")
         bits = {"FLAG_KERNEL3": kernel == 3, "FLAG_STRIDE2": stride == 2, "FLAG_RELU": relu,
                 "FLAG_RESIDUAL": residual, "FLAG_PRE_AFFINE": pre_affine, "FLAG_POOL": pool,
-                "FLAG_NO_STORE": not store}
+                "FLAG_NO_STORE": not store, "FLAG_NO_ZERO": not zero_masked}
         return sum(1 << self.flags[k] for k, on in bits.items() if on)
 
     def mask_words(self, mask) -> list[int]:

@@ -6,7 +6,8 @@
 //
 // Skipping: the active channels are compacted into index lists first, so the loops over output-
 // and input-channel tiles run ceil(active / TILE) times: masked channels cost no compute cycles
-// (masked outputs are only zero-filled). Layer skipping happens on the processor, which simply
+// (masked outputs are only zero-filled, and not even that with FLAG_NO_ZERO: the exporter sets it
+// when the only consumer reads the same channels through its input mask). Layer skipping happens on the processor, which simply
 // does not launch the engine. Gates (pooling, 1x1/3x3 gate convs, LSTM, FC) and the exit/final
 // classifiers run on the ARM processor.
 //
@@ -104,6 +105,7 @@ void ddi_engine(const data_t *input, const data_t *weights, const int32_t *bias,
     const uint32_t s = (flags & DDI_FLAG_STRIDE2) ? 2 : 1;
     const uint32_t pad = k / 2;
     const uint32_t kk = k * k;
+    const uint32_t step = (k == 1) ? s : 1;
     const uint32_t in_plane = in_h * in_w;
     const uint32_t out_plane = out_h * out_w;
     uint32_t iters = 0;
@@ -132,7 +134,7 @@ COMPACT_IN:
     // Masked output channels are not computed; they are written as 0 for the next layer.
 ZERO_MASKED:
     for (uint32_t c = 0; c < out_ch; c++) {
-        if (!store || mask_bit(out_mask, c)) continue;
+        if (!store || (flags & DDI_FLAG_NO_ZERO) || mask_bit(out_mask, c)) continue;
         for (uint32_t p = 0; p < out_plane; p++) {
 #pragma HLS PIPELINE II=1
             output[c * out_plane + p] = 0;
@@ -188,10 +190,10 @@ ROW_TILES:
                             COUNT(cycles, 1);
                             if (valid) COUNT(dram_weights, 1);
                         }
-            LOAD_X:
+            LOAD_X:  // a strided 1x1 conv reads only the pixels it uses (every step-th row and column)
                 for (uint32_t i = 0; i < TI; i++)
-                    for (uint32_t yy = 0; yy < in_rows; yy++)
-                        for (uint32_t xx = 0; xx < cols; xx++) {
+                    for (uint32_t yy = 0; yy < in_rows; yy += step)
+                        for (uint32_t xx = 0; xx < cols; xx += step) {
 #pragma HLS PIPELINE II=1
                             const int iy = (int)(r0 * s + yy) - (int)pad;
                             const int ix = (int)xx - (int)pad;

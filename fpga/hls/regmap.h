@@ -51,5 +51,6 @@
 #define DDI_FLAG_PRE_AFFINE (1u << 4)
 #define DDI_FLAG_POOL (1u << 5)
 #define DDI_FLAG_NO_STORE (1u << 6)
+#define DDI_FLAG_NO_ZERO (1u << 7)
 
 #endif  // DDI_REGMAP_H
