@@ -4,12 +4,15 @@
     csim       the HLS C++ engine compiled with g++ and called through ctypes (ddi_hw.csim)
     board      the engine in the ZedBoard's programmable logic through PYNQ (ddi_hw.board, engineer D)
 
-Everything else of a dynamic inference runs on the processor, identically for all three, in
-numpy float32/float64 from the dequantised int16 feature maps: layer gates (global average pool,
-1x1 embedding, shared LSTM cell, linear), channel gates (3x3/2 conv, ReLU, pool, linear -- or the
-RNN variant, or DenseNet's light 1x1/3x3 gate), exit branches (max pools, two 3x3 conv+BN+ReLU,
-pool, linear), the final average pool + classifier, and the budgeted-exit decisions (RADI) from
-the exported cost plan. DenseNet concatenation and 2x2 average pooling also run there, in integer
+What runs where follows the engine's dataflow (energy_models/engines/ddi_engine.yaml; the cost
+table costs the same): the engine writes the global-average-pool sums of a tensor while it
+writes the tensor (FLAG_POOL, set by the exporter from the dataflow), and runs the CNN channel
+gate's 3x3/2 conv + ReLU with only its pooled sums written (FLAG_NO_STORE). The processor, in
+numpy float32/float64, runs the gates' vector layers from those pooled vectors (layer gate: 1x1
+embedding, shared LSTM cell, linear; channel gate: its FC, or the RNN variant), DenseNet's light
+gate, exit branches (max pools, two 3x3 conv+BN+ReLU, pool, linear), the classifier on the pooled
+last tensor, and the budgeted-exit decisions (RADI) from the exported cost plan. A tensor with no
+pooled vector (a DenseNet transition's pooled output) is pooled by the processor from the map. DenseNet concatenation and 2x2 average pooling also run there, in integer
 arithmetic. Layer skipping = the processor does not launch the engine; channel skipping = the
 engine's output/input channel masks.
 
@@ -72,8 +75,9 @@ def step_processor_keys(step: dict) -> list[str]:
 
 @dataclass
 class LayerRun:
-    output: np.ndarray  # (out_ch, OH, OW) int16
+    output: np.ndarray  # (out_ch, OH, OW) int16 (zeros if the layer does not store: FLAG_NO_STORE)
     iterations: int | None = None  # engine compute-loop iterations (None: backend cannot count)
+    pooled: np.ndarray | None = None  # (out_ch,) int32 output sums if the layer pools (FLAG_POOL)
 
 
 class Backend(ABC):
@@ -98,11 +102,17 @@ class ReferenceBackend(Backend):
     def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None) -> LayerRun:
         from ddi_hw.csim import expected_iterations
 
+        from ddi_hw.fixedpoint import pooled_sums
+
         out = conv_layer(x, layer.weights, layer.bias, layer.params, residual, layer.pre, out_mask, in_mask)
         n_in = layer.in_ch if in_mask is None else int(np.count_nonzero(in_mask))
         n_out = layer.out_ch if out_mask is None else int(np.count_nonzero(out_mask))
+        pooled = pooled_sums(out) if layer.params.pool else None
+        if not layer.params.store:
+            out = np.zeros_like(out)
         # the engine's loop count follows from the shapes alone (same formula the C-sim is tested on)
-        return LayerRun(out, expected_iterations(n_in, n_out, out.shape[1], out.shape[2], layer.params.kernel))
+        return LayerRun(out, expected_iterations(n_in, n_out, out.shape[1], out.shape[2], layer.params.kernel),
+                        pooled)
 
 
 class CsimBackend(Backend):
@@ -113,10 +123,10 @@ class CsimBackend(Backend):
         load_library()
 
     def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None) -> LayerRun:
-        from ddi_hw.csim import run_layer
-        out, iters = run_layer(x, layer.weights, layer.bias, layer.params, residual, layer.pre,
-                               out_mask, in_mask)
-        return LayerRun(out, iters)
+        from ddi_hw.csim import run_layer_full
+        r = run_layer_full(x, layer.weights, layer.bias, layer.params, residual, layer.pre,
+                           out_mask, in_mask)
+        return LayerRun(r.output, r.iterations, r.pooled)
 
 
 def get_backend(name: str) -> Backend:
@@ -196,13 +206,21 @@ class _Processor:
     def __init__(self, bundle):
         self.b, self.p = bundle, bundle.processor
         self.lstate = self.cstate = None
+        self.pooled: dict[str, np.ndarray] = {}  # tensor -> int32 channel sums from the engine
 
     def f(self, env, t):
         return dequantize(env[t], self.b.tensor_frac(t)).astype(np.float32)
 
-    def layer_gate(self, step, x) -> bool:
+    def mean(self, env, t) -> np.ndarray:
+        """Global average pool of tensor t: from the engine's pooled sums (FLAG_POOL) when it wrote
+        them, else from the map (the processor reads the whole tensor)."""
+        x = env[t]
+        if t in self.pooled:
+            return (dequantize(self.pooled[t], self.b.tensor_frac(t)) / (x.shape[1] * x.shape[2])).astype(np.float32)
+        return self.f(env, t).mean(axis=(1, 2))
+
+    def layer_gate(self, step, pooled) -> bool:
         p, pre = self.p, step["prefix"]
-        pooled = x.mean(axis=(1, 2))
         emb = p[f"{pre}.conv.weight"].reshape(p[f"{pre}.conv.weight"].shape[0], -1) @ pooled + p[f"{pre}.conv.bias"]
         if self.lstate is None:
             z = np.zeros(p["layer_gate.lstm.weight_hh"].shape[1], np.float32)
@@ -212,8 +230,18 @@ class _Processor:
         logit = p["layer_gate.proj.weight"] @ self.lstate[0] + p["layer_gate.proj.bias"]
         return bool(logit[0] > 0)
 
-    def channel_gate(self, step, x) -> np.ndarray:
+    def channel_gate(self, step, env, t, backend, res) -> np.ndarray:
         p, pre = self.p, step["prefix"]
+        if step["kind"] == "cnn" and step.get("layer") is not None:  # conv on the engine, FC here
+            layer = self.b.layers[step["layer"]]
+            r = backend.run_layer(layer, env[t])
+            res.launches += 1
+            res.iterations += r.iterations or 0
+            oh, ow = layer.params.out_hw(*env[t].shape[1:])
+            h = dequantize(r.pooled, layer.f_out) / (oh * ow)
+            logit = p[f"{pre}.fc.weight"] @ h.astype(np.float32) + p[f"{pre}.fc.bias"]
+            return (logit > 0).astype(np.uint8)
+        x = self.f(env, t)
         if step["kind"] == "cnn":
             h = np.maximum(conv2d_f(x, p[f"{pre}.conv.weight"], p[f"{pre}.conv.bias"], 2, 1), 0)
             logit = p[f"{pre}.fc.weight"] @ h.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
@@ -223,7 +251,7 @@ class _Processor:
             logit = p[f"{pre}.fc.weight"] @ h.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
         elif step["kind"] == "rnn":
             w = p[f"{pre}.conv.weight"]
-            emb = w.reshape(w.shape[0], -1) @ x.mean(axis=(1, 2)) + p[f"{pre}.conv.bias"]
+            emb = w.reshape(w.shape[0], -1) @ self.mean(env, t) + p[f"{pre}.conv.bias"]
             if self.cstate is None:
                 z = np.zeros(p["channel_rnn.lstm.weight_hh"].shape[1], np.float32)
                 self.cstate = (z, z)
@@ -242,11 +270,13 @@ class _Processor:
         x = np.maximum(conv2d_f(x, p[f"{pre}.conv2.weight"], p[f"{pre}.conv2.bias"], 1, 1), 0)
         return p[f"{pre}.fc.weight"] @ x.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
 
-    def head(self, step, x) -> np.ndarray:
+    def head(self, step, env, t) -> np.ndarray:
         p = self.p
-        if step.get("norm"):  # DenseNet: final BN + ReLU before the pool
+        if step.get("norm"):  # DenseNet: final BN + ReLU before the pool (not linear: from the map)
+            x = self.f(env, t)
             x = np.maximum(x * p[f"{step['norm']}.scale"][:, None, None] + p[f"{step['norm']}.shift"][:, None, None], 0)
-        return p[f"{step['prefix']}.weight"] @ x.mean(axis=(1, 2)) + p[f"{step['prefix']}.bias"]
+            return p[f"{step['prefix']}.weight"] @ x.mean(axis=(1, 2)) + p[f"{step['prefix']}.bias"]
+        return p[f"{step['prefix']}.weight"] @ self.mean(env, t) + p[f"{step['prefix']}.bias"]
 
 
 class _Budget:
@@ -312,19 +342,21 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
         elif op == "block":
             run = True
             if st.get("layer_gate"):
-                run = proc.layer_gate(st["layer_gate"], proc.f(env, st["in"]))
+                run = proc.layer_gate(st["layer_gate"], proc.mean(env, st["in"]))
             res.block_run.append(int(run))
             if bud:
                 bud.L[st["index"]] = int(run)
             if st.get("channel_gate") and run:
                 cg = st["channel_gate"]
-                masks[cg["name"]] = proc.channel_gate(cg, proc.f(env, st["in"]))
+                masks[cg["name"]] = proc.channel_gate(cg, env, st["in"], backend, res)
                 res.channel_masks[cg["name"]] = masks[cg["name"]]
                 if bud:
                     bud.k[st["index"]] = int(masks[cg["name"]].sum())
             res.dense_iterations += st["dense_iterations"]
             if not run:  # skipped block: nothing launched; output = input (ResNet) or a copy of
                 env[st["out"]] = env[st.get("skip_from") or st["in"]]  # the previous layer's (DenseNet)
+                if (st.get("skip_from") or st["in"]) in proc.pooled:
+                    proc.pooled[st["out"]] = proc.pooled[st.get("skip_from") or st["in"]]
                 i = st["end"]
                 continue
         elif op == "conv":
@@ -333,12 +365,16 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
             im = masks.get(st["in_gate"]) if st.get("in_gate") else None
             r = backend.run_layer(layer, env[st["in"]], env[st["residual"]] if st.get("residual") else None, om, im)
             env[st["out"]] = r.output
+            if r.pooled is not None:
+                proc.pooled[st["out"]] = r.pooled
             res.launches += 1
             res.iterations += r.iterations or 0
             if st.get("dense_iterations"):  # a conv outside any block (stem, transition)
                 res.dense_iterations += st["dense_iterations"]
         elif op == "concat":  # channel concatenation (same Q format by construction)
             env[st["out"]] = np.concatenate([env[t] for t in st["in"]], axis=0)
+            if all(t in proc.pooled for t in st["in"]):  # sums of a concatenation: concatenated
+                proc.pooled[st["out"]] = np.concatenate([proc.pooled[t] for t in st["in"]])
         elif op == "avgpool2":  # 2x2 average pool in integers: (sum + 2) >> 2, round half up
             a = env[st["in"]].astype(np.int32)
             c, h, w = a.shape
@@ -359,7 +395,7 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
                     res.logits, res.exit_taken, res.cost = fallback
                     return res
         elif op == "head":
-            res.logits = proc.head(st, proc.f(env, st["in"]))
+            res.logits = proc.head(st, env, st["in"])
         i += 1
     if bud:
         res.cost = bud.cum(len(bud.ev) - 1, budget is not None)

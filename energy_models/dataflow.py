@@ -108,3 +108,26 @@ def source_label(p: Placement, on_processor: bool) -> str:
     if p.op == "other":
         return "analytic"
     return "scalesim"
+
+
+def launch_flags(specs) -> dict[str, dict]:
+    """Engine flags of every engine launch (conv spec name -> LayerParams fields), from the same
+    placement the cost table uses, for the exporter: `pool` (FLAG_POOL) on the producer of a
+    global pool, `store=False` (FLAG_NO_STORE) on a gate conv only its pool reads, and
+    `zero_masked=False` (FLAG_NO_ZERO) on an output-gated conv whose consumer reads the same
+    channels through its input mask (the zeros would never be read)."""
+    where = place(specs)
+    in_gates = {s.in_gate for s in specs if s.in_gate}
+    flags: dict[str, dict] = {}
+    for s in specs:
+        p = where[s.name]
+        if p.op in ("residual_add", "global_pool") and p.fused_into:
+            if p.op == "global_pool":
+                flags.setdefault(p.fused_into, {})["pool"] = True
+        if p.op in ("conv", "gate_conv") and s.kind == "conv":
+            f = flags.setdefault(s.name, {})
+            if not p.store:
+                f["store"] = False
+            if s.out_gate and s.out_gate in in_gates:
+                f["zero_masked"] = False
+    return flags

@@ -24,6 +24,7 @@ class Engine:
     clock_mhz: int
     constants: dict
     dataflow: dict
+    transfer: dict
 
     # on-chip buffers, in 16-bit words, exactly as declared in ddi_engine.cpp / ddi_engine.h
     @property
@@ -41,20 +42,47 @@ class Engine:
         return c["TILE_OUT"] * c["TILE_ROWS"] * c["MAX_W"]
 
     def simulator_fields(self) -> dict:
-        """SCALE-Sim configured as this engine, as closely as SCALE-Sim allows:
-        - weight stationary: the engine holds a TILE_OUT x TILE_IN weight tile per kernel tap and
-          streams the output pixels through it, reducing TILE_IN input channels per cycle; in
-          SCALE-Sim's WS array the rows reduce (filter window elements) and the columns are filters,
-          so rows = TILE_IN, cols = TILE_OUT;
-        - SRAMs: SCALE-Sim's scratchpads are double buffered (half of each is the active buffer),
-          the engine's are single buffered, so each SCALE-Sim SRAM is twice the engine buffer:
-          input tile, weight tile, accumulators. Sizes in KB of words (1024 words = 1 KB here),
-          fractional where the buffer is not a multiple of 1024 words."""
+        """SCALE-Sim configured as this engine, as closely as SCALE-Sim allows. SCALE-Sim runs
+        one engine tile at a time (`tiled_counts`: TILE_ROWS output rows x TILE_OUT filters, all
+        input channels), so:
+        - output stationary, TILE_IN x TILE_OUT: the engine keeps each output's partial sum in
+          its accumulator until the whole window is summed (never spilled) and does
+          TILE_OUT x TILE_IN = 128 MACs per cycle; SCALE-Sim's OS array with 8 rows (output pixels)
+          x 16 columns (filters) does the same MACs per cycle and keeps psums in the PEs;
+        - SRAMs hold one tile's operands at MAX_CH input channels, so SCALE-Sim fetches each word
+          once per tile, which is the engine's traffic: it streams the input channels through its
+          TILE_IN-channel BRAM tiles and fetches each word once per tile (sizes in KB of words,
+          x2 for SCALE-Sim's double buffering)."""
         c = self.constants
+        slab = c["MAX_CH"] * ((c["TILE_ROWS"] - 1) * 2 + 3) * (c["MAX_W"] + 2)
+        weights = c["TILE_OUT"] * c["MAX_CH"] * 9
         return dict(array_rows=c["TILE_IN"], array_cols=c["TILE_OUT"],
-                    ifmap_sram_kb=2 * self.ibuf_words / 1024,
-                    filter_sram_kb=2 * self.wbuf_words / 1024,
-                    ofmap_sram_kb=2 * self.acc_words / 1024, dataflow="ws")
+                    ifmap_sram_kb=2 * slab // 1024, filter_sram_kb=2 * weights // 1024,
+                    ofmap_sram_kb=2 * self.acc_words // 1024, dataflow="os")
+
+    def row_tiles(self, spec) -> list[tuple[int, int, float]]:
+        """(slab rows handed to SCALE-Sim, number of such row tiles, share of the slab inside the
+        image) for a conv spec; the slab is padded (SCALE-Sim does not pad), the padding is not
+        fetched by the engine."""
+        tr, k, s, pad = self.constants["TILE_ROWS"], spec.kernel_h, spec.stride, spec.padding
+        iw = (spec.out_w - 1) * s + spec.kernel_w
+        valid_cols = sum(1 for x in range(-pad, -pad + iw) if 0 <= x < spec.in_w)
+        tiles: dict[tuple[int, float], int] = {}
+        for r0 in range(0, spec.out_h, tr):
+            rows = min(tr, spec.out_h - r0)
+            ir = (rows - 1) * s + k
+            y0 = r0 * s - pad
+            valid_rows = sum(1 for y in range(y0, y0 + ir) if 0 <= y < spec.in_h)
+            key = (ir, valid_rows * valid_cols / (ir * iw))
+            tiles[key] = tiles.get(key, 0) + 1
+        return [(ir, n, valid) for (ir, valid), n in sorted(tiles.items())]
+
+    def transfer_cycles(self, counts: dict) -> int:
+        """Cycles the un-overlapped loads and stores take (0 if overlapped with the MACs)."""
+        if self.transfer.get("overlapped_with_compute", True):
+            return 0
+        words = counts["dram_reads_ifmap"] + counts["dram_reads_filter"] + counts["dram_writes_ofmap"]
+        return -(-words // int(self.transfer.get("words_per_cycle", 1)))
 
 
 @lru_cache(maxsize=None)
@@ -72,4 +100,5 @@ def load_engine(name: str = "ddi_engine") -> Engine:
     if consts["MASK_WORDS"] * 32 != consts["MAX_CH"]:
         raise EnergyModelError(f"engine {name}: MASK_WORDS must be MAX_CH / 32")
     return Engine(name=str(raw.get("name", name)), clock_mhz=int(raw["clock_mhz"]),
-                  constants=dict(consts), dataflow=dict(raw.get("dataflow") or {}))
+                  constants=dict(consts), dataflow=dict(raw.get("dataflow") or {}),
+                  transfer=dict(raw.get("transfer") or {}))

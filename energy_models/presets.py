@@ -100,8 +100,6 @@ def load_preset(name_or_path) -> Preset:
     top = {"name", "description", "simulator", "energy", "clock_hz", "static_power_w", "engine",
            "board_power_w", "processor"}
     _no_unknown(label, data, None, top)
-    energy = section("energy")
-    _no_unknown(label, energy, "energy", set(ENERGY_FIELDS))
     engine = data.get("engine")
     if engine is not None:
         from energy_models.engine import load_engine
@@ -118,6 +116,8 @@ def load_preset(name_or_path) -> Preset:
         sim = section("simulator")
         _no_unknown(label, sim, "simulator", set(SIM_INT_FIELDS) | {"dataflow", "bandwidth_mode"})
         fields = {f: positive(sim.get(f), f"simulator.{f}", integer=True) for f in SIM_INT_FIELDS}
+    energy = section("energy")
+    _no_unknown(label, energy, "energy", set(ENERGY_FIELDS))
     dataflow = sim.get("dataflow", "os")
     if dataflow not in DATAFLOWS:
         raise UserError(f"preset {label}: field 'simulator.dataflow' must be one of "

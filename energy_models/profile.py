@@ -32,6 +32,53 @@ def sim_layer(spec: LayerSpec) -> SimLayer:
                     stride=spec.stride)
 
 
+def tile_requests(spec: LayerSpec, eng) -> list:
+    """SCALE-Sim requests of an engine-tiled conv (see `Engine.simulator_fields`): one per row-tile
+    shape and axis, each a tile of TILE_OUT filters (and one of out_ch % TILE_OUT for axis in)."""
+    to = eng.constants["TILE_OUT"]
+    reqs = []
+    for layer, _n, _valid in _tile_layers(spec, eng):
+        for axis, n in axes(spec):
+            if axis == "out":
+                reqs.append((layer, "out", list(range(1, min(to, n) + 1)), 1))
+            else:
+                for f in {min(to, spec.out_ch), spec.out_ch % to} - {0}:
+                    reqs.append((layer.with_active("out", f), "in", list(range(1, n + 1)), 1))
+    return reqs
+
+
+def _tile_layers(spec, eng):
+    to = eng.constants["TILE_OUT"]
+    iw = (spec.out_w - 1) * spec.stride + spec.kernel_w
+    return [(SimLayer(ifmap_h=ir, ifmap_w=iw, kernel_h=spec.kernel_h, kernel_w=spec.kernel_w,
+                      channels=spec.in_ch, filters=min(to, spec.out_ch), stride=spec.stride), n, valid)
+            for ir, n, valid in eng.row_tiles(spec)]
+
+
+def tiled_counts(spec: LayerSpec, eng, axis: str, active: int, counts: dict) -> dict:
+    """Counts of one engine launch with `active` channels on `axis`, summed over its tiles:
+    row tiles x output-channel tiles (full tiles of TILE_OUT plus one partial), each simulated by
+    SCALE-Sim; input reads scaled by the share of the slab inside the image (padding is made on
+    chip); plus the cycles of the un-overlapped loads and stores (`Engine.transfer_cycles`)."""
+    to = eng.constants["TILE_OUT"]
+    tot = dict.fromkeys(COUNT_COLUMNS, 0)
+    for layer, n, valid in _tile_layers(spec, eng):
+        if axis == "out":
+            parts = [(active // to, layer, "out", to), (1, layer, "out", active % to)]
+        else:
+            parts = [(spec.out_ch // to, layer.with_active("out", to), "in", active),
+                     (1, layer.with_active("out", spec.out_ch % to), "in", active)]
+        for mult, lay, ax, act in parts:
+            if not (mult and act and lay.filters):
+                continue
+            r = counts[(lay, ax, 1)][act]
+            for col in COUNT_COLUMNS:
+                v = r[col] * valid if col == "dram_reads_ifmap" else r[col]
+                tot[col] += mult * n * v
+    tot = {k: int(round(v)) for k, v in tot.items()}
+    return tot
+
+
 def axes(spec: LayerSpec) -> list[tuple[str, int]]:
     out = [("out", spec.out_ch)]
     if spec.in_gate:
@@ -51,13 +98,25 @@ def profile_specs(specs, hardware="eyeriss-65nm", dataflow: str | None = None, c
     sim = sim_fields(preset, dataflow)
     where = place(specs)
     on_proc = preset.proc_macs_per_s is not None
+    eng = None
+    if preset.engine is not None:
+        from energy_models.engine import load_engine
+        eng = load_engine(preset.engine)
 
     def simulated(s):
         p = where[s.name]
         return p.op in ("conv", "gate_conv") or (p.op == "vector" and not on_proc)
 
-    requests = [(sim_layer(s), axis, list(range(1, n + 1)), s.groups)
-                for s in specs if simulated(s) for axis, n in axes(s)]
+    def tiled(s):  # an engine launch, simulated tile by tile as the engine runs it
+        return eng is not None and s.kind == "conv" and s.groups == 1 and \
+            where[s.name].op in ("conv", "gate_conv")
+
+    requests = []
+    for s in specs:
+        if tiled(s):
+            requests += tile_requests(s, eng)
+        elif simulated(s):
+            requests += [(sim_layer(s), axis, list(range(1, n + 1)), s.groups) for axis, n in axes(s)]
     counts = _run(requests, sim, cache_dir, jobs, progress)
     rows = []
     for s in specs:
@@ -67,7 +126,12 @@ def profile_specs(specs, hardware="eyeriss-65nm", dataflow: str | None = None, c
         for axis, n in axes(s):
             for active in range(n + 1):
                 proc_s = 0.0
-                if simulated(s):
+                if tiled(s):
+                    c = tiled_counts(s, eng, axis, active, counts)
+                    if not p.store:
+                        c["dram_writes_ofmap"] = 0  # FLAG_NO_STORE: only the pooled sums leave
+                    c["cycles"] += eng.transfer_cycles(c)
+                elif simulated(s):
                     c = (dict(counts[(sim_layer(s), axis, s.groups)][active]) if active
                          else dict.fromkeys(COUNT_COLUMNS, 0))
                     if not p.store:
