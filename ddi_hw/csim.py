@@ -157,6 +157,29 @@ def expected_iterations(in_active: int, out_active: int, out_h: int, out_w: int,
     return tiles_o * tiles_i * kernel * kernel * out_h * out_w
 
 
+def run_spec(spec, rng: np.random.Generator, *, axis: str = "out", active: int | None = None,
+             residual: bool = False, pool: bool = False, store: bool = True,
+             zero_masked: bool = True) -> EngineRun:
+    """One C-simulated launch of a traced conv (`energy_models.specs.LayerSpec`) on random int16
+    data, with the first `active` channels of `axis` on (the engine's counts do not depend on
+    which ones). For comparing the engine's own DRAM words and cycles with the cost table."""
+    k, s = spec.kernel_h, spec.stride
+    if spec.kind != "conv" or k not in (1, 3) or spec.kernel_w != k or spec.padding != k // 2 or spec.groups != 1:
+        raise UserError(f"layer {spec.name}: not an engine launch (1x1/3x3 'same' conv, stride 1/2)")
+    p = LayerParams(kernel=k, stride=s, relu=True, residual=residual, acc_shift=12,
+                    res_shift=3 if residual else 0, pool=pool, store=store, zero_masked=zero_masked)
+    oh, ow = p.out_hw(spec.in_h, spec.in_w)
+    x = rng.integers(-4096, 4096, size=(spec.in_ch, spec.in_h, spec.in_w), dtype=np.int16)
+    w = rng.integers(-2048, 2048, size=(spec.out_ch, spec.in_ch, k, k), dtype=np.int16)
+    b = rng.integers(-(1 << 20), 1 << 20, size=spec.out_ch).astype(np.int32)
+    res = rng.integers(-8192, 8192, size=(spec.out_ch, oh, ow), dtype=np.int16) if residual else None
+    n = spec.out_ch if axis == "out" else spec.in_ch
+    m = np.zeros(n, dtype=np.uint8)
+    m[: n if active is None else active] = 1
+    om, im = (m, None) if axis == "out" else (None, m)
+    return run_layer_full(x, w, b, p, res, None, om, im)
+
+
 @dataclass
 class LayerCase:
     """One random layer with its reference output (for the C test bench and tests)."""

@@ -131,3 +131,23 @@ def launch_flags(specs) -> dict[str, dict]:
             if s.out_gate and s.out_gate in in_gates:
                 f["zero_masked"] = False
     return flags
+
+
+def launch_counts(df, layer: str, axis: str, active: int) -> dict:
+    """What the cost table says one engine launch costs: its conv row at (axis, active) plus the
+    rows fused into it (residual add: the residual read; global pool: the pooled words the engine
+    writes -- the processor's read of them is not engine traffic), for comparison with the
+    C-simulated engine's counters. Words are 16-bit."""
+    conv = df[(df.layer == layer) & (df.axis == axis) & (df.active == active)]
+    if len(conv) != 1:
+        raise ValueError(f"no single table row for {layer} {axis}={active}")
+    r = conv.iloc[0]
+    out_active = active if axis == "out" else int(r.out_ch)
+    dram = int(r.dram_reads_ifmap + r.dram_reads_filter + r.dram_writes_ofmap)
+    cycles = int(r.cycles)
+    if "fused_into" in df:
+        fused = df[(df.fused_into == layer) & (df.axis == "out") & (df.active == out_active)]
+        for _, f in fused.iterrows():
+            cycles += int(f.cycles)
+            dram += int(f.dram_reads_ifmap) if f.kind == "add" else int(f.dram_writes_ofmap)
+    return {"cycles": cycles, "dram_words": dram, "macs": int(r.macs)}

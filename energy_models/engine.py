@@ -77,12 +77,11 @@ class Engine:
             tiles[key] = tiles.get(key, 0) + 1
         return [(ir, n, valid) for (ir, valid), n in sorted(tiles.items())]
 
-    def transfer_cycles(self, counts: dict) -> int:
-        """Cycles the un-overlapped loads and stores take (0 if overlapped with the MACs)."""
+    def transfer_cycles(self, words: int) -> int:
+        """Cycles the un-overlapped loads and stores of `words` take (0 if overlapped)."""
         if self.transfer.get("overlapped_with_compute", True):
             return 0
-        words = counts["dram_reads_ifmap"] + counts["dram_reads_filter"] + counts["dram_writes_ofmap"]
-        return -(-words // int(self.transfer.get("words_per_cycle", 1)))
+        return -(-int(words) // int(self.transfer.get("words_per_cycle", 1)))
 
 
 @lru_cache(maxsize=None)

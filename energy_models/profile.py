@@ -33,17 +33,22 @@ def sim_layer(spec: LayerSpec) -> SimLayer:
 
 
 def tile_requests(spec: LayerSpec, eng) -> list:
-    """SCALE-Sim requests of an engine-tiled conv (see `Engine.simulator_fields`): one per row-tile
-    shape and axis, each a tile of TILE_OUT filters (and one of out_ch % TILE_OUT for axis in)."""
-    to = eng.constants["TILE_OUT"]
+    """SCALE-Sim requests of an engine-tiled conv (see `Engine.simulator_fields`): per row-tile
+    shape, tiles of TILE_OUT filters (and of out_ch % TILE_OUT for axis in), for the active counts
+    and for the lane-padded counts the engine's loops take cycles for (`tiled_counts`)."""
+    to, ti = eng.constants["TILE_OUT"], eng.constants["TILE_IN"]
     reqs = []
     for layer, _n, _valid in _tile_layers(spec, eng):
         for axis, n in axes(spec):
             if axis == "out":
                 reqs.append((layer, "out", list(range(1, min(to, n) + 1)), 1))
+                cpad = -(-spec.in_ch // ti) * ti
+                if cpad != spec.in_ch:  # the idle lanes of a partial input tile
+                    reqs.append((layer.with_active("in", cpad).with_active("out", to), "out", [to], 1))
             else:
-                for f in {min(to, spec.out_ch), spec.out_ch % to} - {0}:
-                    reqs.append((layer.with_active("out", f), "in", list(range(1, n + 1)), 1))
+                for f in {min(to, spec.out_ch), spec.out_ch % to, to} - {0}:
+                    reqs.append((layer.with_active("out", f), "in",
+                                 list(range(1, -(-n // ti) * ti + 1)), 1))
     return reqs
 
 
@@ -56,26 +61,42 @@ def _tile_layers(spec, eng):
 
 
 def tiled_counts(spec: LayerSpec, eng, axis: str, active: int, counts: dict) -> dict:
-    """Counts of one engine launch with `active` channels on `axis`, summed over its tiles:
-    row tiles x output-channel tiles (full tiles of TILE_OUT plus one partial), each simulated by
-    SCALE-Sim; input reads scaled by the share of the slab inside the image (padding is made on
-    chip); plus the cycles of the un-overlapped loads and stores (`Engine.transfer_cycles`)."""
-    to = eng.constants["TILE_OUT"]
-    tot = dict.fromkeys(COUNT_COLUMNS, 0)
+    """Counts of one engine launch with `active` channels on `axis`, summed over its tiles as the
+    engine runs them: row tiles x output-channel tiles (full tiles of TILE_OUT plus one partial),
+    each simulated by SCALE-Sim.
+    - Accesses and MACs: the active channels; input reads scaled by the share of the slab inside
+      the image (the padding is made on chip, not fetched).
+    - Cycles: SCALE-Sim's compute cycles plus the un-overlapped loads and stores
+      (`Engine.transfer_cycles`), both at the lane-padded tile the engine's loops iterate over:
+      a partial output tile still loads TILE_OUT filters' weight slots, a partial input tile
+      TILE_IN channels of slab (padding positions included), and its MAC loop takes as long."""
+    to, ti = eng.constants["TILE_OUT"], eng.constants["TILE_IN"]
+    cpad = -(-spec.in_ch // ti) * ti
+    tot = dict.fromkeys(COUNT_COLUMNS, 0.0)
+    lanes = dict(cycles=0, words=0)
     for layer, n, valid in _tile_layers(spec, eng):
         if axis == "out":
-            parts = [(active // to, layer, "out", to), (1, layer, "out", active % to)]
+            parts = [(active // to, layer, "out", to, to), (1, layer, "out", active % to, to)]
         else:
-            parts = [(spec.out_ch // to, layer.with_active("out", to), "in", active),
-                     (1, layer.with_active("out", spec.out_ch % to), "in", active)]
-        for mult, lay, ax, act in parts:
+            pin = -(-active // ti) * ti
+            parts = [(spec.out_ch // to, layer.with_active("out", to), "in", active, pin),
+                     (1, layer.with_active("out", spec.out_ch % to), "in", active, pin)]
+        for mult, lay, ax, act, pad_act in parts:
             if not (mult and act and lay.filters):
                 continue
             r = counts[(lay, ax, 1)][act]
             for col in COUNT_COLUMNS:
-                v = r[col] * valid if col == "dram_reads_ifmap" else r[col]
-                tot[col] += mult * n * v
+                tot[col] += mult * n * (r[col] * valid if col == "dram_reads_ifmap" else r[col])
+            if ax == "out":  # lane-padded: TILE_OUT filter slots, input channels up to TILE_IN lanes
+                key = (lay, "out", 1) if cpad == spec.in_ch else (lay.with_active("in", cpad), "out", 1)
+                rp = counts[key][pad_act]
+            else:  # lane-padded input channels, TILE_OUT filter slots
+                rp = counts[(lay.with_active("out", to), "in", 1)][pad_act]
+            lanes["cycles"] += mult * n * rp["cycles"]
+            lanes["words"] += mult * n * (rp["dram_reads_ifmap"] + rp["dram_reads_filter"]
+                                          + r["dram_writes_ofmap"])  # stores: only real outputs
     tot = {k: int(round(v)) for k, v in tot.items()}
+    tot["cycles"] = int(lanes["cycles"]) + eng.transfer_cycles(lanes["words"])
     return tot
 
 
@@ -128,9 +149,8 @@ def profile_specs(specs, hardware="eyeriss-65nm", dataflow: str | None = None, c
                 proc_s = 0.0
                 if tiled(s):
                     c = tiled_counts(s, eng, axis, active, counts)
-                    if not p.store:
-                        c["dram_writes_ofmap"] = 0  # FLAG_NO_STORE: only the pooled sums leave
-                    c["cycles"] += eng.transfer_cycles(c)
+                    if not p.store:  # FLAG_NO_STORE: only the pooled sums leave (the STORE
+                        c["dram_writes_ofmap"] = 0  # loop still runs: it accumulates them)
                 elif simulated(s):
                     c = (dict(counts[(sim_layer(s), axis, s.groups)][active]) if active
                          else dict.fromkeys(COUNT_COLUMNS, 0))
