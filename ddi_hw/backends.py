@@ -4,13 +4,18 @@
     csim       the HLS C++ engine compiled with g++ and called through ctypes (ddi_hw.csim)
     board      the engine in the ZedBoard's programmable logic through PYNQ (ddi_hw.board)
 
-Everything else of a dynamic inference runs on the processor, identically for all three, in
-numpy float32/float64 from the dequantised int16 feature maps: layer and channel gates (one numpy
-forward per gate kind, `ddi_hw.processor.GATE_OPS`), exit branches (max pools, two 3x3 conv+BN+ReLU,
-pool, linear), the final average pool + classifier, and the budgeted-exit decisions (RADI) from
-the exported cost plan. DenseNet concatenation and 2x2 average pooling also run there, in integer
-arithmetic. Layer skipping = the processor does not launch the engine; channel skipping = the
-engine's output/input channel masks.
+What runs where follows the engine's dataflow (energy_models/engines/ddi_engine.yaml; the cost
+table costs the same): the engine writes the global-average-pool sums of a tensor while it
+writes the tensor (FLAG_POOL, set by the exporter from the dataflow), and runs the CNN channel
+gate's 3x3/2 conv + ReLU with only its pooled sums written (FLAG_NO_STORE). The processor, in
+numpy float32/float64, runs the gates' vector layers from those pooled vectors (layer gate: 1x1
+embedding, shared LSTM cell, linear; channel gate: its FC, or the RNN variant), DenseNet's light
+gate, exit branches (max pools, two 3x3 conv+BN+ReLU, pool, linear), the classifier on the pooled
+last tensor, and the budgeted-exit decisions (RADI) from the exported cost plan. A tensor with no
+pooled vector (a DenseNet transition's pooled output) is pooled by the processor from the map. The
+gates' numpy forwards are `ddi_hw.processor.GATE_OPS`, one per gate kind. DenseNet concatenation and
+2x2 average pooling also run there, in integer arithmetic. Layer skipping = the processor does not
+launch the engine; channel skipping = the engine's output/input channel masks.
 
 Implementing a backend (the contract `ddi_hw.board.BoardBackend` follows):
 
@@ -63,8 +68,9 @@ def step_processor_keys(step: dict) -> list[str]:
 
 @dataclass
 class LayerRun:
-    output: np.ndarray  # (out_ch, OH, OW) int16
+    output: np.ndarray  # (out_ch, OH, OW) int16 (zeros if the layer does not store: FLAG_NO_STORE)
     iterations: int | None = None  # engine compute-loop iterations (None: backend cannot count)
+    pooled: np.ndarray | None = None  # (out_ch,) int32 output sums if the layer pools (FLAG_POOL)
 
 
 class Backend(ABC):
@@ -88,12 +94,17 @@ class ReferenceBackend(Backend):
 
     def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None) -> LayerRun:
         from ddi_hw.csim import expected_iterations
+        from ddi_hw.fixedpoint import pooled_sums
 
         out = conv_layer(x, layer.weights, layer.bias, layer.params, residual, layer.pre, out_mask, in_mask)
         n_in = layer.in_ch if in_mask is None else int(np.count_nonzero(in_mask))
         n_out = layer.out_ch if out_mask is None else int(np.count_nonzero(out_mask))
+        pooled = pooled_sums(out) if layer.params.pool else None
+        if not layer.params.store:
+            out = np.zeros_like(out)
         # the engine's loop count follows from the shapes alone (same formula the C-sim is tested on)
-        return LayerRun(out, expected_iterations(n_in, n_out, out.shape[1], out.shape[2], layer.params.kernel))
+        return LayerRun(out, expected_iterations(n_in, n_out, out.shape[1], out.shape[2], layer.params.kernel),
+                        pooled)
 
 
 class CsimBackend(Backend):
@@ -104,10 +115,10 @@ class CsimBackend(Backend):
         load_library()
 
     def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None) -> LayerRun:
-        from ddi_hw.csim import run_layer
-        out, iters = run_layer(x, layer.weights, layer.bias, layer.params, residual, layer.pre,
-                               out_mask, in_mask)
-        return LayerRun(out, iters)
+        from ddi_hw.csim import run_layer_full
+        r = run_layer_full(x, layer.weights, layer.bias, layer.params, residual, layer.pre,
+                           out_mask, in_mask)
+        return LayerRun(r.output, r.iterations, r.pooled)
 
 
 def get_backend(name: str) -> Backend:
@@ -147,14 +158,37 @@ class _Processor:
     def __init__(self, bundle):
         self.b, self.p = bundle, bundle.processor
         self.state: dict[str, tuple] = {}  # shared recurrent prefix -> LSTM (h, c) of this image
+        self.pooled: dict[str, np.ndarray] = {}  # tensor -> int32 channel sums from the engine
 
     def f(self, env, t):
         return dequantize(env[t], self.b.tensor_frac(t)).astype(np.float32)
 
-    def gate(self, gate: dict, x) -> np.ndarray:
-        """0/1 decisions of a layer or channel gate (`ddi_hw.processor.GATE_OPS[kind]`)."""
+    def mean(self, env, t) -> np.ndarray:
+        """Global average pool of tensor t: from the engine's pooled sums (FLAG_POOL) when it wrote
+        them, else from the map (the processor reads the whole tensor)."""
+        x = env[t]
+        if t in self.pooled:
+            return (dequantize(self.pooled[t], self.b.tensor_frac(t)) / (x.shape[1] * x.shape[2])).astype(np.float32)
+        return self.f(env, t).mean(axis=(1, 2))
+
+    def gate(self, gate: dict, env, t, backend, res) -> np.ndarray:
+        """0/1 decisions of a layer or channel gate on tensor t. A CNN channel gate exported with an
+        engine layer runs its conv on the engine (only pooled sums written) and its FC here; every
+        other gate is its kind's numpy forward (`ddi_hw.processor.GATE_OPS`), fed the pooled vector
+        when the kind needs no more (`GateOp.pooled`), else the map."""
+        p, pre = self.p, gate["prefix"]
+        if gate["kind"] == "cnn" and gate.get("layer") is not None:
+            layer = self.b.layers[gate["layer"]]
+            r = backend.run_layer(layer, env[t])
+            res.launches += 1
+            res.iterations += r.iterations or 0
+            oh, ow = layer.params.out_hw(*env[t].shape[1:])
+            h = dequantize(r.pooled, layer.f_out) / (oh * ow)
+            logit = p[f"{pre}.fc.weight"] @ h.astype(np.float32) + p[f"{pre}.fc.bias"]
+            return (logit > 0).astype(np.uint8)
         op = GATE_OPS[gate["kind"]]
-        logit, new = op.forward(self.p, gate["prefix"], op.shared, x, self.state.get(op.shared))
+        x = self.mean(env, t) if op.pooled else self.f(env, t)
+        logit, new = op.forward(p, pre, op.shared, x, self.state.get(op.shared))
         if op.shared:
             self.state[op.shared] = new
         return (logit > 0).astype(np.uint8)
@@ -167,11 +201,13 @@ class _Processor:
         x = np.maximum(conv2d_f(x, p[f"{pre}.conv2.weight"], p[f"{pre}.conv2.bias"], 1, 1), 0)
         return p[f"{pre}.fc.weight"] @ x.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
 
-    def head(self, step, x) -> np.ndarray:
+    def head(self, step, env, t) -> np.ndarray:
         p = self.p
-        if step.get("norm"):  # DenseNet: final BN + ReLU before the pool
+        if step.get("norm"):  # DenseNet: final BN + ReLU before the pool (not linear: from the map)
+            x = self.f(env, t)
             x = np.maximum(x * p[f"{step['norm']}.scale"][:, None, None] + p[f"{step['norm']}.shift"][:, None, None], 0)
-        return p[f"{step['prefix']}.weight"] @ x.mean(axis=(1, 2)) + p[f"{step['prefix']}.bias"]
+            return p[f"{step['prefix']}.weight"] @ x.mean(axis=(1, 2)) + p[f"{step['prefix']}.bias"]
+        return p[f"{step['prefix']}.weight"] @ self.mean(env, t) + p[f"{step['prefix']}.bias"]
 
 
 class _Budget:
@@ -237,19 +273,21 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
         elif op == "block":
             run = True
             if st.get("layer_gate"):
-                run = bool(proc.gate(st["layer_gate"], proc.f(env, st["in"]))[0])
+                run = bool(proc.gate(st["layer_gate"], env, st["in"], backend, res)[0])
             res.block_run.append(int(run))
             if bud:
                 bud.L[st["index"]] = int(run)
             if st.get("channel_gate") and run:
                 cg = st["channel_gate"]
-                masks[cg["name"]] = proc.gate(cg, proc.f(env, st["in"]))
+                masks[cg["name"]] = proc.gate(cg, env, st["in"], backend, res)
                 res.channel_masks[cg["name"]] = masks[cg["name"]]
                 if bud:
                     bud.k[st["index"]] = int(masks[cg["name"]].sum())
             res.dense_iterations += st["dense_iterations"]
             if not run:  # skipped block: nothing launched; output = input (ResNet) or a copy of
                 env[st["out"]] = env[st.get("skip_from") or st["in"]]  # the previous layer's (DenseNet)
+                if (st.get("skip_from") or st["in"]) in proc.pooled:
+                    proc.pooled[st["out"]] = proc.pooled[st.get("skip_from") or st["in"]]
                 i = st["end"]
                 continue
         elif op == "conv":
@@ -258,12 +296,16 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
             im = masks.get(st["in_gate"]) if st.get("in_gate") else None
             r = backend.run_layer(layer, env[st["in"]], env[st["residual"]] if st.get("residual") else None, om, im)
             env[st["out"]] = r.output
+            if r.pooled is not None:
+                proc.pooled[st["out"]] = r.pooled
             res.launches += 1
             res.iterations += r.iterations or 0
             if st.get("dense_iterations"):  # a conv outside any block (stem, transition)
                 res.dense_iterations += st["dense_iterations"]
         elif op == "concat":  # channel concatenation (same Q format by construction)
             env[st["out"]] = np.concatenate([env[t] for t in st["in"]], axis=0)
+            if all(t in proc.pooled for t in st["in"]):  # sums of a concatenation: concatenated
+                proc.pooled[st["out"]] = np.concatenate([proc.pooled[t] for t in st["in"]])
         elif op == "avgpool2":  # 2x2 average pool in integers: (sum + 2) >> 2, round half up
             a = env[st["in"]].astype(np.int32)
             c, h, w = a.shape
@@ -284,7 +326,7 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
                     res.logits, res.exit_taken, res.cost = fallback
                     return res
         elif op == "head":
-            res.logits = proc.head(st, proc.f(env, st["in"]))
+            res.logits = proc.head(st, env, st["in"])
         i += 1
     if bud:
         res.cost = bud.cum(len(bud.ev) - 1, budget is not None)

@@ -129,7 +129,9 @@ class BoardBackend(Backend):
         xin = self._buf("in", x.size, np.int16)
         xin[:x.size] = x.reshape(-1)
         xin.flush()
-        out = self._buf("out", layer.out_ch * oh * ow, np.int16)
+        n_map = layer.out_ch * oh * ow if p.store else 0
+        n_pool = 2 * layer.out_ch if p.pool else 0  # FLAG_POOL: int32 sums after the ofmap
+        out = self._buf("out", n_map + n_pool, np.int16)
         res_addr = 0
         if p.residual:
             rb = self._buf("res", residual.size, np.int16)
@@ -143,7 +145,8 @@ class BoardBackend(Backend):
             "pre": self.blob_addr + off["pre"] if p.pre_affine else 0,
             "in_ch": c, "out_ch": layer.out_ch, "in_h": h, "in_w": w, "out_h": oh, "out_w": ow,
             "flags": rm.flag_word(kernel=p.kernel, stride=p.stride, relu=p.relu, residual=p.residual,
-                                  pre_affine=p.pre_affine),
+                                  pre_affine=p.pre_affine, pool=p.pool, store=p.store,
+                                  zero_masked=p.zero_masked),
             "acc_shift": p.acc_shift, "res_shift": p.res_shift, "pre_shift": p.pre_shift,
         }
         masks = {"out_mask": np.ones(layer.out_ch) if out_mask is None else out_mask,
@@ -158,11 +161,14 @@ class BoardBackend(Backend):
                 self.ip.write(reg.offset, int(values[reg.name]))
         self._start_and_wait(layer.name)
         out.invalidate()
-        n = layer.out_ch * oh * ow
-        result = np.array(out[:n], dtype=np.int16).reshape(layer.out_ch, oh, ow)
+        if p.store:
+            result = np.array(out[:n_map], dtype=np.int16).reshape(layer.out_ch, oh, ow)
+        else:
+            result = np.zeros((layer.out_ch, oh, ow), dtype=np.int16)
+        pooled = np.array(out[n_map:n_map + n_pool], dtype=np.int16).view("<i4") if p.pool else None
         iters = int(self.ip.read(rm.reg("iterations").offset))
         self.launches += 1
-        return LayerRun(result, iters)
+        return LayerRun(result, iters, pooled)
 
     def _start_and_wait(self, what: str) -> None:
         ctrl, bits = self.rm.control["AP_CTRL"], self.rm.ap_ctrl_bits

@@ -3,8 +3,11 @@
 Each measured configuration (a set of layers run at some channel counts) contributes one row:
 its total access counts from the cost table and the energy measured per inference. The model is
 linear and every coefficient is physically non-negative, so non-negative least squares is the
-right tool:  E = e_dram*D + e_sram*S + e_noc*N + e_rf*R + e_mac*M + P_static * cycles / f_clk,
-exactly energy_models' Eq. 6 (energy.add_energy), so the calibrated preset reproduces the fit.
+right tool:  E = e_dram*D + e_sram*S + e_noc*N + e_rf*R + e_mac*M + P_static * cycles / f_clk
++ P_board * (cycles / f_clk + proc_s), exactly energy_models' Eq. 6 (energy.add_energy), so the
+calibrated preset reproduces the fit. P_board (PS, DDR background, regulators) is told apart from
+the PL's static power only by processor time (`proc_s`, optional column, e.g. the gates on the
+ARM): without it the two are one column and the board power is kept from the base preset.
 Rows are weighted by 1/E (relative error) so that small configurations count as much as large
 ones; columns are scaled to unit norm before solving so the pJ and W coefficients are comparable.
 A coefficient whose column is (nearly) a combination of the others cannot be identified from
@@ -26,8 +29,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 COUNT_COLUMNS = ["dram_accesses", "sram_accesses", "noc_accesses", "rf_accesses", "macs", "cycles"]
-MEASUREMENT_COLUMNS = ["config", *COUNT_COLUMNS, "energy_j"]
+MEASUREMENT_COLUMNS = ["config", *COUNT_COLUMNS, "energy_j"]  # plus optional "proc_s"
 COEFFICIENTS = ["e_dram_pj", "e_sram_pj", "e_noc_pj", "e_rf_pj", "e_mac_pj", "static_w"]
+BOARD = "board_w"  # fitted only when the measurements carry processor time (`proc_s`)
 
 
 @dataclass
@@ -55,7 +59,8 @@ def config_counts(rows: pd.DataFrame) -> dict[str, float]:
     if missing:
         raise UserError(f"cost table lacks columns {missing}; regenerate it with `ddi-hw profile`")
     s = rows[need].sum()
-    return {"dram_accesses": float(s.dram_reads_ifmap + s.dram_reads_filter + s.dram_writes_ofmap),
+    extra = {"proc_s": float(rows["proc_s"].sum())} if "proc_s" in rows.columns else {}
+    return {**extra, "dram_accesses": float(s.dram_reads_ifmap + s.dram_reads_filter + s.dram_writes_ofmap),
             "sram_accesses": float(s.sram_reads_ifmap + s.sram_reads_filter + s.sram_writes_ofmap),
             "noc_accesses": float(s.noc_accesses), "rf_accesses": float(s.rf_accesses), "macs": float(s.macs),
             "cycles": float(s.cycles)}
@@ -75,6 +80,11 @@ def read_measurements(path: Path) -> pd.DataFrame:
     if (num["energy_j"] <= 0).any():
         raise UserError(f"{path}: energy_j must be > 0 in every row (baseline-subtracted per inference)")
     df[COUNT_COLUMNS + ["energy_j"]] = num
+    if "proc_s" not in df.columns:
+        df["proc_s"] = 0.0
+    df["proc_s"] = pd.to_numeric(df["proc_s"], errors="coerce")
+    if df["proc_s"].isna().any() or (df["proc_s"] < 0).any():
+        raise UserError(f"{path}: proc_s must be a non-negative number of seconds in every row")
     return df
 
 
@@ -86,10 +96,17 @@ def design(df: pd.DataFrame, clock_hz: float) -> np.ndarray:
                             df.cycles / clock_hz * 1e12]).astype(float)
 
 
+def board_column(df: pd.DataFrame, clock_hz: float) -> np.ndarray:
+    """Inference time in ps (x W -> pJ): PL cycles plus processor time."""
+    proc_s = df["proc_s"].to_numpy(float) if "proc_s" in df else 0.0
+    return (df.cycles.to_numpy(float) / clock_hz + proc_s) * 1e12
+
+
 # When two counts move together, the one earlier in this list is fixed at its base-preset value
 # (energy_models derives NoC hops = 2 x MACs and RF accesses = 3 x MACs + fills from the MAC
 # count, so those go first: with cost-table counts only their sum with e_mac is measurable).
-FIX_ORDER = ["e_noc_pj", "e_rf_pj", "e_mac_pj", "static_w", "e_sram_pj", "e_dram_pj"]
+# The board power goes before the PL static power: with little processor time they are collinear.
+FIX_ORDER = ["e_noc_pj", "e_rf_pj", "e_mac_pj", BOARD, "static_w", "e_sram_pj", "e_dram_pj"]
 
 
 def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
@@ -100,19 +117,30 @@ def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
     from scipy.optimize import nnls
 
     base = base or {}
+    names = list(COEFFICIENTS)
     X = design(df, clock_hz)
     y = df["energy_j"].to_numpy(float) * 1e12  # pJ
-    w = 1.0 / y
+    w = 1.0 / y  # relative error: weights from the measured energy
+    warnings: list[str] = []
+    board = board_column(df, clock_hz)
+    if "proc_s" in df and (df["proc_s"] > 0).any():
+        names.append(BOARD)  # processor time tells the board power from the PL's static power
+        X = np.column_stack([X, board])
+    elif base.get(BOARD, 0.0) > 0:  # one column with static_w: a known offset from the base preset
+        y = y - base[BOARD] * board
+        warnings.append(f"{BOARD}: no processor time (proc_s) in the measurements to tell it from "
+                        f"static_w; kept at the base preset's {base[BOARD]:g} W")
     Xw, yw = X * w[:, None], y * w
     norms = np.linalg.norm(Xw, axis=0)
-    warnings: list[str] = []
-    free = [j for j in range(len(COEFFICIENTS)) if norms[j] > 0]
-    for j in range(len(COEFFICIENTS)):
+    free = [j for j in range(len(names)) if norms[j] > 0]
+    for j in range(len(names)):
         if norms[j] == 0:
-            warnings.append(f"{COEFFICIENTS[j]}: zero in every configuration, not identifiable; "
+            warnings.append(f"{names[j]}: zero in every configuration, not identifiable; "
                             "kept from the base preset")
     for name in FIX_ORDER:
-        j = COEFFICIENTS.index(name)
+        if name not in names:
+            continue
+        j = names.index(name)
         if j not in free or len(free) < 2:
             continue
         others = [k for k in free if k != j]
@@ -124,8 +152,8 @@ def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
             warnings.append(f"{name}: (nearly) a combination of the other counts in these "
                             "configurations, not identifiable; kept from the base preset "
                             "(measure configurations that vary it independently)")
-    fixed = [j for j in range(len(COEFFICIENTS)) if j not in free]
-    beta = np.array([float(base.get(COEFFICIENTS[j], 0.0)) for j in range(len(COEFFICIENTS))])
+    fixed = [j for j in range(len(names)) if j not in free]
+    beta = np.array([float(base.get(names[j], 0.0)) for j in range(len(names))])
     beta[free] = 0.0
     y_rest = yw - Xw[:, fixed] @ beta[fixed] if fixed else yw
     Xs = Xw[:, free] / norms[free]
@@ -138,10 +166,10 @@ def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
                         "left to judge the fit; measure more configurations")
     for j in free:
         if beta[j] == 0.0:
-            warnings.append(f"{COEFFICIENTS[j]}: fitted at the zero bound (the data prefer a "
+            warnings.append(f"{names[j]}: fitted at the zero bound (the data prefer a "
                             "negative value; check the baseline subtraction)")
     # standard errors of free, non-zero coefficients from the weighted least-squares covariance
-    se = np.full(len(COEFFICIENTS), np.nan)
+    se = np.full(len(names), np.nan)
     active = [j for j in free if beta[j] > 0]
     dof = len(y) - len(active)
     if dof > 0 and active:
@@ -149,18 +177,19 @@ def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
         s2 = float(resid @ resid) / dof
         cov = s2 * np.linalg.pinv(Xw[:, active].T @ Xw[:, active])
         se[active] = np.sqrt(np.clip(np.diag(cov), 0, None))
-    pred = X @ beta
+    pred = X @ beta + (0.0 if BOARD in names else base.get(BOARD, 0.0) * board)
+    y = df["energy_j"].to_numpy(float) * 1e12
     r2 = 1.0 - float(np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2)) if len(y) > 1 else float("nan")
     rel = pd.Series((pred - y) / y, index=df["config"].astype(str), name="rel_err")
-    return Fit(dict(zip(COEFFICIENTS, beta.tolist())), dict(zip(COEFFICIENTS, se.tolist())),
-               r2, rel, condition, warnings, [COEFFICIENTS[j] for j in fixed])
+    return Fit(dict(zip(names, beta.tolist())), dict(zip(names, se.tolist())),
+               r2, rel, condition, warnings, [names[j] for j in fixed])
 
 
 # calibrated coefficient -> (preset YAML key, section or None for top level)
 PRESET_KEYS = {"e_dram_pj": ("dram_pj", "energy"), "e_sram_pj": ("sram_pj", "energy"),
                "e_noc_pj": ("noc_pj", "energy"),
                "e_rf_pj": ("rf_pj", "energy"), "e_mac_pj": ("mac_pj", "energy"),
-               "static_w": ("static_power_w", None)}
+               "static_w": ("static_power_w", None), "board_w": ("board_power_w", None)}
 # the preset loader wants per-access energies > 0; a coefficient fitted at the zero bound is
 # written as this floor (effectively zero) and said so in the file
 ENERGY_FLOOR_PJ = 1e-9
@@ -180,7 +209,7 @@ def calibrated_preset_text(base_text: str, base_name: str, result: Fit, source: 
 
     text = base_text
     for coef, (key, section) in PRESET_KEYS.items():
-        if coef in result.fixed:
+        if coef in result.fixed or coef not in result.coef:
             continue
         value = result.coef[coef]
         note = "CALIBRATED"
@@ -231,7 +260,7 @@ def calibrate_command(
                         f"(R^2 = {result.r2:.4f}, condition {result.condition:.3g})")
     for col in ("coefficient", "base", "fitted", "std err", "status"):
         table.add_column(col)
-    for c in COEFFICIENTS:
+    for c in result.coef:
         status = "kept (not identifiable)" if c in result.fixed else "MEASURED fit"
         table.add_row(c, f"{base[c]:.4g}", f"{result.coef[c]:.4g}", f"{result.std_err[c]:.3g}", status)
     console.print(table)
@@ -250,8 +279,8 @@ def calibrate_command(
         tmp.write_text(text)
         load_preset(tmp)  # never leave a preset behind that the loader would refuse
     fit_csv = out.with_suffix(".fit.csv")
-    rows = result.summary().assign(base=[base[c] for c in COEFFICIENTS],
-                                   kept_from_base=[c in result.fixed for c in COEFFICIENTS])
+    rows = result.summary().assign(base=[base[c] for c in result.coef],
+                                   kept_from_base=[c in result.fixed for c in result.coef])
     atomic_write_text(fit_csv, rows.to_csv(index=False))
     typer.echo(f"wrote {out} and {fit_csv}")
 
@@ -271,6 +300,10 @@ def executed_layers(bundle, result) -> list[tuple[str, str, int]]:
             if not ran:
                 i = st["end"]
                 continue
+            cg = st.get("channel_gate") or {}
+            if cg.get("layer") is not None:  # the CNN channel gate's conv, an engine launch
+                gl = bundle.layers[cg["layer"]]
+                out.append((gl.name, "out", int(gl.out_ch)))
         elif st["op"] == "conv":
             layer = bundle.layers[st["layer"]]
             if st.get("out_gate") in masks:

@@ -64,6 +64,10 @@ def load_library(rebuild: bool = False) -> ctypes.CDLL:
     lib.ddi_engine_run.argtypes = [p16, p16, p32, p16, p16, p32] + [u32] * 10 + [pu32, pu32, pu32]
     lib.ddi_engine_run.restype = ctypes.c_int
     lib.ddi_regmap_version.restype = ctypes.c_int
+    lib.ddi_engine_counters.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
+    lib.ddi_engine_counters.restype = None
+    lib.ddi_engine_size.argtypes = [ctypes.c_int]
+    lib.ddi_engine_size.restype = ctypes.c_int
     if lib.ddi_regmap_version() != load_regmap().version:
         raise UserError("libddi_engine.so was built from another regmap version: make -C fpga/hls clean lib")
     _LIB = lib
@@ -74,9 +78,40 @@ def _ptr(a: np.ndarray, ctype):
     return a.ctypes.data_as(ctypes.POINTER(ctype))
 
 
+# C-sim counters of one launch (fpga/hls/ddi_engine.h `ddi_counters`, same order): cycles =
+# pipelined-loop iterations (loads, MACs, stores; II=1), dram_* = 16-bit words per DDR port.
+COUNTERS = ("cycles", "dram_input", "dram_weights", "dram_bias", "dram_pre", "dram_residual",
+            "dram_output", "dram_pooled")
+
+
+@dataclass
+class EngineRun:
+    output: np.ndarray  # (out_ch, OH, OW) int16 (zeros if the layer does not store)
+    iterations: int  # MAC-loop iterations (the `iterations` register)
+    pooled: np.ndarray | None  # (out_ch,) int32 sums if params.pool
+    counters: dict  # COUNTERS -> count (C-simulation instrumentation)
+
+    @property
+    def dram_words(self) -> int:
+        return sum(v for k, v in self.counters.items() if k.startswith("dram_"))
+
+
+def buffer_words() -> dict:
+    """The engine's on-chip buffer sizes (words) as compiled: input tile, weight tile, accumulators."""
+    lib = load_library()
+    return {k: lib.ddi_engine_size(i) for i, k in enumerate(("ibuf", "wbuf", "acc"))}
+
+
 def run_layer(x, w, bias, p: LayerParams, residual=None, pre=None, out_mask=None, in_mask=None):
     """Run one layer through the C-simulated engine. Same arguments and result as
     `fixedpoint.conv_layer`, plus the engine's compute-loop iteration count (a cycle proxy)."""
+    r = run_layer_full(x, w, bias, p, residual, pre, out_mask, in_mask)
+    return r.output, r.iterations
+
+
+def run_layer_full(x, w, bias, p: LayerParams, residual=None, pre=None, out_mask=None,
+                   in_mask=None) -> EngineRun:
+    """`run_layer` plus the pooled sums (FLAG_POOL) and the C-sim DRAM/cycle counters."""
     lib = load_library()
     rm = load_regmap()
     c, h, wd = x.shape
@@ -93,18 +128,24 @@ def run_layer(x, w, bias, p: LayerParams, residual=None, pre=None, out_mask=None
     ps = np.ascontiguousarray(pre if p.pre_affine else np.zeros((1, 2)), dtype=np.int32)
     om = np.array(rm.mask_words(np.ones(o) if out_mask is None else out_mask), dtype=np.uint32)
     im = np.array(rm.mask_words(np.ones(c) if in_mask is None else in_mask), dtype=np.uint32)
-    out = np.zeros((o, oh, ow), dtype=np.int16)
+    n_map = o * oh * ow if p.store else 0
+    buf = np.zeros(n_map + (2 * o if p.pool else 0), dtype=np.int16)  # ofmap, then pooled int32s
     iters = np.zeros(1, dtype=np.uint32)
     flags = rm.flag_word(kernel=p.kernel, stride=p.stride, relu=p.relu, residual=p.residual,
-                         pre_affine=p.pre_affine)
+                         pre_affine=p.pre_affine, pool=p.pool, store=p.store,
+                         zero_masked=p.zero_masked)
     rc = lib.ddi_engine_run(_ptr(xs, ctypes.c_int16), _ptr(ws, ctypes.c_int16), _ptr(bs, ctypes.c_int32),
-                            _ptr(out, ctypes.c_int16), _ptr(rs, ctypes.c_int16), _ptr(ps, ctypes.c_int32),
+                            _ptr(buf, ctypes.c_int16), _ptr(rs, ctypes.c_int16), _ptr(ps, ctypes.c_int32),
                             c, o, h, wd, oh, ow, flags, p.acc_shift, p.res_shift, p.pre_shift,
                             _ptr(iters, ctypes.c_uint32), _ptr(om, ctypes.c_uint32), _ptr(im, ctypes.c_uint32))
     if rc != 0:
         raise UserError(f"layer exceeds the engine limits (MAX_CH={rm.constants['MAX_CH']}, "
                         f"MAX_W={rm.constants['MAX_W']}): {c}->{o} channels, width {wd}")
-    return out, int(iters[0])
+    cnt = np.zeros(len(COUNTERS), dtype=np.uint64)
+    lib.ddi_engine_counters(_ptr(cnt, ctypes.c_uint64))
+    out = buf[:n_map].reshape(o, oh, ow) if p.store else np.zeros((o, oh, ow), dtype=np.int16)
+    pooled = buf[n_map:].copy().view("<i4") if p.pool else None
+    return EngineRun(out, int(iters[0]), pooled, dict(zip(COUNTERS, (int(v) for v in cnt))))
 
 
 def expected_iterations(in_active: int, out_active: int, out_h: int, out_w: int, kernel: int) -> int:
@@ -114,6 +155,29 @@ def expected_iterations(in_active: int, out_active: int, out_h: int, out_w: int,
     tiles_o = -(-out_active // rm["TILE_OUT"])
     tiles_i = -(-in_active // rm["TILE_IN"])
     return tiles_o * tiles_i * kernel * kernel * out_h * out_w
+
+
+def run_spec(spec, rng: np.random.Generator, *, axis: str = "out", active: int | None = None,
+             residual: bool = False, pool: bool = False, store: bool = True,
+             zero_masked: bool = True) -> EngineRun:
+    """One C-simulated launch of a traced conv (`energy_models.specs.LayerSpec`) on random int16
+    data, with the first `active` channels of `axis` on (the engine's counts do not depend on
+    which ones). For comparing the engine's own DRAM words and cycles with the cost table."""
+    k, s = spec.kernel_h, spec.stride
+    if spec.kind != "conv" or k not in (1, 3) or spec.kernel_w != k or spec.padding != k // 2 or spec.groups != 1:
+        raise UserError(f"layer {spec.name}: not an engine launch (1x1/3x3 'same' conv, stride 1/2)")
+    p = LayerParams(kernel=k, stride=s, relu=True, residual=residual, acc_shift=12,
+                    res_shift=3 if residual else 0, pool=pool, store=store, zero_masked=zero_masked)
+    oh, ow = p.out_hw(spec.in_h, spec.in_w)
+    x = rng.integers(-4096, 4096, size=(spec.in_ch, spec.in_h, spec.in_w), dtype=np.int16)
+    w = rng.integers(-2048, 2048, size=(spec.out_ch, spec.in_ch, k, k), dtype=np.int16)
+    b = rng.integers(-(1 << 20), 1 << 20, size=spec.out_ch).astype(np.int32)
+    res = rng.integers(-8192, 8192, size=(spec.out_ch, oh, ow), dtype=np.int16) if residual else None
+    n = spec.out_ch if axis == "out" else spec.in_ch
+    m = np.zeros(n, dtype=np.uint8)
+    m[: n if active is None else active] = 1
+    om, im = (m, None) if axis == "out" else (None, m)
+    return run_layer_full(x, w, b, p, res, None, om, im)
 
 
 @dataclass

@@ -293,12 +293,14 @@ def _quantize_conv(name, w, b, *, stride, relu, f_in, f_out, residual=False, f_r
 class _Builder:
     """Collects engine layers, processor tensors and the program while a model is walked."""
 
-    def __init__(self, frac: dict[str, int], size: int):
+    def __init__(self, frac: dict[str, int], size: int, flags: dict[str, dict] | None = None):
         self.frac, self.layers, self.arrays, self.program = frac, [], [], [{"op": "input", "out": "x"}]
+        self.flags = flags or {}  # engine flags per conv from the dataflow (energy_models.dataflow)
         self.shapes: dict[str, list[int]] = {"x": [3, size, size]}
         self.proc: dict[str, np.ndarray] = {}
 
-    def conv(self, name, conv, t_in, t_out, *, bn=None, relu, residual=None, pre=None, t_act=None, **step) -> int:
+    def conv(self, name, conv, t_in, t_out, *, bn=None, relu, residual=None, pre=None, t_act=None,
+             launch=True, **step) -> int:
         """Add one engine launch (BN `bn` folded after the conv); returns its dense loop count."""
         from ddi_hw.csim import expected_iterations
         from ddi_hw.models.sparse_ops import fold_bn
@@ -311,13 +313,15 @@ class _Builder:
                                     f_out=self.frac[t_out], residual=residual is not None,
                                     f_res=self.frac.get(residual), pre=pre,
                                     f_act=self.frac[t_act] if t_act else None)
+        entry["params"].update(self.flags.get(name, {}))  # FLAG_POOL / NO_STORE / NO_ZERO
         h = self.shapes[t_in][1]
         oh = (h + 2 * (k // 2) - k) // stride + 1
         self.shapes[t_out] = [conv.out_channels, oh, oh]
         self.layers.append(entry)
         self.arrays.append(arr)
-        self.program.append({"op": "conv", "layer": len(self.layers) - 1, "in": t_in, "out": t_out,
-                             "residual": residual, **step})
+        if launch:  # else a launch another step makes (the CNN channel gate's conv)
+            self.program.append({"op": "conv", "layer": len(self.layers) - 1, "in": t_in, "out": t_out,
+                                 "residual": residual, **step})
         return expected_iterations(conv.in_channels, conv.out_channels, oh, oh, k)
 
     def add_proc(self, prefix: str, module) -> None:
@@ -358,6 +362,12 @@ class _Builder:
         return lg, cg
 
 
+def _launch_flags(model) -> dict[str, dict]:
+    """Engine flags per conv from the dataflow the cost table also costs (one description)."""
+    from energy_models.dataflow import launch_flags
+    return launch_flags(model.specs())
+
+
 def _export_resnet(model, calib):
     """CIFAR ResNet: stem conv; per block [projection], conv1 (channel-gated outputs), conv2
     (gated inputs, residual add, ReLU); processor: gates, exits, pool + fc."""
@@ -366,13 +376,15 @@ def _export_resnet(model, calib):
         taps[f"b{j}.mid"], taps[f"b{j}.out"] = (b.bn1, True), (b, False)
         if not b.skippable:
             taps[f"b{j}.sc"] = (b.sc_bn, False)
+        if b.cgate is not None and model.channel_gate.deploy == "cnn":
+            taps[f"b{j}.cg"] = (b.cgate.conv, True)  # the gate conv's ReLU output (pooled on the engine)
     fm = _Formats(_calibrate(model, calib, taps))
     prev = "stem"
     for j, b in enumerate(model.blocks):
         if b.skippable:
             fm.same(f"b{j}.out", prev)
         prev = f"b{j}.out"
-    bd = _Builder(fm.fracs(), model.input_size)
+    bd = _Builder(fm.fracs(), model.input_size, _launch_flags(model))
     bd.shared_gates(model)
     it = bd.conv("stem.conv", model.stem.conv, "x", "stem", bn=model.stem.bn, relu=True)
     bd.program[-1]["dense_iterations"] = it
@@ -381,6 +393,9 @@ def _export_resnet(model, calib):
         lg, cg = bd.gate_steps(model, f"blocks.{j}", b)
         gate = cg["name"] if cg else None
         blk = {"op": "block", "index": j, "in": h, "out": f"b{j}.out", "layer_gate": lg, "channel_gate": cg}
+        if cg and cg["kind"] == "cnn":  # its conv is an engine launch (dataflow: gate_conv)
+            bd.conv(f"{gate}.conv", b.cgate.conv, h, f"b{j}.cg", relu=True, launch=False)
+            cg["layer"] = len(bd.layers) - 1
         bd.program.append(blk)
         dense, res = 0, h
         if not b.skippable:
@@ -431,7 +446,7 @@ def _export_densenet(model, calib):
             fm.same(f"d{j}.in", first)
             j += 1
         fm.same(f"blk{b}.out", first)
-    bd = _Builder(fm.fracs(), model.input_size)
+    bd = _Builder(fm.fracs(), model.input_size, _launch_flags(model))
     bd.shared_gates(model)
     it = bd.conv("stem.conv", model.stem.conv, "x", "stem", relu=False)
     bd.program[-1]["dense_iterations"] = it

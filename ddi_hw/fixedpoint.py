@@ -37,11 +37,16 @@ class LayerParams:
     res_shift: int = 0  # f_in + f_w - f_res
     pre_affine: bool = False
     pre_shift: int = 0
+    pool: bool = False  # FLAG_POOL: also produce the per-channel sums of the outputs
+    store: bool = True  # False = FLAG_NO_STORE: the ofmap is not written (pooled sums only)
+    zero_masked: bool = True  # False = FLAG_NO_ZERO: masked output channels are left unwritten
 
     def __post_init__(self):
         if self.kernel not in (1, 3) or self.stride not in (1, 2):
             raise ValueError(f"engine supports kernel 1/3, stride 1/2; got {self.kernel}/{self.stride}")
         # residual << res_shift must stay inside the 48-bit accumulator: int16 << 31 < 2**47
+        if not self.store and not self.pool:
+            raise ValueError("a layer that stores no output must pool (store=False needs pool=True)")
         if not (0 <= self.acc_shift <= 47 and 0 <= self.res_shift <= 31 and 0 <= self.pre_shift <= 31):
             raise ValueError(f"shifts out of range (acc 0..47, res 0..31, pre 0..31): {self}")
 
@@ -141,3 +146,9 @@ def conv_layer(x: np.ndarray, w: np.ndarray, bias: np.ndarray, p: LayerParams,
     out = np.zeros((o, oh, ow), dtype=np.int16)
     out[om] = sat16(round_shift(acc, p.acc_shift))
     return out
+
+
+def pooled_sums(y: np.ndarray) -> np.ndarray:
+    """FLAG_POOL: per-channel sum of the int16 outputs (int32; MAX_W^2 x 2^15 < 2^31). The
+    processor's global average pool is pooled / (OH*OW) in y's Q format."""
+    return y.astype(np.int64).sum(axis=(1, 2)).astype(np.int32)

@@ -60,9 +60,11 @@ LSTM_TENSORS = ("lstm.weight_ih", "lstm.weight_hh", "lstm.bias_ih", "lstm.bias_h
 
 
 def _embed(p, pre: str, x: np.ndarray) -> np.ndarray:
-    """Global average pool, then the gate's 1x1 conv (c -> hidden) as a matrix product."""
+    """Global average pool (x: a (C, H, W) map, or its (C,) pooled means), then the gate's 1x1 conv
+    (c -> hidden) as a matrix product."""
     w = p[f"{pre}.conv.weight"]
-    return w.reshape(w.shape[0], -1) @ x.mean(axis=(1, 2)) + p[f"{pre}.conv.bias"]
+    pooled = x if x.ndim == 1 else x.mean(axis=(1, 2))
+    return w.reshape(w.shape[0], -1) @ pooled + p[f"{pre}.conv.bias"]
 
 
 def _lstm_step(p, shared: str, emb: np.ndarray, state):
@@ -106,6 +108,7 @@ class GateOp:
     tensors: tuple[str, ...]  # per gate, under its prefix
     shared: str | None = None  # prefix of the shared recurrent part it steps
     shared_tensors: tuple[str, ...] = ()
+    pooled: bool = False  # reads only the input's global average pool (the engine writes it: FLAG_POOL)
 
     def keys(self, prefix: str) -> list[str]:
         """processor.safetensors entries this gate reads."""
@@ -114,9 +117,10 @@ class GateOp:
 
 GATE_OPS: dict[str, GateOp] = {
     "lstm": GateOp(_layer_lstm, ("conv.weight", "conv.bias"), "layer_gate",
-                   LSTM_TENSORS + ("proj.weight", "proj.bias")),
+                   LSTM_TENSORS + ("proj.weight", "proj.bias"), pooled=True),
     "cnn": GateOp(_channel_cnn, ("conv.weight", "conv.bias", "fc.weight", "fc.bias")),
     "dense_light": GateOp(_channel_dense_light, ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
                                                  "fc.weight", "fc.bias")),
-    "rnn": GateOp(_channel_rnn, ("conv.weight", "conv.bias", "fc.weight", "fc.bias"), "channel_rnn", LSTM_TENSORS),
+    "rnn": GateOp(_channel_rnn, ("conv.weight", "conv.bias", "fc.weight", "fc.bias"), "channel_rnn", LSTM_TENSORS,
+                  pooled=True),
 }

@@ -18,7 +18,7 @@ from ddi_hw.errors import UserError
 from energy_models.presets import DEFAULT_PRESET
 
 LEVELS = (("DRAM", "e_dram_pj"), ("SRAM", "e_sram_pj"), ("array/NoC", "e_noc_pj"),
-          ("RF", "e_rf_pj"), ("MAC", "e_mac_pj"), ("static", "e_static_pj"))
+          ("RF", "e_rf_pj"), ("MAC", "e_mac_pj"), ("static", "e_static_pj"), ("board", "e_board_pj"))
 FILES = ("cost_table.csv", "cost_table.parquet", "energy_per_layer.png", "energy_vs_channels.png")
 
 

@@ -49,12 +49,16 @@ class RegMap:
         raise KeyError(name)
 
     def flag_word(self, *, kernel: int, stride: int, relu: bool, residual: bool,
-                  pre_affine: bool = False) -> int:
+                  pre_affine: bool = False, pool: bool = False, store: bool = True,
+                  zero_masked: bool = True) -> int:
         """The `flags` register value for one layer."""
         if kernel not in (1, 3) or stride not in (1, 2):
             raise ValueError(f"engine supports kernel 1/3 and stride 1/2, got {kernel}/{stride}")
+        if not store and not pool:
+            raise ValueError("a launch that stores nothing must pool (FLAG_NO_STORE needs FLAG_POOL)")
         bits = {"FLAG_KERNEL3": kernel == 3, "FLAG_STRIDE2": stride == 2, "FLAG_RELU": relu,
-                "FLAG_RESIDUAL": residual, "FLAG_PRE_AFFINE": pre_affine}
+                "FLAG_RESIDUAL": residual, "FLAG_PRE_AFFINE": pre_affine, "FLAG_POOL": pool,
+                "FLAG_NO_STORE": not store, "FLAG_NO_ZERO": not zero_masked}
         return sum(1 << self.flags[k] for k, on in bits.items() if on)
 
     def mask_words(self, mask) -> list[int]:
@@ -78,6 +82,14 @@ def load_regmap() -> RegMap:
     return parse_regmap(yaml.safe_load(resources.files("ddi_hw").joinpath("regmap.yaml").read_text()))
 
 
+def engine_constants() -> dict[str, int]:
+    """The engine's compile-time sizes and clock from its one description (energy_models)."""
+    from energy_models.engine import load_engine
+
+    eng = load_engine()
+    return {**eng.constants, "CLOCK_MHZ": eng.clock_mhz}
+
+
 def parse_regmap(raw: dict) -> RegMap:
     """Build a RegMap and check it: offsets word aligned, increasing, not overlapping."""
     regs = tuple(Register(name=r["name"], offset=int(r["offset"]), access=r["access"], doc=r["doc"],
@@ -91,7 +103,7 @@ def parse_regmap(raw: dict) -> RegMap:
             end = r.offset + 4 * r.words
         else:
             end = r.offset + 8  # data word + reserved/ap_vld word, as Vitis HLS lays it out
-    c = {k: int(v) for k, v in raw["constants"].items()}
+    c = {k: int(v) for k, v in (raw.get("constants") or engine_constants()).items()}
     _check(c["MASK_WORDS"] * 32 == c["MAX_CH"], "MASK_WORDS must be MAX_CH / 32")
     ctrl = raw["control"]
     return RegMap(version=int(raw["version"]), top=raw["top"], part=raw["part"], constants=c,

@@ -7,6 +7,12 @@ Inputs are plain files so this step is rerunnable on its own:
     configuration, named like the runs, plus one configuration for the static dense network).
 Every number in the outputs says where it comes from: evaluated, counted, modelled, measured or
 paper.
+
+Forced form (`ddi-hw table1 --forced layer|channel`): Table I in the paper's own setting without
+training -- a gated ResNet-74 whose decisions are forced to skip a share of the skippable blocks
+(or of every gated conv's channels), the gates still running and costed, on each preset: the
+MODELLED energy saving vs the counted FLOP saving, next to the paper's measured ratios. The
+coefficients are the presets' cited ones; nothing is fitted to Table I.
 """
 from __future__ import annotations
 
@@ -34,6 +40,137 @@ OUT_COLUMNS = [
     "energy_saving_measured_pct", "energy_saving_measured_ci95_pct", "energy_measured_source",
     "paper_compute_saving_pct", "paper_energy_saving_pct", "paper_accuracy_pct",
 ]
+
+
+FORCED_RATES = (0.4, 0.5, 0.6, 0.7, 0.8)
+FORCED_COLUMNS = ["hardware", "mode", "rate", "draws", "flop_saving_pct", "energy_saving_pct",
+                  "ratio", "ratio_min", "ratio_max", "paper_compute_saving_pct",
+                  "paper_energy_saving_pct", "paper_ratio", "energy_model"]
+
+
+def forced_decisions(model, mode: str, rate: float, rng) -> dict:
+    """`force` for one image: `rate` of the skippable blocks skipped (layer), or `rate` of every
+    gated conv's channels off (channel), chosen uniformly at random."""
+    import numpy as np
+    import torch
+
+    if mode == "layer":
+        s = model.num_skippable
+        L = np.ones(s, dtype=np.float32)
+        L[rng.permutation(s)[: round(rate * s)]] = 0
+        return {"layer": torch.from_numpy(L[None])}
+    force = {}
+    for g, k in model.gate_widths.items():
+        m = np.ones(k, dtype=np.float32)
+        m[rng.permutation(k)[: round(rate * k)]] = 0
+        force[g] = torch.from_numpy(m[None])
+    return {"channel": force}
+
+
+def forced_table(arch: str = "resnet74", mode: str = "layer", hardware=("zedboard", "eyeriss-65nm"),
+                 rates=FORCED_RATES, draws: int = 20, seed: int = 0, cache_dir=None, jobs=None):
+    """(table, breakdown): per preset and rate, the mean counted FLOP saving and MODELLED energy
+    saving of `draws` random forced decision patterns, each run through the model's sparse path
+    (skipped blocks / channels are not computed; the gates' costs are counted as in inference), vs
+    the static backbone without gates; and the dense gated network's FLOPs and energy by part."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from ddi_hw.cost import CostTable
+    from ddi_hw.models import create_model
+    from energy_models.presets import load_preset
+    from energy_models.profile import profile_specs
+
+    if mode not in ("layer", "channel"):
+        raise UserError(f"--forced must be 'layer' or 'channel', not {mode!r}")
+    if any(not 0 < r < 1 for r in rates):
+        raise UserError("forced skip rates must lie strictly between 0 and 1")
+    rows, parts = [], []
+    for hw in hardware:
+        preset = load_preset(hw)
+        model = create_model(arch, layer_gates=mode == "layer", channel_gates=mode == "channel").eval()
+        table = profile_specs(model.specs(), preset, cache_dir=cache_dir, jobs=jobs, progress=False)
+        model.attach_cost_table(CostTable.from_frame(table))
+        dense = {m: model.dense_cost(m) for m in ("flops", "energy")}
+        parts.append(breakdown(model, table, preset.name))
+        x = torch.zeros(1, 3, model.input_size, model.input_size)
+        for i, rate in enumerate(rates):
+            rng = np.random.default_rng([seed, i])
+            sv = []
+            for _ in range(draws):
+                out = model(x, mode="sparse", force=forced_decisions(model, mode, rate, rng))
+                sv.append([1 - float(out.cost[m][0]) / dense[m] for m in ("flops", "energy")])
+            sv = np.asarray(sv)
+            ratios = sv[:, 1] / sv[:, 0]
+            j = _paper_match(100 * sv[:, 0].mean(), tol=100) if mode == "layer" else None
+            j = FORCED_RATES.index(rate) if rate in FORCED_RATES else j
+            rows.append({"hardware": preset.name, "mode": mode, "rate": rate, "draws": draws,
+                         "flop_saving_pct": 100 * sv[:, 0].mean(), "energy_saving_pct": 100 * sv[:, 1].mean(),
+                         "ratio": sv[:, 1].mean() / sv[:, 0].mean(), "ratio_min": ratios.min(),
+                         "ratio_max": ratios.max(),
+                         "paper_compute_saving_pct": PAPER["compute_saving_pct"][j] if j is not None else np.nan,
+                         "paper_energy_saving_pct": PAPER["energy_saving_pct"][j] if j is not None else np.nan,
+                         "paper_ratio": (PAPER["energy_saving_pct"][j] / PAPER["compute_saving_pct"][j]
+                                         if j is not None else np.nan),
+                         "energy_model": f"modelled: SCALE-Sim + Eq. 6 ({preset.name})"})
+    return pd.DataFrame(rows, columns=FORCED_COLUMNS), pd.concat(parts, ignore_index=True)
+
+
+def breakdown(model, table, hardware: str):
+    """Share of the gated dense network's FLOPs and MODELLED energy per part: the parts that never
+    skip (stem, blocks without a layer gate, head), the skippable blocks' backbone, the layer gates,
+    the channel gates; and the energy components (DRAM, SRAM, ..., board) of each part."""
+    import pandas as pd
+
+    plan = model.plan
+    skippable = plan.skippable.numpy()
+    names = [b for kind, b in model.events if kind == "block"]
+    part_of = {"stem": "fixed (stem, head)", "head": "fixed (stem, head)"}
+    for j, b in enumerate(names):
+        part_of[b] = "skippable blocks" if skippable[j] else "unskippable blocks"
+    dense = table[(table.axis == "out") & (table.active == table.out_ch)].copy()
+    def part(r):
+        if r.role == "gate":
+            cg = ".cgate." in r.layer or r.layer.startswith("channel_rnn")
+            return "channel gates" if cg else "layer gates"
+        return part_of.get(r.block, "other")
+
+    dense["part"] = [part(r) for r in dense.itertuples()]
+    dense["flops"] = 2 * dense.macs
+    cols = ["flops", "energy_pj", "e_dram_pj", "e_sram_pj", "e_noc_pj", "e_rf_pj", "e_mac_pj", "e_static_pj",
+            "e_board_pj"]
+    g = dense.groupby("part")[cols].sum()
+    out = pd.DataFrame({"hardware": hardware, "part": g.index,
+                        "flops_share_pct": 100 * g.flops / g.flops.sum(),
+                        "energy_share_pct": 100 * g.energy_pj / g.energy_pj.sum(),
+                        "energy_per_flop_pj": g.energy_pj / g.flops.where(g.flops > 0)})
+    for c in cols[2:]:
+        out[c.replace("e_", "").replace("_pj", "") + "_share_of_part_pct"] = 100 * g[c] / g.energy_pj
+    return out.reset_index(drop=True)
+
+
+def plot_forced(tab, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot(PAPER["compute_saving_pct"], PAPER["energy_saving_pct"], "k^--",
+            label="paper Table I (measured, ResNet74-IADI, ZedBoard)")
+    for (hw, mode), g in tab.groupby(["hardware", "mode"]):
+        ax.plot(g.flop_saving_pct, g.energy_saving_pct, "o-", label=f"{hw}, forced {mode} skipping (modelled)")
+    ax.plot([0, 100], [0, 100], ":", color="grey", lw=0.8, label="energy = FLOP saving")
+    ax.set_xlabel("FLOP saving (%, counted, gates included)")
+    ax.set_ylabel("energy saving (%)")
+    ax.set_title("Table I setting: forced skipping, gates running and costed\n(modelled: SCALE-Sim + Eq. 6; "
+                 "paper: measured)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
 
 
 def _paper_match(compute_pct: float, tol: float = 5.0) -> int | None:
@@ -173,16 +310,47 @@ def plot(table: "pd.DataFrame", path: Path) -> None:
 
 
 def table1_command(
-    summary_csv: Path = typer.Argument(..., help="summary.csv written by `ddi-hw eval`"),
+    summary_csv: Optional[Path] = typer.Argument(None, help="summary.csv written by `ddi-hw eval` "
+                                                 "(not with --forced)"),
     measured: Optional[Path] = typer.Option(None, "--measured", help="energy_summary.csv from `ddi-hw power analyze`"),
     dense_config: str = typer.Option("dense", "--dense-config",
                                      help="configuration name of the static network in --measured"),
     stages: str = typer.Option("iadi", "--stages", help="comma list of run stages to tabulate"),
     out: Path = typer.Option(Path("table1"), "--out", help="directory for table1.csv, table1.md, table1.png"),
+    forced: Optional[str] = typer.Option(None, "--forced", help="layer | channel: Table I in the paper's "
+                                         "setting with forced decisions on an untrained gated network"),
+    arch: str = typer.Option("resnet74", "--arch", help="with --forced: the gated architecture"),
+    hardware: list[str] = typer.Option(["zedboard", "eyeriss-65nm"], "--hardware",
+                                       help="with --forced: presets to model (repeat the option)"),
+    draws: int = typer.Option(20, "--draws", help="with --forced: random decision patterns per rate"),
 ) -> None:
-    """Table I next to the paper's, every number labelled evaluated/counted/modelled/measured."""
+    """Table I next to the paper's, every number labelled evaluated/counted/modelled/measured.
+
+    `ddi-hw table1 --forced layer --out DIR` (or `--forced channel`): forced skipping of 40-80 % on
+    a gated ResNet-74, gates running and costed, modelled energy vs FLOP saving per preset
+    (DIR/table1_forced_<mode>.csv, ..._breakdown.csv, .png)."""
     import pandas as pd
 
+    def given(v, default):  # called from Python, typer's option objects stand for the defaults
+        return default if isinstance(v, typer.models.OptionInfo) else v
+
+    forced, arch = given(forced, None), given(arch, "resnet74")
+    hardware, draws = given(hardware, ["zedboard", "eyeriss-65nm"]), given(draws, 20)
+    if forced is not None:
+        if summary_csv is not None:
+            raise UserError("give either a summary.csv or --forced, not both")
+        if draws < 1:
+            raise UserError("--draws must be at least 1")
+        tab, parts = forced_table(arch, forced, tuple(hardware), draws=draws)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, frame in ((f"table1_forced_{forced}.csv", tab), (f"table1_forced_{forced}_breakdown.csv", parts)):
+            atomic_write_text(out / name, frame.to_csv(index=False))
+        plot_forced(tab, out / f"table1_forced_{forced}.png")
+        typer.echo(tab.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        typer.echo(f"wrote {out}/table1_forced_{forced}.csv, _breakdown.csv, .png (energy MODELLED)")
+        return
+    if summary_csv is None:
+        raise UserError("give the summary.csv written by `ddi-hw eval`, or --forced layer|channel")
     if not summary_csv.is_file():
         raise UserError(f"{summary_csv} not found: run `ddi-hw eval RUNS --out DIR` first")
     summary = pd.read_csv(summary_csv)

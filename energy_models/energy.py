@@ -2,6 +2,8 @@
 
     E_dynamic = sum_i #acc_i * e_i + #MAC * e_MAC      over DRAM, SRAM, array/NoC, RF
     E_static  = static power x cycles / clock          (reported separately)
+    E_board   = board power x latency                  (PS, DDR background, regulators; presets
+                with `board_power_w`), latency = cycles / clock + processor time (`proc_s`)
 
 Register-file and array (NoC) accesses are derived from the dataflow and the MAC count, because
 SCALE-Sim models neither (`rf_noc_accesses`). Pooling and residual adds are costed analytically
@@ -16,7 +18,7 @@ import numpy as np
 from energy_models.scalesim_runner import COUNT_COLUMNS
 
 ENERGY_COLUMNS = ("e_dram_pj", "e_sram_pj", "e_noc_pj", "e_rf_pj", "e_mac_pj", "e_dynamic_pj",
-                  "e_static_pj", "energy_pj", "latency_s")
+                  "e_static_pj", "e_board_pj", "energy_pj", "latency_s")
 
 
 def rf_noc_accesses(counts: dict, dataflow: str) -> tuple[int, int]:
@@ -51,7 +53,8 @@ def analytic_counts(spec, axis: str, active: int, array_cols: int) -> dict:
 
 def add_energy(df, preset, dataflow: str):
     """Add `rf_accesses`, `noc_accesses` and the Eq. 6 energy columns to a counts DataFrame."""
-    simulated = df["source"].to_numpy() == "scalesim"
+    simulated = df["source"].str.startswith("scalesim").to_numpy()
+    on_array = df["source"].to_numpy() != "processor"  # processor rows: time only
     counts = {c: df[c].to_numpy(dtype=np.int64) for c in COUNT_COLUMNS}
     rf, noc = rf_noc_accesses(counts, dataflow)
     df["rf_accesses"] = np.where(simulated, rf, 0)
@@ -62,10 +65,12 @@ def add_energy(df, preset, dataflow: str):
     df["e_sram_pj"] = sram * preset.sram_pj
     df["e_noc_pj"] = df["noc_accesses"] * preset.noc_pj
     df["e_rf_pj"] = df["rf_accesses"] * preset.rf_pj
-    df["e_mac_pj"] = df["macs"] * preset.mac_pj
+    df["e_mac_pj"] = np.where(on_array, df["macs"] * preset.mac_pj, 0.0)
     df["e_dynamic_pj"] = (df["e_dram_pj"] + df["e_sram_pj"] + df["e_noc_pj"] + df["e_rf_pj"]
                           + df["e_mac_pj"])
-    df["latency_s"] = df["cycles"] / preset.clock_hz
-    df["e_static_pj"] = preset.static_power_w * df["latency_s"] * 1e12
-    df["energy_pj"] = df["e_dynamic_pj"] + df["e_static_pj"]
+    proc_s = df["proc_s"] if "proc_s" in df else 0.0
+    df["latency_s"] = df["cycles"] / preset.clock_hz + proc_s
+    df["e_static_pj"] = preset.static_power_w * df["cycles"] / preset.clock_hz * 1e12
+    df["e_board_pj"] = getattr(preset, "board_power_w", 0.0) * df["latency_s"] * 1e12
+    df["energy_pj"] = df["e_dynamic_pj"] + df["e_static_pj"] + df["e_board_pj"]
     return df

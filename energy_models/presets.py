@@ -2,6 +2,12 @@
 
 Presets are YAML files shipped in `energy_models/presets/` (name them by file stem) or any YAML
 file a user copies from one. Every field is checked so a typo gives one line naming the field.
+
+A preset with `engine: NAME` describes that engine (energy_models/engines/NAME.yaml): its array,
+SRAM sizes, dataflow and clock come from there and may not be typed again in the preset.
+Optional: `board_power_w` (board-level power drawn while an inference runs: PS, DDR background,
+regulators; charged for the inference time) and `processor` (the host CPU that runs the gates'
+vector layers: effective MACs per second; its power is part of `board_power_w`).
 """
 from __future__ import annotations
 
@@ -23,9 +29,9 @@ class Preset:
     description: str
     array_rows: int
     array_cols: int
-    ifmap_sram_kb: int
-    filter_sram_kb: int
-    ofmap_sram_kb: int
+    ifmap_sram_kb: float  # KB of words; fractional only when derived from an engine's buffers
+    filter_sram_kb: float
+    ofmap_sram_kb: float
     dataflow: str
     bandwidth_mode: str
     mac_pj: float
@@ -35,6 +41,9 @@ class Preset:
     dram_pj: float
     clock_hz: float
     static_power_w: float
+    board_power_w: float = 0.0
+    proc_macs_per_s: float | None = None  # host processor (gate vector layers); None: no processor
+    engine: str | None = None
 
     def simulator_fields(self, dataflow: str | None = None) -> dict:
         """What SCALE-Sim sees: the only preset fields that may change access counts."""
@@ -89,12 +98,27 @@ def load_preset(name_or_path) -> Preset:
                             f"(got {value!r})")
         return float(value)
 
-    top = {"name", "description", "simulator", "energy", "clock_hz", "static_power_w"}
+    top = {"name", "description", "simulator", "energy", "clock_hz", "static_power_w", "engine",
+           "board_power_w", "processor"}
     _no_unknown(label, data, None, top)
-    sim, energy = section("simulator"), section("energy")
-    _no_unknown(label, sim, "simulator", set(SIM_INT_FIELDS) | {"dataflow", "bandwidth_mode"})
+    engine = data.get("engine")
+    if engine is not None:
+        from energy_models.engine import load_engine
+
+        typed = [k for k in ("simulator", "clock_hz") if k in data]
+        if typed:
+            raise UserError(f"preset {label}: '{typed[0]}' comes from engine '{engine}' "
+                            f"(energy_models/engines/{engine}.yaml); remove it from the preset")
+        eng = load_engine(str(engine))
+        sim = eng.simulator_fields()
+        data = {**data, "clock_hz": eng.clock_mhz * 1e6}
+        fields = {f: sim[f] for f in SIM_INT_FIELDS}
+    else:
+        sim = section("simulator")
+        _no_unknown(label, sim, "simulator", set(SIM_INT_FIELDS) | {"dataflow", "bandwidth_mode"})
+        fields = {f: positive(sim.get(f), f"simulator.{f}", integer=True) for f in SIM_INT_FIELDS}
+    energy = section("energy")
     _no_unknown(label, energy, "energy", set(ENERGY_FIELDS))
-    fields = {f: positive(sim.get(f), f"simulator.{f}", integer=True) for f in SIM_INT_FIELDS}
     dataflow = sim.get("dataflow", "os")
     if dataflow not in DATAFLOWS:
         raise UserError(f"preset {label}: field 'simulator.dataflow' must be one of "
@@ -104,11 +128,19 @@ def load_preset(name_or_path) -> Preset:
                         "(the only mode the profiler runs SCALE-Sim in)")
     for f in ENERGY_FIELDS:
         fields[f] = positive(energy.get(f), f"energy.{f}")
+    proc = data.get("processor")
+    if proc is not None:
+        if not isinstance(proc, dict):
+            raise UserError(f"preset {label}: section 'processor' must be a mapping")
+        _no_unknown(label, proc, "processor", {"macs_per_s"})
+        fields["proc_macs_per_s"] = positive(proc.get("macs_per_s"), "processor.macs_per_s")
     name = data.get("name", Path(label).stem)
     return Preset(
         name=str(name), description=str(data.get("description", "")), dataflow=dataflow,
         bandwidth_mode="CALC", clock_hz=positive(data.get("clock_hz"), "clock_hz"),
-        static_power_w=non_negative(data.get("static_power_w"), "static_power_w"), **fields)
+        static_power_w=non_negative(data.get("static_power_w"), "static_power_w"),
+        board_power_w=non_negative(data.get("board_power_w", 0.0), "board_power_w"),
+        engine=None if engine is None else str(engine), **fields)
 
 
 def _no_unknown(label: str, sec: dict, key: str | None, allowed: set) -> None:

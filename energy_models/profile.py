@@ -2,13 +2,18 @@
 
 One row per (layer, axis, active) as in docs/CONTRACTS.md: axis "out" sweeps active output
 channels 0..out_ch for every layer, axis "in" sweeps active input channels 0..in_ch for layers
-whose input channels are gated (`in_gate`). Conv/linear rows are simulated by SCALE-Sim
-(`source` = "scalesim"); pool/add rows are analytic (`source` = "analytic").
+whose input channels are gated (`in_gate`). What each row costs follows the engine's dataflow
+(energy_models/dataflow.py): conv rows are simulated by SCALE-Sim (`source` "scalesim", or
+"scalesim, ofmap not stored" for a gate conv whose only consumer is its pool); residual adds and
+global pools are fused into the conv that produces their input ("fused into <layer>", named in
+`fused_into`); layers on pooled vectors run on the preset's processor if it has one
+("processor"); other pools are analytic ("analytic").
 """
 from __future__ import annotations
 
 import pandas as pd
 
+from energy_models.dataflow import fused_counts, place, source_label
 from energy_models.energy import add_energy, analytic_counts
 from energy_models.errors import UserError
 from energy_models.presets import DATAFLOWS, DEFAULT_PRESET, load_preset
@@ -28,6 +33,74 @@ def sim_layer(spec: LayerSpec) -> SimLayer:
                     stride=spec.stride)
 
 
+def tile_requests(spec: LayerSpec, eng) -> list:
+    """SCALE-Sim requests of an engine-tiled conv (see `Engine.simulator_fields`): per row-tile
+    shape, tiles of TILE_OUT filters (and of out_ch % TILE_OUT for axis in), for the active counts
+    and for the lane-padded counts the engine's loops take cycles for (`tiled_counts`)."""
+    to, ti = eng.constants["TILE_OUT"], eng.constants["TILE_IN"]
+    reqs = []
+    for layer, _n, _valid in _tile_layers(spec, eng):
+        for axis, n in axes(spec):
+            if axis == "out":
+                reqs.append((layer, "out", list(range(1, min(to, n) + 1)), 1))
+                cpad = -(-spec.in_ch // ti) * ti
+                if cpad != spec.in_ch:  # the idle lanes of a partial input tile
+                    reqs.append((layer.with_active("in", cpad).with_active("out", to), "out", [to], 1))
+            else:
+                for f in {min(to, spec.out_ch), spec.out_ch % to, to} - {0}:
+                    reqs.append((layer.with_active("out", f), "in",
+                                 list(range(1, -(-n // ti) * ti + 1)), 1))
+    return reqs
+
+
+def _tile_layers(spec, eng):
+    to = eng.constants["TILE_OUT"]
+    iw = (spec.out_w - 1) * spec.stride + spec.kernel_w
+    return [(SimLayer(ifmap_h=ir, ifmap_w=iw, kernel_h=spec.kernel_h, kernel_w=spec.kernel_w,
+                      channels=spec.in_ch, filters=min(to, spec.out_ch), stride=spec.stride), n, valid)
+            for ir, n, valid in eng.row_tiles(spec)]
+
+
+def tiled_counts(spec: LayerSpec, eng, axis: str, active: int, counts: dict) -> dict:
+    """Counts of one engine launch with `active` channels on `axis`, summed over its tiles as the
+    engine runs them: row tiles x output-channel tiles (full tiles of TILE_OUT plus one partial),
+    each simulated by SCALE-Sim.
+    - Accesses and MACs: the active channels; input reads scaled by the share of the slab inside
+      the image (the padding is made on chip, not fetched).
+    - Cycles: SCALE-Sim's compute cycles plus the un-overlapped loads and stores
+      (`Engine.transfer_cycles`), both at the lane-padded tile the engine's loops iterate over:
+      a partial output tile still loads TILE_OUT filters' weight slots, a partial input tile
+      TILE_IN channels of slab (padding positions included), and its MAC loop takes as long."""
+    to, ti = eng.constants["TILE_OUT"], eng.constants["TILE_IN"]
+    cpad = -(-spec.in_ch // ti) * ti
+    tot = dict.fromkeys(COUNT_COLUMNS, 0.0)
+    lanes = dict(cycles=0, words=0)
+    for layer, n, valid in _tile_layers(spec, eng):
+        if axis == "out":
+            parts = [(active // to, layer, "out", to, to), (1, layer, "out", active % to, to)]
+        else:
+            pin = -(-active // ti) * ti
+            parts = [(spec.out_ch // to, layer.with_active("out", to), "in", active, pin),
+                     (1, layer.with_active("out", spec.out_ch % to), "in", active, pin)]
+        for mult, lay, ax, act, pad_act in parts:
+            if not (mult and act and lay.filters):
+                continue
+            r = counts[(lay, ax, 1)][act]
+            for col in COUNT_COLUMNS:
+                tot[col] += mult * n * (r[col] * valid if col == "dram_reads_ifmap" else r[col])
+            if ax == "out":  # lane-padded: TILE_OUT filter slots, input channels up to TILE_IN lanes
+                key = (lay, "out", 1) if cpad == spec.in_ch else (lay.with_active("in", cpad), "out", 1)
+                rp = counts[key][pad_act]
+            else:  # lane-padded input channels, TILE_OUT filter slots
+                rp = counts[(lay.with_active("out", to), "in", 1)][pad_act]
+            lanes["cycles"] += mult * n * rp["cycles"]
+            lanes["words"] += mult * n * (rp["dram_reads_ifmap"] + rp["dram_reads_filter"]
+                                          + r["dram_writes_ofmap"])  # stores: only real outputs
+    tot = {k: int(round(v)) for k, v in tot.items()}
+    tot["cycles"] = int(lanes["cycles"]) + eng.transfer_cycles(lanes["words"])
+    return tot
+
+
 def axes(spec: LayerSpec) -> list[tuple[str, int]]:
     out = [("out", spec.out_ch)]
     if spec.in_gate:
@@ -43,25 +116,59 @@ def profile_specs(specs, hardware=DEFAULT_PRESET, dataflow: str | None = None, c
     if dataflow not in DATAFLOWS:
         raise UserError(f"unknown dataflow '{dataflow}'; choose one of {', '.join(DATAFLOWS)}")
     sim = sim_fields(preset, dataflow)
-    requests = [(sim_layer(s), axis, list(range(1, n + 1)), s.groups)
-                for s in specs if s.kind in ("conv", "linear") for axis, n in axes(s)]
+    where = place(specs)
+    on_proc = preset.proc_macs_per_s is not None
+    eng = None
+    if preset.engine is not None:
+        from energy_models.engine import load_engine
+        eng = load_engine(preset.engine)
+
+    def simulated(s):
+        p = where[s.name]
+        return p.op in ("conv", "gate_conv") or (p.op == "vector" and not on_proc)
+
+    def tiled(s):  # an engine launch, simulated tile by tile as the engine runs it
+        return eng is not None and s.kind == "conv" and s.groups == 1 and \
+            where[s.name].op in ("conv", "gate_conv")
+
+    requests = []
+    for s in specs:
+        if tiled(s):
+            requests += tile_requests(s, eng)
+        elif simulated(s):
+            requests += [(sim_layer(s), axis, list(range(1, n + 1)), s.groups) for axis, n in axes(s)]
     counts = _run(requests, sim, cache_dir, jobs, progress)
     rows = []
     for s in specs:
         spec_cols = s.as_dict()
         spec_cols["layer"] = spec_cols.pop("name")
+        p = where[s.name]
         for axis, n in axes(s):
             for active in range(n + 1):
-                if s.kind in ("conv", "linear"):
-                    c = (counts[(sim_layer(s), axis, s.groups)][active] if active
+                proc_s = 0.0
+                if tiled(s):
+                    c = tiled_counts(s, eng, axis, active, counts)
+                    if not p.store:  # FLAG_NO_STORE: only the pooled sums leave (the STORE
+                        c["dram_writes_ofmap"] = 0  # loop still runs: it accumulates them)
+                elif simulated(s):
+                    c = (dict(counts[(sim_layer(s), axis, s.groups)][active]) if active
                          else dict.fromkeys(COUNT_COLUMNS, 0))
-                    source = "scalesim"
+                    if not p.store:
+                        c["dram_writes_ofmap"] = 0  # FLAG_NO_STORE: only the pooled sums leave
+                elif p.op == "vector":
+                    c = dict.fromkeys(COUNT_COLUMNS, 0)
+                    c["macs"] = (s.macs_at(active, s.in_ch) if axis == "out"
+                                 else s.macs_at(s.out_ch, active))
+                    proc_s = c["macs"] / preset.proc_macs_per_s
+                elif p.op in ("residual_add", "global_pool"):
+                    c = fused_counts(s, p, active)
                 else:
                     c = analytic_counts(s, axis, active, preset.array_cols)
-                    source = "analytic"
-                rows.append({**spec_cols, "axis": axis, "active": active, **c, "source": source})
+                rows.append({**spec_cols, "axis": axis, "active": active, **c, "proc_s": proc_s,
+                             "source": source_label(p, on_proc), "fused_into": p.fused_into})
     df = pd.DataFrame(rows)
-    df = df[list(SPEC_COLUMNS) + ["axis", "active", *COUNT_COLUMNS, "source"]]
+    df = df[list(SPEC_COLUMNS) + ["axis", "active", *COUNT_COLUMNS, "proc_s", "source",
+                                  "fused_into"]]
     df = add_energy(df, preset, dataflow)
     df["hardware"] = preset.name
     df["dataflow"] = dataflow

@@ -273,7 +273,9 @@ class EngineModel:
                         relu=bool(flags >> FLAGS["FLAG_RELU"] & 1),
                         residual=bool(flags >> FLAGS["FLAG_RESIDUAL"] & 1),
                         acc_shift=r("acc_shift"), res_shift=r("res_shift"),
-                        pre_affine=bool(flags >> FLAGS["FLAG_PRE_AFFINE"] & 1), pre_shift=r("pre_shift"))
+                        pre_affine=bool(flags >> FLAGS["FLAG_PRE_AFFINE"] & 1), pre_shift=r("pre_shift"),
+                        pool=bool(flags >> FLAGS["FLAG_POOL"] & 1),
+                        store=not flags >> FLAGS["FLAG_NO_STORE"] & 1)
         c, o, h, w, oh, ow = (r(n) for n in ("in_ch", "out_ch", "in_h", "in_w", "out_h", "out_w"))
         m = self.dev.phys
         x = m(r("input"), c * h * w, "<i2").reshape(c, h, w)
@@ -287,7 +289,12 @@ class EngineModel:
             return np.array([(words[i // 32] >> (i % 32)) & 1 for i in range(n)], dtype=np.uint8)
 
         om, im = mask("out_mask", o), mask("in_mask", c)
-        m(r("output"), o * oh * ow, "<i2")[:] = conv_layer(x, wt, bias, p, res, pre, om, im).reshape(-1)
+        y = conv_layer(x, wt, bias, p, res, pre, om, im)
+        n_map = o * oh * ow if p.store else 0
+        if p.store:
+            m(r("output"), n_map, "<i2")[:] = y.reshape(-1)
+        if p.pool:  # FLAG_POOL: int32 channel sums right after the ofmap
+            m(r("output") + 2 * n_map, o, "<i4")[:] = y.astype(np.int64).sum(axis=(1, 2))
         regs[REG["iterations"]["offset"] // 4] = expected_iterations(int(im.sum()), int(om.sum()), oh, ow, k)
         self.runs += 1
 

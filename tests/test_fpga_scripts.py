@@ -235,7 +235,7 @@ MUTATIONS = {
                                           (), "end of run", "nothing copied to"),
     "no bitstream step": ([("vivado/overlay.tcl", (" -to_step write_bitstream", ""))],
                           (), "overlay.tcl", "no files matched glob pattern"),
-    "FCLK faster than the HLS clock": ([("vivado/overlay.tcl", ("FREQMHZ {100}", "FREQMHZ {150}"))],
+    "FCLK faster than the HLS clock": ([("vivado/overlay.tcl", ("FREQMHZ $clock_mhz", "FREQMHZ {150}"))],
                                        (), "end of run", "faster than the HLS target"),
     "typo in a command": ([("vivado/overlay.tcl", ("save_bd_design", "save_bd_desing"))],
                           (), "overlay.tcl", "save_bd_desing: command not modelled"),

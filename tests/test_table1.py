@@ -82,3 +82,34 @@ def test_bad_inputs(tmp_path):
         build_table(pd.DataFrame({"run": ["a"]}))
     with pytest.raises(UserError, match="no runs of stage"):
         build_table(_summary(), stages=("ddi",))
+
+
+def test_forced_layer_table_counts_flops_by_hand(tmp_path):
+    """Forced skipping through the sparse path: the FLOP saving equals a hand count from the traced
+    specs (skipped blocks' backbone FLOPs minus every layer gate's FLOPs, over the static backbone),
+    and the modelled energy saving is reported next to the paper's ratio at that rate."""
+    import numpy as np
+
+    from ddi_hw.models import create_model
+    from ddi_hw.table1 import forced_decisions, forced_table
+
+    tab, parts = forced_table("resnet14", "layer", ("zedboard",), rates=(0.5,), draws=3,
+                              cache_dir=tmp_path / "cache", jobs=1)
+    m = create_model("resnet14", layer_gates=True)
+    specs = m.specs()
+    flops = lambda pred: sum(2 * s.macs for s in specs if pred(s))  # noqa: E731
+    backbone = flops(lambda s: s.role != "gate")
+    gates = flops(lambda s: s.role == "gate")
+    rng = np.random.default_rng([0, 0])  # the patterns forced_table draws for its first rate
+    savings = []
+    for _ in range(3):
+        L = forced_decisions(m, "layer", 0.5, rng)["layer"][0].numpy()
+        off = [f"blocks.{j}" for j, keep in zip(m.skippable_idx, L) if not keep]
+        assert len(off) == round(0.5 * m.num_skippable)
+        savings.append((flops(lambda s: s.block in off and s.role != "gate") - gates) / backbone)
+    r = tab.iloc[0]
+    assert r.flop_saving_pct == pytest.approx(100 * np.mean(savings), rel=1e-9)
+    assert 0 < r.energy_saving_pct < 100 and r.ratio == pytest.approx(r.energy_saving_pct / r.flop_saving_pct)
+    assert r.paper_ratio == pytest.approx(47.10 / 50.0) and r.energy_model.startswith("modelled")
+    assert set(parts.part) >= {"skippable blocks", "unskippable blocks", "layer gates", "fixed (stem, head)"}
+    assert parts.energy_share_pct.sum() == pytest.approx(100)

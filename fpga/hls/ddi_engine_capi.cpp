@@ -19,4 +19,22 @@ int ddi_engine_run(const int16_t *input, const int16_t *weights, const int32_t *
                flags, acc_shift, res_shift, pre_shift, iterations, out_mask, in_mask);
     return 0;
 }
+
+// The C-sim counters of the last ddi_engine_run (see ddi_engine.h), in declaration order.
+void ddi_engine_counters(uint64_t out[8]) {
+    const ddi_counters &c = ddi_csim_counters;
+    const uint64_t v[8] = {c.cycles, c.dram_input, c.dram_weights, c.dram_bias, c.dram_pre,
+                           c.dram_residual, c.dram_output, c.dram_pooled};
+    for (int i = 0; i < 8; i++) out[i] = v[i];
+}
+
+// Engine buffer sizes (words), checked against energy_models/engines/ddi_engine.yaml.
+int ddi_engine_size(int which) {
+    switch (which) {
+        case 0: return DDI_TILE_IN * DDI_IBUF_ROWS * DDI_IBUF_COLS;  // input tile
+        case 1: return DDI_TILE_OUT * DDI_TILE_IN * 9;                 // weight tile
+        case 2: return DDI_TILE_OUT * DDI_TILE_ROWS * DDI_MAX_W;       // accumulators
+        default: return -1;
+    }
+}
 }

@@ -2,7 +2,7 @@
 #ifndef DDI_REGMAP_H
 #define DDI_REGMAP_H
 
-#define DDI_REGMAP_VERSION 1
+#define DDI_REGMAP_VERSION 2
 
 #define DDI_MAX_CH 1024
 #define DDI_MAX_W 64
@@ -12,6 +12,7 @@
 #define DDI_TILE_ROWS 8
 #define DDI_ACC_BITS 48
 #define DDI_DATA_BITS 16
+#define DDI_CLOCK_MHZ 100
 
 #define DDI_REG_AP_CTRL 0x00
 #define DDI_REG_GIE 0x04
@@ -48,5 +49,8 @@
 #define DDI_FLAG_RELU (1u << 2)
 #define DDI_FLAG_RESIDUAL (1u << 3)
 #define DDI_FLAG_PRE_AFFINE (1u << 4)
+#define DDI_FLAG_POOL (1u << 5)
+#define DDI_FLAG_NO_STORE (1u << 6)
+#define DDI_FLAG_NO_ZERO (1u << 7)
 
 #endif  // DDI_REGMAP_H

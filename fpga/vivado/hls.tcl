@@ -7,6 +7,12 @@ set hls_dir   [file join $fpga_dir hls]
 set build_dir [file join $fpga_dir build]
 set top       ddi_engine
 set part      xc7z020clg484-1
+# the PL clock, typed once (energy_models/engines/ddi_engine.yaml -> fpga/hls/regmap.h)
+set regmap_h [file join $fpga_dir hls regmap.h]
+if {![file exists $regmap_h]} { error "$regmap_h: file not found (python -m ddi_hw.regmap writes it)" }
+set fh [open $regmap_h]
+if {![regexp {#define DDI_CLOCK_MHZ ([0-9]+)} [read $fh] -> clock_mhz]} { error "regmap.h has no DDI_CLOCK_MHZ: python -m ddi_hw.regmap" }
+close $fh
 
 file mkdir $build_dir
 cd $build_dir
@@ -20,7 +26,7 @@ add_files -tb [file join $hls_dir tb_ddi_engine.cpp] -cflags "-I$hls_dir -std=c+
 
 open_solution -reset sol1 -flow_target vivado
 set_part $part
-create_clock -period 10 -name default
+create_clock -period [expr {1000.0 / $clock_mhz}] -name default
 # Zynq-7000 HP ports are 32-bit: 32-bit m_axi addresses keep the register map of regmap.yaml
 config_interface -m_axi_addr64=false
 config_export -format ip_catalog -rtl verilog -vendor ddi-hw -library hls -version 1.0 \

@@ -10,6 +10,12 @@ set overlay_dir [file join $fpga_dir overlay]
 set xdc         [file join $fpga_dir vivado zedboard_marker.xdc]
 set part        xc7z020clg484-1
 set bd          ddi_overlay
+# the PL clock, typed once (energy_models/engines/ddi_engine.yaml -> fpga/hls/regmap.h)
+set regmap_h [file join $fpga_dir hls regmap.h]
+if {![file exists $regmap_h]} { error "$regmap_h: file not found (python -m ddi_hw.regmap writes it)" }
+set fh [open $regmap_h]
+if {![regexp {#define DDI_CLOCK_MHZ ([0-9]+)} [read $fh] -> clock_mhz]} { error "regmap.h has no DDI_CLOCK_MHZ: python -m ddi_hw.regmap" }
+close $fh
 
 if {![file isdirectory $ip_repo]} { error "no HLS IP at $ip_repo: run vitis_hls -f vivado/hls.tcl first" }
 create_project -force ddi_overlay [file join $build_dir vivado] -part $part
@@ -20,11 +26,11 @@ set_property ip_repo_paths $ip_repo [current_project]
 update_ip_catalog
 
 create_bd_design $bd
-# Zynq PS7 with the ZedBoard preset (DDR, MIO, clocks); FCLK0 = 100 MHz; HP0 slave for the engine
+# Zynq PS7 with the ZedBoard preset (DDR, MIO, clocks); FCLK0 = the engine clock; HP0 slave for the engine
 set ps [create_bd_cell -type ip -vlnv xilinx.com:ip:processing_system7 ps7]
 apply_bd_automation -rule xilinx.com:bd_rule:processing_system7 \
     -config {make_external "FIXED_IO, DDR" apply_board_preset "1" Master "Disable" Slave "Disable"} $ps
-set_property -dict [list CONFIG.PCW_USE_S_AXI_HP0 {1} CONFIG.PCW_FPGA0_PERIPHERAL_FREQMHZ {100}] $ps
+set_property -dict [list CONFIG.PCW_USE_S_AXI_HP0 {1} CONFIG.PCW_FPGA0_PERIPHERAL_FREQMHZ $clock_mhz] $ps
 
 set eng  [create_bd_cell -type ip -vlnv ddi-hw:hls:ddi_engine:1.0 ddi_engine_0]
 set gpio [create_bd_cell -type ip -vlnv xilinx.com:ip:axi_gpio marker_gpio]

@@ -1,0 +1,153 @@
+"""What runs where: the engine's dataflow (energy_models/engines/ddi_engine.yaml) applied to the
+traced layer specs, so the cost table costs the operations and memory traffic the deployed
+engine and driver perform, not one pass per traced op.
+
+Placement of every spec (`place`), in execution order:
+- `conv`          a backbone / exit conv or linear on a feature map: one engine launch, SCALE-Sim.
+- `gate_conv`     a gate's conv on a feature map (CNN channel gate): an engine launch; if its only
+                  consumer is a global pool, its ofmap is never written (FLAG_NO_STORE).
+- `residual_add`  fused into the conv that ran just before it in its block (FLAG_RESIDUAL): the
+                  residual is read once per output word in that conv's STORE loop, nothing else.
+- `global_pool`   fused into the conv that produced its input (FLAG_POOL): sums accumulated in
+                  STORE, one int32 per channel written after the ofmap and read once by the
+                  processor; the feature map is not read again.
+- `vector`        a layer on a pooled vector (gate 1x1 embeddings, LSTM cells, gate FCs, the
+                  classifier): on the host processor when the preset has one (time only: its power
+                  is the preset's board power), else on the array (SCALE-Sim).
+- `other`         everything else as traced (exit-branch pools, DenseNet transition pools):
+                  analytic pool/add rows.
+The `source` column of the table says which rule costed a row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WORDS_PER_POOLED = 2  # one int32 per channel = two 16-bit words
+
+
+@dataclass(frozen=True)
+class Placement:
+    op: str  # conv | gate_conv | residual_add | global_pool | vector | other
+    fused_into: str = ""  # the engine launch this op happens inside (residual_add, global_pool)
+    store: bool = True  # gate_conv: False when only its pooled sums are used
+
+
+def _is_vector(s) -> bool:
+    return s.kind == "linear" or (s.kind == "conv" and s.in_h * s.in_w == 1)
+
+
+def place(specs) -> dict[str, Placement]:
+    """Placement of every spec by name (rules in the module docstring)."""
+    out: dict[str, Placement] = {}
+    pooled_producers = set()
+    for i, s in enumerate(specs):
+        if s.kind in ("conv", "linear"):
+            if _is_vector(s) and s.role != "exit":
+                out[s.name] = Placement("vector")
+            else:
+                out[s.name] = Placement("gate_conv" if s.role == "gate" else "conv")
+        elif s.kind == "add":
+            prod = next((p.name for p in reversed(specs[:i]) if p.kind == "conv"
+                         and p.role == "backbone" and p.block == s.block and not _is_vector(p)), None)
+            out[s.name] = Placement("residual_add", prod) if prod else Placement("other")
+        elif s.kind == "pool" and s.out_h * s.out_w == 1 and s.role != "exit":
+            prod = _pool_producer(specs, i)
+            if prod is None:
+                out[s.name] = Placement("other")
+            else:
+                out[s.name] = Placement("global_pool", prod)
+                pooled_producers.add(prod)
+        else:
+            out[s.name] = Placement("other")
+    for name, p in out.items():
+        if p.op == "gate_conv" and name in pooled_producers:
+            # its ofmap has no consumer but its pool: never written (FLAG_NO_STORE)
+            out[name] = Placement("gate_conv", store=False)
+    return out
+
+
+def _pool_producer(specs, i) -> str | None:
+    """The conv whose output a global pool reads: a conv of the same gate module (a CNN channel
+    gate pools its own conv), else the last feature-map conv of the backbone before it."""
+    s = specs[i]
+    owner = s.name.rsplit(".pool", 1)[0]
+    for p in reversed(specs[:i]):
+        if p.kind == "conv" and not _is_vector(p) and p.name.startswith(owner + "."):
+            return p.name
+    for p in reversed(specs[:i]):
+        if p.kind == "conv" and not _is_vector(p) and p.role == "backbone":
+            return p.name
+    return None
+
+
+def fused_counts(spec, p: Placement, active: int) -> dict:
+    """Counts of a fused op with `active` channels (words are 16-bit)."""
+    from energy_models.scalesim_runner import COUNT_COLUMNS
+
+    c = dict.fromkeys(COUNT_COLUMNS, 0)
+    if p.op == "residual_add":
+        words = spec.out_h * spec.out_w * active
+        c.update(macs=words, dram_reads_ifmap=words)  # the adds; the residual read in STORE
+    elif p.op == "global_pool":
+        c.update(macs=spec.in_h * spec.in_w * active,  # the sums, in STORE
+                 dram_writes_ofmap=WORDS_PER_POOLED * active,  # written after the ofmap
+                 dram_reads_ifmap=WORDS_PER_POOLED * active,  # read by the processor
+                 cycles=WORDS_PER_POOLED * active)  # the WRITE_POOL loop (II=2 per channel)
+    else:
+        raise ValueError(f"{p.op} is not a fused op")
+    return c
+
+
+def source_label(p: Placement, on_processor: bool) -> str:
+    if p.op in ("residual_add", "global_pool"):
+        return f"fused into {p.fused_into}"
+    if p.op == "gate_conv" and not p.store:
+        return "scalesim, ofmap not stored"
+    if p.op == "vector" and on_processor:
+        return "processor"
+    if p.op == "other":
+        return "analytic"
+    return "scalesim"
+
+
+def launch_flags(specs) -> dict[str, dict]:
+    """Engine flags of every engine launch (conv spec name -> LayerParams fields), from the same
+    placement the cost table uses, for the exporter: `pool` (FLAG_POOL) on the producer of a
+    global pool, `store=False` (FLAG_NO_STORE) on a gate conv only its pool reads, and
+    `zero_masked=False` (FLAG_NO_ZERO) on an output-gated conv whose consumer reads the same
+    channels through its input mask (the zeros would never be read)."""
+    where = place(specs)
+    in_gates = {s.in_gate for s in specs if s.in_gate}
+    flags: dict[str, dict] = {}
+    for s in specs:
+        p = where[s.name]
+        if p.op in ("residual_add", "global_pool") and p.fused_into:
+            if p.op == "global_pool":
+                flags.setdefault(p.fused_into, {})["pool"] = True
+        if p.op in ("conv", "gate_conv") and s.kind == "conv":
+            f = flags.setdefault(s.name, {})
+            if not p.store:
+                f["store"] = False
+            if s.out_gate and s.out_gate in in_gates:
+                f["zero_masked"] = False
+    return flags
+
+
+def launch_counts(df, layer: str, axis: str, active: int) -> dict:
+    """What the cost table says one engine launch costs: its conv row at (axis, active) plus the
+    rows fused into it (residual add: the residual read; global pool: the pooled words the engine
+    writes -- the processor's read of them is not engine traffic), for comparison with the
+    C-simulated engine's counters. Words are 16-bit."""
+    conv = df[(df.layer == layer) & (df.axis == axis) & (df.active == active)]
+    if len(conv) != 1:
+        raise ValueError(f"no single table row for {layer} {axis}={active}")
+    r = conv.iloc[0]
+    out_active = active if axis == "out" else int(r.out_ch)
+    dram = int(r.dram_reads_ifmap + r.dram_reads_filter + r.dram_writes_ofmap)
+    cycles = int(r.cycles)
+    if "fused_into" in df:
+        fused = df[(df.fused_into == layer) & (df.axis == "out") & (df.active == out_active)]
+        for _, f in fused.iterrows():
+            cycles += int(f.cycles)
+            dram += int(f.dram_reads_ifmap) if f.kind == "add" else int(f.dram_writes_ofmap)
+    return {"cycles": cycles, "dram_words": dram, "macs": int(r.macs)}

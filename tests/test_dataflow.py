@@ -1,0 +1,144 @@
+"""One dataflow for the cost table, the exporter and the engine (energy_models/engines/ddi_engine.yaml).
+
+The table must cost what the C-simulated HLS engine does (its own DRAM-word and cycle counters),
+the rows it fuses must be launches the exported bundle makes with the matching engine flags, and
+the `zedboard` preset's array, buffers and clock must be the engine's."""
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from ddi_hw import csim
+from ddi_hw.errors import UserError
+from ddi_hw.fixedpoint import pooled_sums
+from ddi_hw.models import create_model
+from energy_models.dataflow import launch_counts, launch_flags, place
+from energy_models.engine import load_engine
+from energy_models.presets import load_preset
+from energy_models.profile import profile_specs
+
+needs_csim = pytest.mark.skipif(csim.toolchain_missing() is not None, reason="no C-sim toolchain")
+
+
+@pytest.fixture(scope="module")
+def gated():
+    torch.manual_seed(0)
+    m = create_model("resnet14", layer_gates=True, channel_gates=True, channel_gate_kind="cnn")
+    return m.eval(), m.specs()
+
+
+@pytest.fixture(scope="module")
+def table(gated, tmp_path_factory):
+    _, specs = gated
+    return profile_specs(specs, "zedboard", cache_dir=tmp_path_factory.mktemp("cache"), jobs=1,
+                         progress=False)
+
+
+@needs_csim
+def test_table_agrees_with_the_c_simulated_engine(gated, table):
+    """Every engine launch, dense and at partial channel counts on its gated axis: the table's DRAM
+    words within 2 % (the engine also reads biases, which SCALE-Sim has no notion of) and cycles
+    within 6 % of the engine's own counters."""
+    _, specs = gated
+    where, flags = place(specs), launch_flags(specs)
+    residual = {p.fused_into for p in where.values() if p.op == "residual_add"}
+    rng = np.random.default_rng(0)
+    checked = 0
+    for s in specs:
+        if where[s.name].op not in ("conv", "gate_conv"):
+            continue
+        cases = [("out", s.out_ch)]
+        if s.out_gate:
+            cases += [("out", 1), ("out", s.out_ch // 2 + 1)]
+        if s.in_gate:
+            cases += [("in", 3), ("in", s.in_ch)]
+        for axis, a in cases:
+            eng = csim.run_spec(s, rng, axis=axis, active=a, residual=s.name in residual,
+                                **flags.get(s.name, {}))
+            tab = launch_counts(table, s.name, axis, a)
+            assert tab["dram_words"] == pytest.approx(eng.dram_words, rel=0.02), (s.name, axis, a)
+            assert tab["cycles"] == pytest.approx(eng.counters["cycles"], rel=0.06), (s.name, axis, a)
+            checked += 1
+    assert checked > 20
+
+
+@needs_csim
+def test_fused_flags_write_pooled_sums_and_leave_buffers_alone():
+    """FLAG_POOL: the engine's sums equal the reference's; FLAG_NO_STORE: no ofmap word written;
+    FLAG_NO_ZERO: masked channels not written (counted, and the outputs still bit-exact)."""
+    for case in csim.standard_cases():
+        p = dataclasses.replace(case.params, pool=True)
+        r = csim.run_layer_full(case.x, case.w, case.bias, p, case.residual, case.pre, case.out_mask, case.in_mask)
+        assert np.array_equal(r.output, case.expected) and np.array_equal(r.pooled, pooled_sums(case.expected))
+        assert r.counters["dram_pooled"] == 2 * case.w.shape[0]
+        q = dataclasses.replace(p, store=False)
+        r2 = csim.run_layer_full(case.x, case.w, case.bias, q, case.residual, case.pre, case.out_mask, case.in_mask)
+        assert r2.counters["dram_output"] == 0 and np.array_equal(r2.pooled, r.pooled)
+        if case.out_mask is not None:
+            z = dataclasses.replace(case.params, zero_masked=False)
+            r3 = csim.run_layer_full(case.x, case.w, case.bias, z, case.residual, case.pre, case.out_mask, case.in_mask)
+            oh, ow = case.expected.shape[1:]
+            assert r3.counters["dram_output"] == int(case.out_mask.sum()) * oh * ow
+            assert np.array_equal(r3.output, case.expected)  # the buffer started at 0
+
+
+def test_fused_rows_are_launches_the_bundle_makes(gated, table, tmp_path):
+    """Rows the table fuses are engine launches the exporter flags accordingly, rows it puts on the
+    processor are no engine launch, and every engine launch has its own table row."""
+    from ddi_hw.export import export_model, load_bundle
+
+    m, _ = gated
+    b = load_bundle(export_model(m, tmp_path / "b", torch.randn(8, 3, 32, 32)))
+    layers = {l.name: l.params for l in b.layers}
+    dense = table[(table.axis == "out") & (table.active == table.out_ch)]
+    pooled = set(dense[dense.kind == "pool"].fused_into) - {""}
+    adds = set(dense[dense.kind == "add"].fused_into) - {""}
+    assert pooled and adds and pooled <= set(layers) and adds <= set(layers)
+    assert {n for n, p in layers.items() if p.pool} == pooled
+    assert {n for n, p in layers.items() if p.residual} == adds
+    no_store = set(dense[dense.source == "scalesim, ofmap not stored"].layer)
+    assert no_store == {n for n, p in layers.items() if not p.store} == {n for n in layers if ".cgate." in n}
+    on_proc = set(dense[dense.source == "processor"].layer)
+    assert on_proc and not on_proc & set(layers)
+    engine_rows = set(dense[dense.source.str.startswith("scalesim")].layer)
+    assert engine_rows == set(layers)
+    # conv1 (gated outputs) skips the zero fill: conv2 reads only the same channels
+    assert all(not layers[n].zero_masked for n in layers if n.endswith(".conv1"))
+
+
+def test_gates_and_adds_are_costed_where_they_run(table):
+    """Hand counts: the layer gate's pool reads only the pooled vector (2 words per channel), not
+    the 32x32 map; the residual add is one read per output word and no pass of its own; the gate's
+    vector layers take processor time only, charged at the board power."""
+    pre = load_preset("zedboard")
+    pool = table[(table.layer == "blocks.1.lgate.pool") & (table.active == 16)].iloc[0]
+    assert pool.source == "fused into blocks.0.conv2"
+    assert (pool.dram_reads_ifmap, pool.dram_writes_ofmap, pool.cycles) == (32, 32, 32)
+    add = table[(table.layer == "blocks.1.add") & (table.active == 16)].iloc[0]
+    assert (add.dram_reads_ifmap, add.dram_writes_ofmap, add.sram_reads_ifmap, add.cycles) == (16 * 32 * 32, 0, 0, 0)
+    emb = table[(table.layer == "blocks.1.lgate.conv") & (table.active == 10)].iloc[0]
+    assert emb.source == "processor" and emb.macs == 16 * 10 and emb.cycles == 0
+    assert emb.energy_pj == pytest.approx(pre.board_power_w * 160 / pre.proc_macs_per_s * 1e12)
+
+
+@needs_csim
+def test_zedboard_preset_is_the_engine(tmp_path):
+    """Array, buffers and clock typed once: the preset, the compiled engine and the HLS scripts
+    all take them from the engine description."""
+    from ddi_hw.regmap import HEADER_PATH
+
+    eng, pre = load_engine(), load_preset("zedboard")
+    c = eng.constants
+    assert (pre.array_rows, pre.array_cols) == (c["TILE_IN"], c["TILE_OUT"]) == (8, 16)
+    assert pre.clock_hz == eng.clock_mhz * 1e6 and pre.dataflow == "os"
+    assert csim.buffer_words() == {"ibuf": eng.ibuf_words, "wbuf": eng.wbuf_words, "acc": eng.acc_words}
+    assert f"#define DDI_CLOCK_MHZ {eng.clock_mhz}" in HEADER_PATH.read_text()
+    tcl = (HEADER_PATH.parent.parent / "vivado" / "hls.tcl").read_text()
+    assert "DDI_CLOCK_MHZ" in tcl and not re.search(r"-period\s+\d", tcl)
+    p = tmp_path / "twice.yaml"
+    p.write_text("engine: ddi_engine\nclock_hz: 150000000\nenergy: {mac_pj: 1, rf_pj: 1, noc_pj: 1, "
+                 "sram_pj: 1, dram_pj: 1}\nstatic_power_w: 0\n")
+    with pytest.raises(UserError, match="'clock_hz' comes from engine"):
+        load_preset(p)
