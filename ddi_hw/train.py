@@ -122,8 +122,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config {path} not found; see configs/cpu/ and configs/paper/ for recipes")
+    from ddi_hw.validate import read_text
+
+    text = read_text(path, "config", "save the recipe as UTF-8 text")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else "syntax error"
         raise UserError(f"{path}: not valid YAML ({first})") from None
@@ -349,8 +352,15 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     from ddi_hw.cost import resource_loss
     from ddi_hw.data import load_dataset, steps_per_epoch, train_batch
 
+    from ddi_hw.models.registry import list_models
+
     out_dir = Path(out_dir)
     check_out_dir(out_dir, resume)
+    if cfg["arch"] not in list_models():  # before the data set is loaded
+        raise UserError(f"unknown model {cfg['arch']!r}; choose one of {', '.join(list_models())}")
+    from energy_models.presets import load_preset
+
+    load_preset(cfg["hardware"])  # a bad preset is refused even when the resource is FLOPs
     rank, world = _dist_info()
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2**32)
