@@ -90,9 +90,17 @@ def _dtype(code, align=False, copy=True):
     return np.dtype(code)
 
 
-# The only globals a CIFAR-10 batch pickle refers to (numpy 1 and numpy 2 spellings), each
-# resolved to a checking stand-in rather than to numpy itself.
+def _latin1(text, encoding="latin1"):
+    """Python 3's protocol-2 spelling of bytes: _codecs.encode(str, 'latin1'), nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only as protocol 2's bytes (latin1)")
+    return text.encode("latin1")
+
+
+# The only globals a CIFAR-10 batch pickle refers to (numpy 1 and numpy 2 spellings, and the
+# bytes of a protocol-2 pickle written by Python 3), each resolved to a checking stand-in.
 _ALLOWED_GLOBALS = {
+    ("_codecs", "encode"): _latin1,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): _NDARRAY,
