@@ -363,6 +363,8 @@ def load_imagenet(data_dir: str | Path) -> Dataset:
 
 def load_dataset(name: str, data_dir: str | Path | None) -> Dataset:
     """Load a data set by name; cifar10 and imagenet need `data_dir`, smoke needs nothing."""
+    if name not in DATASETS:
+        raise UserError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
     if name == "smoke":
         return load_smoke()
     if data_dir is None:
