@@ -121,7 +121,11 @@ def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
         warnings.append(f"{BOARD}: no processor time (proc_s) in the measurements to tell it from "
                         f"static_w; kept at the base preset's {base[BOARD]:g} W")
     Xw, yw = X * w[:, None], y * w
-    norms = np.linalg.norm(Xw, axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(Xw, axis=0)
+    if not (np.isfinite(Xw).all() and np.isfinite(yw).all() and np.isfinite(norms).all()):
+        raise UserError("counts or energies too large to fit in floating point; check the units "
+                        "(counts per inference, energy_j in joules)")
     free = [j for j in range(len(names)) if norms[j] > 0]
     for j in range(len(names)):
         if norms[j] == 0:
