@@ -125,7 +125,7 @@ def run14(tmp_path_factory):
 
 @pytest.mark.parametrize("edit,field", [
     (lambda s: s["model"].__setitem__("num_classes", "ten"), "model.num_classes"),
-    (lambda s: s.pop("model"), "'model' is missing"),
+    (lambda s: s.pop("model"), "'model'"),
     (lambda s: s["config"].pop("dataset"), "config.dataset"),
     (lambda s: s["model"].__setitem__("layer_gates", "yes"), "model.layer_gates"),
 ])
