@@ -86,7 +86,7 @@ _int_list = ((list, type(None)), "a list of integers or null",
              lambda v: v is None or all(isinstance(i, int) and not isinstance(i, bool) for i in v))
 # what every reader of model.json relies on (eval, export, train's init); see ddi_hw.validate.fields
 SIDECAR_SCHEMA = {
-    "config": dict, "config.arch": str, "config.dataset": str, "config.stage": str,
+    "config": dict, "?config.arch": str, "?config.dataset": str, "?config.stage": str,
     "?config.hardware": str, "?config.resource": str,
     "model": dict, "model.name": str, "?model.num_classes": (int, "a positive integer", lambda v: v > 0),
     "?model.layer_gates": bool, "?model.channel_gates": bool, "?model.exits": bool,

@@ -156,6 +156,10 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
             run = load_run(run_dir, metrics, hardware)
             model, side, hw = run.model, run.side, run.hardware
             cfg = side["config"]
+            from ddi_hw.validate import fields
+
+            fields(side, {"config.arch": str, "config.stage": str, "config.dataset": str},
+                   f"{run_dir}/model.json", "eval needs a run written by `ddi-hw train`")
             if hardware is None and costed:  # one axis: every run is costed on the first run's preset
                 hardware = hw
                 notes.append(f"costs of all runs on preset {hw} (the first run's; choose with --hardware)")
