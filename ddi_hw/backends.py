@@ -45,6 +45,7 @@ import typer
 from ddi_hw.errors import UserError
 from ddi_hw.fixedpoint import conv_layer, dequantize, quantize
 from ddi_hw.processor import GATE_OPS, conv2d_f, maxpool2_ceil
+from ddi_hw.validate import number
 
 PROGRAM_OPS = ("input", "block", "conv", "concat", "avgpool2", "exit", "head")
 
@@ -119,6 +120,9 @@ class CsimBackend(Backend):
         r = run_layer_full(x, layer.weights, layer.bias, layer.params, residual, layer.pre,
                            out_mask, in_mask)
         return LayerRun(r.output, r.iterations, r.pooled)
+
+
+BACKENDS = ("reference", "csim", "board")
 
 
 def get_backend(name: str) -> Backend:
@@ -374,9 +378,11 @@ def run_command(
     backend: str = typer.Option("reference", help="reference | csim | board"),
     dataset: Optional[str] = typer.Option(None, help="data set (default: the one the bundle was exported with)"),
     data_dir: Optional[str] = typer.Option(None, help="data directory (CIFAR-10 python batches)"),
-    limit: int = typer.Option(200, help="number of test images"),
-    exit_at: Optional[int] = typer.Option(None, "--exit", help="stop every image at this exit branch"),
-    budget: Optional[float] = typer.Option(None, help="per-image budget in FLOPs: anytime exits (RADI)"),
+    limit: int = typer.Option(200, callback=number(1, integer=True), help="number of test images"),
+    exit_at: Optional[int] = typer.Option(None, "--exit", callback=number(0, integer=True),
+                                          help="stop every image at this exit branch"),
+    budget: Optional[float] = typer.Option(None, callback=number(0, low_open=True),
+                                           help="per-image budget in FLOPs: anytime exits (RADI)"),
     out: Optional[str] = typer.Option(None, help="per-image CSV (default BUNDLE/run_<backend>.csv)"),
 ) -> None:
     """Run a bundle on test images with the reference, C-simulation or board backend."""
@@ -385,18 +391,27 @@ def run_command(
 
     from ddi_hw.export import load_bundle, test_images
     from energy_models.atomic import atomic_write_text
+    from ddi_hw.validate import output_file
 
+    if exit_at is not None and budget is not None:
+        raise UserError("give --exit (a fixed exit) or --budget (anytime exits), not both")
     b = load_bundle(bundle)
+    n_exits = sum(1 for st in b.program if st.get("op") == "exit")
+    if exit_at is not None and exit_at >= n_exits:
+        raise UserError(f"--exit {exit_at}: this bundle has {n_exits} exit branch(es)"
+                        + (f"; choose 0..{n_exits - 1}" if n_exits else "; drop --exit"))
+    path = output_file(Path(out) if out else Path(bundle) / f"run_{backend}.csv", "--out")
     name = dataset or b.manifest.get("dataset")
     if not name:
         raise UserError("the bundle does not record its data set: pass --dataset cifar10|smoke")
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
     x, y = test_images(name, data_dir, limit)
     be = get_backend(backend)
     try:
         df = run_images(b, x, y, be, exit_at=exit_at, budget=budget)
     finally:
         be.close()
-    path = Path(out) if out else Path(bundle) / f"run_{backend}.csv"
     atomic_write_text(path, df.to_csv(index=False))
     summary = summarize(df)
     print(json.dumps({"backend": backend, **summary}, indent=1))

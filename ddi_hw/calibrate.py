@@ -67,24 +67,14 @@ def config_counts(rows: pd.DataFrame) -> dict[str, float]:
 
 
 def read_measurements(path: Path) -> pd.DataFrame:
-    import pandas as pd
+    from ddi_hw.validate import read_csv
 
-    from ddi_hw.power.analysis import read_csv_checked
-
-    path = Path(path)
-    df = read_csv_checked(path, MEASUREMENT_COLUMNS, "measurements file {path} not found")
-    num = df[COUNT_COLUMNS + ["energy_j"]].apply(pd.to_numeric, errors="coerce")
-    if num.isna().any().any() or (num < 0).any().any():
-        bad = int(num.isna().any(axis=1).idxmax()) if num.isna().any().any() else int((num < 0).any(axis=1).idxmax())
-        raise UserError(f"{path} row {bad + 2}: counts and energy_j must be non-negative numbers")
-    if (num["energy_j"] <= 0).any():
-        raise UserError(f"{path}: energy_j must be > 0 in every row (baseline-subtracted per inference)")
-    df[COUNT_COLUMNS + ["energy_j"]] = num
+    df = read_csv(path, MEASUREMENT_COLUMNS, "measurements file",
+                  "one row per measured configuration: " + ", ".join(MEASUREMENT_COLUMNS),
+                  numbers={**{c: ">=0" for c in COUNT_COLUMNS}, "proc_s": ">=0",
+                           "energy_j": ">0"})  # baseline-subtracted J per inference
     if "proc_s" not in df.columns:
         df["proc_s"] = 0.0
-    df["proc_s"] = pd.to_numeric(df["proc_s"], errors="coerce")
-    if df["proc_s"].isna().any() or (df["proc_s"] < 0).any():
-        raise UserError(f"{path}: proc_s must be a non-negative number of seconds in every row")
     return df
 
 
@@ -131,7 +121,11 @@ def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
         warnings.append(f"{BOARD}: no processor time (proc_s) in the measurements to tell it from "
                         f"static_w; kept at the base preset's {base[BOARD]:g} W")
     Xw, yw = X * w[:, None], y * w
-    norms = np.linalg.norm(Xw, axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(Xw, axis=0)
+    if not (np.isfinite(Xw).all() and np.isfinite(yw).all() and np.isfinite(norms).all()):
+        raise UserError("counts or energies too large to fit in floating point; check the units "
+                        "(counts per inference, energy_j in joules)")
     free = [j for j in range(len(names)) if norms[j] > 0]
     for j in range(len(names)):
         if norms[j] == 0:
@@ -153,6 +147,13 @@ def fit(df: pd.DataFrame, clock_hz: float, base: dict[str, float] | None = None,
                             "configurations, not identifiable; kept from the base preset "
                             "(measure configurations that vary it independently)")
     fixed = [j for j in range(len(names)) if j not in free]
+    if not free:
+        raise UserError("every count column is zero in every configuration: nothing to fit; measure "
+                        "configurations that run layers (non-zero counts)")
+    if np.linalg.matrix_rank(Xw[:, free] / norms[free]) < len(free):  # never hand nnls a singular system
+        raise UserError(f"the measurements cannot separate the {len(free)} coefficients "
+                        f"({', '.join(names[j] for j in free)}): the system is rank-deficient; "
+                        "measure configurations that vary the counts independently")
     beta = np.array([float(base.get(names[j], 0.0)) for j in range(len(names))])
     beta[free] = 0.0
     y_rest = yw - Xw[:, fixed] @ beta[fixed] if fixed else yw
@@ -250,7 +251,9 @@ def calibrate_command(
     from rich.table import Table
 
     from energy_models.presets import _read, load_preset
+    from ddi_hw.validate import output_file
 
+    out = output_file(out, "--out")
     df = read_measurements(measurements)
     preset = load_preset(hardware)
     base = base_coefficients(preset)

@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 
 from ddi_hw.errors import UserError
 from energy_models.atomic import atomic_write_bytes, atomic_write_text
+from ddi_hw.validate import fields, read_json
 
 FORMAT = "ddi-hw-checkpoint/1"
 MODEL_FILE, SIDECAR_FILE, RESUME_FILE = "model.safetensors", "model.json", "resume.safetensors"
@@ -60,13 +61,44 @@ def load_model_state(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict
     run_dir = Path(run_dir)
     state, meta = _read_safetensors(run_dir / MODEL_FILE)
     side_path = run_dir / SIDECAR_FILE
-    try:
-        side = json.loads(side_path.read_text()) if side_path.is_file() else json.loads(meta["sidecar"])
-    except (json.JSONDecodeError, KeyError) as err:
-        raise UserError(f"{side_path} is missing or not valid JSON ({err}); the run directory is damaged") from None
-    if side.get("format") != FORMAT:
-        raise UserError(f"{side_path} has format {side.get('format')!r}, expected {FORMAT!r}")
+    if side_path.exists():
+        side = read_json(side_path, "run sidecar", _DAMAGED)
+    else:
+        try:
+            side = json.loads(meta["sidecar"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"{side_path} is missing and {run_dir / MODEL_FILE} holds no readable copy ({err}); "
+                            f"{_DAMAGED}") from None
+    if not isinstance(side, dict) or side.get("format") != FORMAT:
+        raise UserError(f"{side_path} has format {side.get('format') if isinstance(side, dict) else None!r}, "
+                        f"expected {FORMAT!r}")
     return state, side
+
+
+def check_sidecar(side: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """The fields every reader of a trained run's model.json relies on (eval, export, train's
+    init), each wrong or missing one a one-line error naming it."""
+    return fields(side, SIDECAR_SCHEMA, str(Path(run_dir) / SIDECAR_FILE), _DAMAGED)
+
+
+_DAMAGED = "the run directory is damaged; re-run `ddi-hw train` or restore it"
+_int_list = ((list, type(None)), "a list of integers or null",
+             lambda v: v is None or all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+# what every reader of model.json relies on (eval, export, train's init); see ddi_hw.validate.fields
+SIDECAR_SCHEMA = {
+    "config": dict, "?config.arch": str, "?config.dataset": str, "?config.stage": str,
+    "?config.hardware": str, "?config.resource": str,
+    "model": dict, "model.name": str, "?model.num_classes": (int, "a positive integer", lambda v: v > 0),
+    "?model.layer_gates": bool, "?model.channel_gates": bool, "?model.exits": bool,
+    "?model.channel_gate_kind": str, "?model.exit_positions": _int_list, "?metrics": dict,
+}
+RESUME_SCHEMA = {  # the caller's `state` mapping is checked by its owner (train.TRAIN_STATE_SCHEMA)
+    "state": dict, "optimizer": dict, "optimizer.param_groups": (list, "a list of mappings",
+                                                  lambda v: all(isinstance(g, dict) for g in v)),
+    "optimizer.scalars": dict,
+    "rng": dict, "rng.numpy": (list, "[kind, pos, has_gauss, cached]", lambda v: len(v) == 4),
+    "rng.python": (list, "[version, state, gauss_next]", lambda v: len(v) == 3 and isinstance(v[1], list)),
+}
 
 
 def _json_default(obj):
@@ -122,22 +154,41 @@ def save_resume(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.op
 def load_resume(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore weights, optimizer and RNG states written by save_resume; return the saved `state`."""
     path = Path(run_dir) / RESUME_FILE
+    meta = read_resume_meta(path)
+    tensors, _ = _read_safetensors(path)
+    fix = f"{path} is damaged; start the run again without --resume (or restore the file)"
+    for name in ("rng.torch", "rng.numpy"):
+        if name not in tensors:
+            raise UserError(f"{path} lacks tensor {name!r}; {fix}")
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt_state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                idx, key = k[6:].split(".", 1)
+                opt_state.setdefault(int(idx), {})[key] = v
+        for k, v in meta["optimizer"]["scalars"].items():
+            idx, key = k.split(".", 1)
+            opt_state.setdefault(int(idx), {})[key] = v
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
+        set_rng_state(tensors, meta["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+        first = str(err).strip().splitlines()[-1].strip()[:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} does not fit this run ({first}); {fix}") from None
+    return meta["state"]
+
+
+def read_resume_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a resume file, checked against RESUME_SCHEMA (reads the header only)."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"--resume: {path} not found; start the run without --resume")
-    tensors, meta_raw = _read_safetensors(path)
     try:
-        meta = json.loads(meta_raw["resume"])
-    except (KeyError, json.JSONDecodeError):
-        raise UserError(f"{path} has no resume metadata; it was not written by ddi-hw train") from None
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            idx, key = k[6:].split(".", 1)
-            opt_state.setdefault(int(idx), {})[key] = v
-    for k, v in meta["optimizer"]["scalars"].items():
-        idx, key = k.split(".", 1)
-        opt_state.setdefault(int(idx), {})[key] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
-    set_rng_state(tensors, meta["rng"])
-    return meta["state"]
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("resume")
+        meta = json.loads(raw) if raw is not None else None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable resume file ({err}); start the run again without --resume") from None
+    if meta is None:
+        raise UserError(f"{path} has no resume metadata; it was not written by ddi-hw train")
+    return fields(meta, RESUME_SCHEMA, str(path), "start the run again without --resume (or restore the file)")

@@ -37,30 +37,124 @@ CIFAR10_TEST_FILES = ["test_batch"]
 SMOKE_NAME = "smoke-digits"
 DATASETS = ("cifar10", "imagenet", "smoke")
 
-# The only globals a CIFAR-10 batch pickle refers to (numpy 1 and numpy 2 spellings).
+# A CIFAR-10 batch holds at most this many images of 3 x 32 x 32 bytes (the official ones: exactly).
+CIFAR_BATCH_ROWS, CIFAR_ROW_BYTES = 10000, 3072
+_ARRAY_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}  # images uint8; labels as integers
+
+
+class _NdarrayToken:
+    """Stands for numpy.ndarray as the class argument of _reconstruct; calling it (which would
+    allocate any shape the file asks for) is refused."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("a data file may not call numpy.ndarray directly")
+
+
+_NDARRAY = _NdarrayToken()
+
+
+class _ArrayStub:
+    """What `_reconstruct` returns: the array is made only in BUILD, after its declared shape,
+    dtype and byte count are checked against the CIFAR format (nothing is allocated before)."""
+
+    array = None
+
+    def build(self, state) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("malformed numpy array state")
+        _, shape, dtype, fortran, raw = state
+        if not isinstance(dtype, np.dtype) or dtype.kind not in "ui":
+            raise pickle.UnpicklingError(f"array dtype {dtype!r} is not an integer type")
+        if not (isinstance(shape, tuple) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
+            raise pickle.UnpicklingError(f"array shape {shape!r} is not a tuple of integers")
+        images = len(shape) == 2 and shape[1] == CIFAR_ROW_BYTES and dtype == np.uint8
+        labels = len(shape) == 1
+        if not (images or labels) or not 0 <= shape[0] <= CIFAR_BATCH_ROWS:
+            raise pickle.UnpicklingError(f"array of shape {shape} {dtype}: CIFAR-10 data must be an N x "
+                                         f"{CIFAR_ROW_BYTES} uint8 array with N <= {CIFAR_BATCH_ROWS}, labels N integers")
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) != int(np.prod(shape)) * dtype.itemsize:
+            raise pickle.UnpicklingError(f"array of shape {shape} {dtype} does not come with its bytes")
+        self.array = np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _reconstruct(cls, shape, typecode):
+    if cls is not _NDARRAY or shape != (0,):
+        raise pickle.UnpicklingError("numpy _reconstruct with arguments numpy never writes")
+    return _ArrayStub()
+
+
+def _dtype(code, align=False, copy=True):
+    code = code.decode("ascii", "replace") if isinstance(code, bytes) else code
+    if code not in _ARRAY_DTYPES:
+        raise pickle.UnpicklingError(f"dtype {code!r} is not allowed in a CIFAR-10 batch")
+    return np.dtype(code)
+
+
+def _latin1(text, encoding="latin1"):
+    """Python 3's protocol-2 spelling of bytes: _codecs.encode(str, 'latin1'), nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only as protocol 2's bytes (latin1)")
+    return text.encode("latin1")
+
+
+# The only globals a CIFAR-10 batch pickle refers to (numpy 1 and numpy 2 spellings, and the
+# bytes of a protocol-2 pickle written by Python 3), each resolved to a checking stand-in.
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
+    ("_codecs", "encode"): _latin1,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _dtype,
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the numpy array-reconstruction names; anything else raises."""
+class RestrictedUnpickler(pickle._Unpickler):
+    """Pure-Python unpickler that resolves only the numpy array-reconstruction names, to stand-ins
+    that bound what they build (see _ArrayStub); anything else raises UnpicklingError."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"forbidden global {module}.{name} in a data file")
-        return super().find_class(module, name)
+        return _ALLOWED_GLOBALS[(module, name)]
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, _ArrayStub):
+            inst.build(state)
+        elif isinstance(inst, np.dtype):  # (version, byte order, ...): only the byte order matters
+            order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
+            order = order.decode("ascii", "replace") if isinstance(order, bytes) else order
+            if order not in ("<", ">", "|", "="):
+                raise pickle.UnpicklingError(f"dtype state {state!r} is malformed")
+            self.stack[-1] = inst.newbyteorder(order) if order in "<>" else inst
+        else:
+            raise pickle.UnpicklingError(f"a data file may not set the state of a {type(inst).__name__}")
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _arrays_out(obj):
+    """Replace built array stand-ins by their arrays (top level of the batch dict)."""
+    if isinstance(obj, _ArrayStub):
+        if obj.array is None:
+            raise pickle.UnpicklingError("an array without its data")
+        return obj.array
+    return obj
 
 
 def restricted_load(raw: bytes, what: str) -> dict:
     """Unpickle one CIFAR batch from bytes; `what` names the file in error messages."""
     try:
         obj = RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise UserError(f"{what} is not a valid CIFAR-10 batch ({err}); re-extract cifar-10-python.tar.gz") from None
+        if isinstance(obj, dict):
+            obj = {k: _arrays_out(v) for k, v in obj.items()}
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            OverflowError, MemoryError, RecursionError, UnicodeDecodeError) as err:
+        raise UserError(f"{what} is not a valid CIFAR-10 batch ({str(err)[:160]}); "
+                        "re-extract cifar-10-python.tar.gz") from None
     if not isinstance(obj, dict):
         raise UserError(f"{what} is not a CIFAR-10 batch (expected a pickled dict); re-extract the archive")
     return obj
@@ -116,7 +210,10 @@ def _cifar_batch_arrays(obj: dict, what: str) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise UserError(f"{what}: b'data' must be an N x 3072 uint8 array, got {data.dtype} {data.shape}")
-    labels = np.asarray(labels, dtype=np.int64)
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        labels = np.zeros(0)  # reported below
     if labels.shape != (data.shape[0],) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
         raise UserError(f"{what}: b'labels' must be {data.shape[0]} integers in 0..9")
     return data, labels
@@ -266,6 +363,8 @@ def load_imagenet(data_dir: str | Path) -> Dataset:
 
 def load_dataset(name: str, data_dir: str | Path | None) -> Dataset:
     """Load a data set by name; cifar10 and imagenet need `data_dir`, smoke needs nothing."""
+    if name not in DATASETS:
+        raise UserError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
     if name == "smoke":
         return load_smoke()
     if data_dir is None:

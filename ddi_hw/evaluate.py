@@ -27,6 +27,7 @@ import typer
 
 from ddi_hw.errors import UserError
 from ddi_hw.runs import load_run
+from ddi_hw.validate import number
 
 SUMMARY_COLUMNS = [
     "run",  # run directory name
@@ -124,10 +125,21 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
         metrics.insert(0, "flops")
     if budget_metric not in metrics:
         raise UserError(f"--budget-metric {budget_metric} must be one of the evaluated metrics {metrics}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from ddi_hw.validate import check_number, output_dir
+
     if not run_dirs:
         raise UserError("give at least one run directory (written by ddi-hw train)")
+    check_number(limit, "--limit", 1, integer=True)
+    check_number(batch_size, "--batch-size", 1, integer=True)
+    for b in budgets or []:
+        check_number(b, "--budgets item", 0, low_open=True)
+    out_dir = output_dir(out_dir, "--out")
+    costed = bool(set(metrics) - {"flops"})
+    if hardware is not None and costed:
+        from energy_models.presets import load_preset
+
+        load_preset(hardware)  # a bad preset fails now, not after the first model is built
+    notes: list[str] = []
     datasets: dict[str, Any] = {}
     summary, pred_frames, block_rows, channel_rows = [], {}, [], []
     loaded = {}
@@ -144,6 +156,16 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
             run = load_run(run_dir, metrics, hardware)
             model, side, hw = run.model, run.side, run.hardware
             cfg = side["config"]
+            from ddi_hw.validate import fields
+
+            fields(side, {"config.arch": str, "config.stage": str, "config.dataset": str},
+                   f"{run_dir}/model.json", "eval needs a run written by `ddi-hw train`")
+            if hardware is None and costed:  # one axis: every run is costed on the first run's preset
+                hardware = hw
+                notes.append(f"costs of all runs on preset {hw} (the first run's; choose with --hardware)")
+            own = cfg.get("hardware")
+            if costed and own and own != hw and cfg.get("resource") in ("energy", "latency"):
+                notes.append(f"{name} was trained on the {cfg.get('resource')} of preset {own}; costed on {hw}")
             if cfg["dataset"] not in datasets:
                 datasets[cfg["dataset"]] = load_dataset(cfg["dataset"], data_dir)
             ds = datasets[cfg["dataset"]]
@@ -192,7 +214,8 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
     _csv(blocks_df, out_dir / "skip_blocks.csv")
     _csv(channels_df, out_dir / "skip_channels.csv")
 
-    budget_df = _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_size, limit, out_dir)
+    budget_df = _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_size, limit, out_dir,
+                               notes)
     _plot_acc_vs_cost(summary_df, budget_df, metrics, out_dir / "acc_vs_cost.png")
     for name, (model, side, ds, dense) in loaded.items():
         if not blocks_df[blocks_df.run == name].empty or not channels_df[channels_df.run == name].empty:
@@ -200,11 +223,13 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
                         out_dir / f"skip_{name}.png")
             _plot_easy_hard(pred_frames[name], ds, name, out_dir / f"easy_hard_{name}.png")
     return {"summary": summary_df, "budgets": budget_df, "blocks": blocks_df, "channels": channels_df,
-            "predictions": pred_frames}
+            "predictions": pred_frames, "hardware": hardware if costed else None, "notes": notes}
 
 
-def _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_size, limit, out_dir):
-    """Anytime accuracy per budget for every run with exits, beside the best static run that fits."""
+def _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_size, limit, out_dir, notes=None):
+    """Anytime accuracy per budget for every run with exits, beside the best static run that fits.
+    A budget below what the first exit costs cannot be met (that exit always runs): it gets no
+    row, and a note says so."""
     import numpy as np
     import pandas as pd
 
@@ -224,6 +249,12 @@ def _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_si
             res = predict(model, ds, metrics, batch_size, limit, budget=b, budget_metric=budget_metric,
                           layer_gated=bool(side["model"].get("layer_gates")))
             correct = res["pred"] == res["label"]
+            worst = float(res[f"cost_{budget_metric}"].max())
+            if worst > b * (1 + 1e-9):
+                if notes is not None:
+                    notes.append(f"{name}: budget {b:.4g} is below the cost of its first exit (up to {worst:.4g} "
+                                 f"{budget_metric}); no row for it")
+                continue
             fits = statics[statics[col] <= b * (1 + 1e-9)]
             # the real competitor: the most accurate static net within the budget (at short schedules a
             # shallower net can beat a deeper one, so "the most expensive that fits" would flatter DDI)
@@ -355,31 +386,34 @@ def eval_command(
     data_dir: Optional[Path] = typer.Option(None, help="test data (cifar-10-batches-py/ or .tar.gz); "
                                             "not needed for smoke runs"),
     out: Path = typer.Option(Path("eval"), help="directory for the CSV and PNG results"),
-    hardware: Optional[str] = typer.Option(None, help="hardware preset for energy/latency (default: the run's)"),
+    hardware: Optional[str] = typer.Option(None, help="hardware preset for energy/latency of ALL runs "
+                                           "(default: the first run's, with a note)"),
     metrics: str = typer.Option("flops,energy,latency", help="comma list of flops,energy,latency"),
     budgets: Optional[str] = typer.Option(None, help="comma list of budgets in the budget metric's unit "
                                           "(default: static runs' costs)"),
     budget_metric: str = typer.Option("flops", help="metric of the budgets"),
-    limit: Optional[int] = typer.Option(None, help="evaluate only the first N test images"),
-    batch_size: int = typer.Option(500, help="evaluation batch size"),
+    limit: Optional[int] = typer.Option(None, callback=number(1, integer=True), help="evaluate only the first N test images"),
+    batch_size: int = typer.Option(500, callback=number(1, integer=True), help="evaluation batch size"),
 ) -> None:
     """Accuracy vs cost, budgeted anytime accuracy and skip statistics for trained runs."""
+    from ddi_hw.validate import number_list
+
     ms = [m.strip() for m in metrics.split(",") if m.strip()]
     bad = [m for m in ms + [budget_metric] if m not in METRIC_COLUMNS]
-    if bad:
-        raise UserError(f"unknown metric {bad[0]!r}; use flops, energy or latency")
-    try:
-        bl = [float(b) for b in budgets.split(",")] if budgets else None
-    except ValueError:
-        raise UserError(f"--budgets must be numbers separated by commas, got {budgets!r}") from None
+    if bad or not ms:
+        raise UserError(f"unknown metric {bad[0] if bad else metrics!r}; use flops, energy or latency")
+    bl = number_list(budgets, "--budgets", low=0, low_open=True)
     res = evaluate_runs(run_dirs, out, data_dir, hardware, tuple(ms), bl, budget_metric, limit, batch_size)
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"ddi-hw eval -> {out}")
+    where = f"; energy/latency modelled on preset {res['hardware']}" if res["hardware"] else ""
+    t = Table(title=f"ddi-hw eval -> {out}{where}")
     for c in ("run", "stage", "accuracy", "compute_saving", "energy_saving"):
         t.add_column(c)
     for _, r in res["summary"].iterrows():
         t.add_row(r.run, r.stage, f"{r.accuracy:.4f}", f"{r.compute_saving:.3f}",
                   "" if r.energy_saving != r.energy_saving else f"{r.energy_saving:.3f} (modelled)")
     Console().print(t)
+    for note in res["notes"]:
+        typer.echo(f"note: {note}")

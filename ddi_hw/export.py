@@ -29,6 +29,7 @@ import typer
 from ddi_hw.errors import UserError
 from ddi_hw.fixedpoint import LayerParams
 from ddi_hw.regmap import load_regmap
+from ddi_hw.validate import fields, number, read_json
 
 FORMAT = "ddi-hw-bundle/1"
 MANIFEST, ENGINE_BLOB, PROC_BLOB = "manifest.json", "engine.bin", "processor.safetensors"
@@ -86,6 +87,8 @@ def _bad(path: Path, msg: str) -> UserError:
 def _array(path: Path, blob: bytes, ref: dict, shape: tuple, what: str) -> np.ndarray:
     if ref is None:
         raise _bad(path, f"{what} is missing")
+    if not isinstance(ref, dict) or not isinstance(ref.get("shape", []), list):
+        raise _bad(path, f"{what} must be a mapping with offset, shape and dtype")
     dtype = _DTYPES.get(ref.get("dtype"))
     if dtype is None:
         raise _bad(path, f"{what} has dtype {ref.get('dtype')!r}, expected int16 or int32")
@@ -134,18 +137,22 @@ def load_bundle(path: str | Path) -> Bundle:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise UserError(f"{mpath} not found: pass a directory written by `ddi-hw export`")
-    try:
-        man = json.loads(mpath.read_text())
-    except json.JSONDecodeError as err:
-        raise _bad(path, f"{MANIFEST} is not valid JSON ({err})") from None
+    man = read_json(mpath, "bundle manifest", "re-export it with `ddi-hw export`")
+    if not isinstance(man, dict):
+        raise _bad(path, f"{MANIFEST} is not a mapping")
     if man.get("format") != FORMAT:
         raise _bad(path, f"format {man.get('format')!r}, expected {FORMAT!r}")
     rm_version = load_regmap().version
     if man.get("regmap_version") != rm_version:
         raise _bad(path, f"register-map version {man.get('regmap_version')} but this engine is version {rm_version}")
+    fields(man, MANIFEST_SCHEMA, str(mpath), "re-export the bundle with `ddi-hw export`")
+    _check_cost_plan(path, man.get("cost_plan"))
     blobs = {}
     for name in (ENGINE_BLOB, PROC_BLOB):
-        info = man.get("blobs", {}).get(name)
+        info = man["blobs"].get(name)
+        if info is not None and not (isinstance(info, dict) and isinstance(info.get("size"), int)
+                                     and isinstance(info.get("sha256"), str)):
+            raise _bad(path, f"manifest entry of {name} must hold an integer size and a sha256")
         f = path / name
         if info is None:
             raise _bad(path, f"manifest lists no {name}")
@@ -169,12 +176,63 @@ def load_bundle(path: str | Path) -> Bundle:
     return bundle
 
 
+def _all(kind, what):
+    return (kind, what, lambda v: all(isinstance(x, dict) for x in (v.values() if isinstance(v, dict) else v)))
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+MANIFEST_SCHEMA = {
+    "blobs": dict, "layers": _all(list, "a list of layer mappings"),
+    "program": _all(list, "a list of step mappings"),
+    "tensors": (dict, "a mapping of tensor names to {frac: integer, shape}",
+                lambda v: all(isinstance(t, dict) and _int(t.get("frac")) and 0 <= t["frac"] <= 31 for t in v.values())),
+    "?processor_shapes": (dict, "a mapping of names to lists of integers",
+                          lambda v: all(isinstance(s, list) and all(_int(n) and n >= 0 for n in s) for s in v.values())),
+    "?cost_plan": (dict, type(None)), "?dataset": (str, type(None)),
+    "?model": dict, "?model.input_size": (int, "a positive integer", lambda v: v > 0),
+}
+
+
+def _check_cost_plan(path: Path, plan) -> None:
+    """The budgeted-exit plan read by backends._Budget: events and their cheapest continuations."""
+    if plan is None:
+        return
+    ev, low = plan.get("events"), plan.get("min_event")
+    ok = isinstance(ev, list) and isinstance(low, list) and len(low) == len(ev) and all(_num(x) for x in low)
+    exits = 0
+    for e in ev if ok else []:
+        kind = e.get("kind") if isinstance(e, dict) else None
+        if kind in ("fixed", "exit"):
+            ok &= _num(e.get("cost"))
+            if kind == "exit":
+                ok &= e.get("index") == exits
+                exits += 1
+        elif kind == "block":
+            ok &= _int(e.get("index")) and all(_num(e.get(k)) for k in "gfc") and isinstance(e.get("V"), list) \
+                and len(e["V"]) > 0 and all(_num(x) for x in e["V"])
+        else:
+            ok = False
+    if not ok:
+        raise _bad(path, "cost_plan is malformed (events of kind fixed/block/exit with numeric costs, "
+                   "exits numbered 0, 1, ..., one min_event per event)")
+
+
 def _check_program(b: Bundle) -> None:
     """Every step names known layers, tensors and processor parameters."""
     from ddi_hw.backends import PROGRAM_OPS, step_processor_keys  # the interpreter defines the steps
     from ddi_hw.processor import GATE_OPS
 
     tensors = b.manifest.get("tensors", {})
+    exits = 0
     for i, step in enumerate(b.program):
         op = step.get("op")
         if op not in PROGRAM_OPS:
@@ -187,13 +245,29 @@ def _check_program(b: Bundle) -> None:
             raise _bad(b.path, f"program step {i} jumps to {step.get('end')!r} (must lie after it)")
         if op == "exit" and not (isinstance(step.get("pools"), int) and 0 <= step["pools"] <= 8):
             raise _bad(b.path, f"program step {i} has a bad pool count {step.get('pools')!r}")
-        if op == "conv" and not (0 <= step.get("layer", -1) < len(b.layers)):
-            raise _bad(b.path, f"program step {i} refers to layer {step.get('layer')} (have {len(b.layers)})")
+        if op == "conv" and not (_int(step.get("layer")) and 0 <= step["layer"] < len(b.layers)):
+            raise _bad(b.path, f"program step {i} refers to layer {step.get('layer')!r} (have {len(b.layers)})")
+        if op == "block" and not (_int(step.get("index")) and _int(step.get("dense_iterations", 0))):
+            raise _bad(b.path, f"program step {i} (block) needs an integer index and dense_iterations")
+        if op == "exit":
+            if step.get("index") != exits:
+                raise _bad(b.path, f"program step {i} is exit {step.get('index')!r}; exits must be numbered "
+                           f"0, 1, ... in order (expected {exits})")
+            exits += 1
+        for key in ("layer_gate", "channel_gate"):
+            g = step.get(key)
+            if g is not None and not (isinstance(g, dict) and isinstance(g.get("prefix"), str)
+                                      and (key == "layer_gate" or isinstance(g.get("name"), str))):
+                raise _bad(b.path, f"program step {i} has a malformed {key}")
         for key in ("in", "out", "residual", "skip_from"):
             for t in step[key] if isinstance(step.get(key), list) else [step.get(key)]:
                 if t is not None and t not in tensors:
                     raise _bad(b.path, f"program step {i} uses undeclared tensor {t!r}")
-        for key in step_processor_keys(step):
+        try:
+            keys = step_processor_keys(step)
+        except (KeyError, TypeError) as err:
+            raise _bad(b.path, f"program step {i} lacks {err}") from None
+        for key in keys:
             if key not in b.processor:
                 raise _bad(b.path, f"program step {i} needs processor tensor {key!r}")
 
@@ -599,16 +673,19 @@ def export_command(
     out: str = typer.Option(..., "--out", help="bundle directory to write"),
     dataset: Optional[str] = typer.Option(None, help="data set (default: the run's config)"),
     data_dir: Optional[str] = typer.Option(None, help="data directory (CIFAR-10 python batches)"),
-    calib: int = typer.Option(256, help="training images used to choose the Q formats"),
-    eval_limit: int = typer.Option(500, help="test images for the quantised-vs-float accuracy report"),
+    calib: int = typer.Option(256, callback=number(1, integer=True), help="training images used to choose the Q formats"),
+    eval_limit: int = typer.Option(500, callback=number(1, integer=True),
+                                   help="test images for the quantised-vs-float accuracy report"),
 ) -> None:
     """Quantise a trained gated model into a fixed-point bundle and report the accuracy drop."""
     import torch
 
     from ddi_hw.backends import ReferenceBackend, run_images, summarize
     from ddi_hw.runs import load_run
+    from ddi_hw.validate import output_dir
     from energy_models.atomic import atomic_write_text
 
+    output_dir(out, "--out")
     run = load_run(checkpoint)
     model, side = run.model, run.side
     name = dataset or side.get("config", {}).get("dataset")

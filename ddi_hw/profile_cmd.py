@@ -16,9 +16,11 @@ import typer
 
 from ddi_hw.errors import UserError
 from energy_models.presets import DEFAULT_PRESET
+from ddi_hw.validate import number, safe_name
 
 LEVELS = (("DRAM", "e_dram_pj"), ("SRAM", "e_sram_pj"), ("array/NoC", "e_noc_pj"),
           ("RF", "e_rf_pj"), ("MAC", "e_mac_pj"), ("static", "e_static_pj"), ("board", "e_board_pj"))
+MIN_INPUT = 8  # smallest input side every shipped network (three stride-2 stages) still maps to pixels
 FILES = ("cost_table.csv", "cost_table.parquet", "energy_per_layer.png", "energy_vs_channels.png")
 
 
@@ -33,13 +35,14 @@ def profile_command(
                                        "profile_out/<arch>-<hardware>/)."),
     cache_dir: Optional[Path] = typer.Option(None, help="SCALE-Sim result cache (default "
                                              "$DDI_HW_CACHE or ~/.cache/ddi-hw/scalesim)."),
-    jobs: Optional[int] = typer.Option(None, help="Parallel SCALE-Sim processes (default: "
-                                       "number of cores)."),
+    jobs: Optional[int] = typer.Option(None, callback=number(1, integer=True),
+                                       help="Parallel SCALE-Sim processes (default: number of cores)."),
     layer_gates: bool = typer.Option(False, help="Profile the model with its layer gates."),
     channel_gates: bool = typer.Option(False, help="Profile the model with channel gates "
                                        "(adds input-channel sweeps of gated layers)."),
     exits: bool = typer.Option(False, help="Profile the model with its early-exit branches."),
-    input_size: Optional[int] = typer.Option(None, help="Input height/width (default: the model's, "
+    input_size: Optional[int] = typer.Option(None, callback=number(MIN_INPUT, 4096, integer=True),
+                                             help="Input height/width (default: the model's, "
                                              "e.g. 224 for densenet201, 32 for CIFAR nets)."),
 ) -> None:
     """Profile a network on a systolic-array accelerator: per-layer, per-channel energy table."""
@@ -48,10 +51,8 @@ def profile_command(
     preset = load_preset(hardware)
     if dataflow is not None and dataflow not in DATAFLOWS:
         raise UserError(f"unknown dataflow '{dataflow}'; choose one of {', '.join(DATAFLOWS)}")
-    if jobs is not None and jobs < 1:
-        raise UserError("--jobs must be at least 1")
     model = _build(arch, layer_gates, channel_gates, exits, input_size)
-    out = out or Path("profile_out") / f"{arch}-{preset.name}"
+    out = out or Path("profile_out") / safe_name(f"{arch}-{preset.name}")  # a preset name is not a path
     _check_writable(out)
     size = model.input_size
 

@@ -27,8 +27,8 @@ def build_model(kwargs: dict[str, Any]):
 
     try:
         return create_model(**kwargs)
-    except (KeyError, ValueError) as err:
-        raise UserError(f"cannot build model {kwargs['name']!r}: {err}") from None
+    except (KeyError, ValueError, TypeError, IndexError) as err:  # e.g. a kwarg model.json should not have
+        raise UserError(f"cannot build model {kwargs.get('name')!r}: {err}") from None
 
 
 def attach_costs(model, metrics: list[str], hardware: str, input_shape=None) -> dict[str, Any]:
@@ -63,12 +63,13 @@ class Run:
 def load_run(run_dir: str | Path, metrics=("flops",), hardware: str | None = None) -> Run:
     """Rebuild the model a run directory describes, attach the cost table for `metrics` (on
     `hardware`, default the run's preset) and load its weights strictly; nothing is unpickled."""
-    from ddi_hw.checkpoint import load_model_state
+    from ddi_hw.checkpoint import check_sidecar, load_model_state
 
     state, side = load_model_state(run_dir)
     for key in ("model", "config"):
         if not isinstance(side.get(key), dict):
             raise UserError(f"{run_dir}/model.json has no {key!r} entry; it was not written by ddi-hw train")
+    check_sidecar(side, run_dir)
     model = build_model(side["model"])
     hw = hardware or side["config"].get("hardware") or DEFAULT_PRESET
     cost_id = attach_costs(model, list(metrics), hw)

@@ -351,17 +351,23 @@ def table1_command(
         return
     if summary_csv is None:
         raise UserError("give the summary.csv written by `ddi-hw eval`, or --forced layer|channel")
-    if not summary_csv.is_file():
-        raise UserError(f"{summary_csv} not found: run `ddi-hw eval RUNS --out DIR` first")
-    summary = pd.read_csv(summary_csv)
+    from ddi_hw.validate import output_dir, read_csv
+
+    summary = read_csv(summary_csv, SUMMARY_NEEDS, "summary", "give the summary.csv written by "
+                       "`ddi-hw eval RUNS --out DIR`", numbers={
+                           "accuracy": "[0,1]", "compute_saving": "<=1|nan", "energy_saving": "<=1|nan",
+                           "n_test": "int>=0"})
     meas = None
     if measured is not None:
-        if not measured.is_file():
-            raise UserError(f"{measured} not found: run `ddi-hw power analyze` first")
-        meas = measured_savings(pd.read_csv(measured), dense_config)
-    table = build_table(summary, meas, f"measured: {measured.name}" if measured else "",
-                        tuple(s.strip() for s in stages.split(",") if s.strip()))
-    out.mkdir(parents=True, exist_ok=True)
+        energy = read_csv(measured, ["config", "energy_per_inference_j"], "measured energy",
+                          "give the energy_summary.csv written by `ddi-hw power analyze`",
+                          numbers={"energy_per_inference_j": "finite", "ci95_half_j": "finite|nan"})
+        meas = measured_savings(energy, dense_config)
+    wanted = tuple(s.strip() for s in stages.split(",") if s.strip())
+    if not wanted:
+        raise UserError(f"--stages {stages!r} names no stage; give e.g. --stages iadi or --stages iadi,ddi")
+    out = output_dir(out, "--out")
+    table = build_table(summary, meas, f"measured: {measured.name}" if measured else "", wanted)
     for name, text in (("table1.csv", table.to_csv(index=False)), ("table1.md", to_markdown(table))):
         atomic_write_text(out / name, text)
     plot(table, out / "table1.png")

@@ -31,6 +31,7 @@ import typer
 from ddi_hw.errors import UserError
 from ddi_hw.runs import attach_costs, build_model, model_kwargs
 from energy_models.presets import DEFAULT_PRESET
+from ddi_hw.validate import number
 
 STAGES = ("static", "iadi", "ddi")
 RESOURCES = ("flops", "energy", "latency")
@@ -97,11 +98,14 @@ def validate_config(cfg: dict[str, Any], source: str = "config") -> dict[str, An
     if unknown:
         raise UserError(f"{source}: unknown key '{unknown[0]}'; allowed keys: {', '.join(CONFIG_SCHEMA)}")
     out = {k: cfg.get(k, default) for k, (default, _, _) in CONFIG_SCHEMA.items()}
-    for k, (_, expect, check) in CONFIG_SCHEMA.items():
+    for k, (default, expect, check) in CONFIG_SCHEMA.items():
         v = out[k]
         if isinstance(v, float) and k in ("steps", "gate_steps", "batch_size", "seed") and v.is_integer():
             out[k] = v = int(v)
-        if not check(v):
+        # YAML's true/.inf/.nan are numbers to Python: no flag means a boolean or infinity here
+        bad_kind = (isinstance(v, bool) and not isinstance(default, bool)) or \
+            (isinstance(v, float) and not math.isfinite(v))
+        if bad_kind or not check(v):
             raise UserError(f"{source}: '{k}' is {v!r}; expected {expect}")
     if out["arch"] is None:
         raise UserError(f"{source}: 'arch' is required (e.g. arch: resnet38)")
@@ -118,8 +122,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config {path} not found; see configs/cpu/ and configs/paper/ for recipes")
+    from ddi_hw.validate import read_text
+
+    text = read_text(path, "config", "save the recipe as UTF-8 text")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else "syntax error"
         raise UserError(f"{path}: not valid YAML ({first})") from None
@@ -296,6 +303,35 @@ def _all_mean(value: float, world: int) -> float:
     return float(t) / world
 
 
+TRAIN_STATE_SCHEMA = {  # what `train` keeps in the resume file next to weights and optimizer
+    "step": (int, "an integer >= 0", lambda v: v >= 0),
+    "phase": (str, "gates or main", lambda v: v in ("gates", "main")),
+    "phase_start": (int, "an integer >= 0", lambda v: v >= 0), "low_skip_run": int,
+    "config": dict, "?init": (dict, type(None)),
+}
+RUN_FILES = ("model.safetensors", "model.json", "resume.safetensors", "metrics.csv")
+
+
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """Before any work: --out is writable, and a fresh run finds none of a run's files there
+    (appending to a stale metrics.csv would mix two runs); --resume finds its resume file."""
+    from ddi_hw.validate import output_dir
+
+    output_dir(out_dir, "--out")
+    if resume:
+        from ddi_hw.checkpoint import read_resume_meta
+        from ddi_hw.validate import fields
+
+        path = out_dir / "resume.safetensors"
+        fields(read_resume_meta(path)["state"], TRAIN_STATE_SCHEMA, f"{path} state",
+               "start the run again without --resume (or restore the file)")
+        return
+    stale = [f for f in RUN_FILES if (out_dir / f).exists()]
+    if stale:
+        raise UserError(f"{out_dir} already holds a run ({stale[0]}); pass --resume to continue it "
+                        "or choose another --out")
+
+
 def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None = None, resume: bool = False,
           stop_after: Optional[int] = None, show_progress: bool = True,
           on_finish: Optional[Callable[[Any], None]] = None) -> dict[str, Any]:
@@ -316,7 +352,15 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     from ddi_hw.cost import resource_loss
     from ddi_hw.data import load_dataset, steps_per_epoch, train_batch
 
+    from ddi_hw.models.registry import list_models
+
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, resume)
+    if cfg["arch"] not in list_models():  # before the data set is loaded
+        raise UserError(f"unknown model {cfg['arch']!r}; choose one of {', '.join(list_models())}")
+    from energy_models.presets import load_preset
+
+    load_preset(cfg["hardware"])  # a bad preset is refused even when the resource is FLOPs
     rank, world = _dist_info()
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"] % 2**32)
@@ -337,6 +381,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     init_info = None
     if cfg["stage"] != "static" and not resume:
         state, side = ck.load_model_state(cfg["init"])
+        ck.check_sidecar(side, cfg["init"])
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:
@@ -545,17 +590,21 @@ def train_command(
     config: Path = typer.Option(..., "--config", help="YAML recipe (configs/cpu/*.yaml or configs/paper/*.yaml)"),
     resource: Optional[str] = typer.Option(None, help="resource to save: flops|energy|latency"),
     hardware: Optional[str] = typer.Option(None, help="hardware preset for the energy/latency cost table"),
-    target_saving: Optional[float] = typer.Option(None, help="fraction of the resource to save (IADI/DDI)"),
+    target_saving: Optional[float] = typer.Option(None, callback=number(0, 1, high_open=True),
+                                                  help="fraction of the resource to save (IADI/DDI)"),
     data_dir: Optional[Path] = typer.Option(None, help="cifar-10-batches-py/ directory or .tar.gz "
                                             "(ImageNet: root with train/ val/)"),
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<config name>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out exactly where it stopped"),
-    steps: Optional[int] = typer.Option(None, help="override the number of training steps"),
+    steps: Optional[int] = typer.Option(None, callback=number(1, integer=True), help="override the number of training steps"),
     init: Optional[str] = typer.Option(None, help="run directory of the previous stage (iadi/ddi)"),
     dataset: Optional[str] = typer.Option(None, help="override the data set: cifar10|imagenet|smoke"),
-    lr: Optional[float] = typer.Option(None, help="override the peak learning rate"),
-    alpha: Optional[float] = typer.Option(None, help="override alpha, the weight of the resource loss"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = cores / processes)"),
+    lr: Optional[float] = typer.Option(None, callback=number(0, low_open=True),
+                                       help="override the peak learning rate"),
+    alpha: Optional[float] = typer.Option(None, callback=number(0),
+                                          help="override alpha, the weight of the resource loss"),
+    threads: Optional[int] = typer.Option(None, callback=number(0, integer=True),
+                                          help="torch CPU threads (0 = cores / processes)"),
     alpha_rule: Optional[str] = typer.Option(None, help="how alpha holds the target: dual (default) | "
                                              "sign (the paper's)"),
 ) -> None:

@@ -11,6 +11,7 @@ vector layers: effective MACs per second; its power is part of `board_power_w`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,11 @@ DEFAULT_PRESET = "eyeriss-65nm"  # the preset used when none is named (profiler,
 DATAFLOWS = ("os", "ws", "is")
 ENERGY_FIELDS = ("mac_pj", "rf_pj", "noc_pj", "sram_pj", "dram_pj")
 SIM_INT_FIELDS = ("array_rows", "array_cols", "ifmap_sram_kb", "filter_sram_kb", "ofmap_sram_kb")
+# Plausibility bounds far beyond any real accelerator: they keep SCALE-Sim's matrices allocatable
+# and every Eq. 6 product finite (a typo such as 1e300 is refused, not simulated).
+SIM_INT_MAX = {"array_rows": 4096, "array_cols": 4096, "ifmap_sram_kb": 1 << 20, "filter_sram_kb": 1 << 20,
+               "ofmap_sram_kb": 1 << 20}
+MAX_ACCESS_PJ, MAX_CLOCK_HZ, MAX_STATIC_W = 1e6, 1e12, 1e4
 
 
 @dataclass(frozen=True)
@@ -83,17 +89,20 @@ def load_preset(name_or_path) -> Preset:
             raise UserError(f"preset {label}: section '{key}' is missing or not a mapping")
         return sec
 
-    def positive(value, field, integer=False):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    def positive(value, field, integer=False, high=None):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and value > 0 and (high is None or value <= high)
         if integer:
             ok = ok and float(value).is_integer()
         if not ok:
-            kind = "a positive integer" if integer else "a positive number"
-            raise UserError(f"preset {label}: field '{field}' must be {kind} (got {value!r})")
+            kind = "a positive integer" if integer else "a finite positive number"
+            limit = f" up to {high:g}" if high is not None else ""
+            raise UserError(f"preset {label}: field '{field}' must be {kind}{limit} (got {value!r})")
         return int(value) if integer else float(value)
 
     def non_negative(value, field):
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and value >= 0):
             raise UserError(f"preset {label}: field '{field}' must be a number >= 0 "
                             f"(got {value!r})")
         return float(value)
@@ -116,7 +125,7 @@ def load_preset(name_or_path) -> Preset:
     else:
         sim = section("simulator")
         _no_unknown(label, sim, "simulator", set(SIM_INT_FIELDS) | {"dataflow", "bandwidth_mode"})
-        fields = {f: positive(sim.get(f), f"simulator.{f}", integer=True) for f in SIM_INT_FIELDS}
+        fields = {f: positive(sim.get(f), f"simulator.{f}", integer=True, high=SIM_INT_MAX[f]) for f in SIM_INT_FIELDS}
     energy = section("energy")
     _no_unknown(label, energy, "energy", set(ENERGY_FIELDS))
     dataflow = sim.get("dataflow", "os")
@@ -127,7 +136,7 @@ def load_preset(name_or_path) -> Preset:
         raise UserError(f"preset {label}: field 'simulator.bandwidth_mode' must be CALC "
                         "(the only mode the profiler runs SCALE-Sim in)")
     for f in ENERGY_FIELDS:
-        fields[f] = positive(energy.get(f), f"energy.{f}")
+        fields[f] = positive(energy.get(f), f"energy.{f}", high=MAX_ACCESS_PJ)
     proc = data.get("processor")
     if proc is not None:
         if not isinstance(proc, dict):
@@ -135,6 +144,14 @@ def load_preset(name_or_path) -> Preset:
         _no_unknown(label, proc, "processor", {"macs_per_s"})
         fields["proc_macs_per_s"] = positive(proc.get("macs_per_s"), "processor.macs_per_s")
     name = data.get("name", Path(label).stem)
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"preset {label}: field 'name' must be text (got {name!r})")
+    static_w = non_negative(data.get("static_power_w"), "static_power_w")
+    if static_w > MAX_STATIC_W:
+        raise UserError(f"preset {label}: field 'static_power_w' must be at most {MAX_STATIC_W:g} W (got {static_w!r})")
+    clock = positive(data.get("clock_hz"), "clock_hz", high=MAX_CLOCK_HZ)
+    if clock < 1:
+        raise UserError(f"preset {label}: field 'clock_hz' must be at least 1 Hz (got {clock!r})")
     return Preset(
         name=str(name), description=str(data.get("description", "")), dataflow=dataflow,
         bandwidth_mode="CALC", clock_hz=positive(data.get("clock_hz"), "clock_hz"),
@@ -156,7 +173,10 @@ def _read(name: str) -> tuple[str, str]:
         if not path.is_file():
             raise UserError(f"preset file {name} not found; give a shipped preset "
                             f"({', '.join(available_presets())}) or a YAML file")
-        return path.read_text(), path.name
+        try:
+            return path.read_bytes().decode("utf-8"), path.name
+        except UnicodeDecodeError as err:
+            raise UserError(f"preset file {name} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     shipped = resources.files("energy_models") / "presets" / f"{name}.yaml"
     if not shipped.is_file():
         raise UserError(f"unknown hardware preset '{name}'; choose one of "

@@ -389,21 +389,35 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def _entry_checksum(key: dict, counts: dict) -> str:
+    """Covers the key and the counts together: an entry moved to another key's file, or with
+    edited counts, fails it."""
+    return _digest({"key": key, "counts": counts})
+
+
 def _cache_load(path: Path, key: dict) -> dict | None:
     """Counts from a cache entry, or None if missing, corrupt, or for another key (stale)."""
     try:
         entry = json.loads(path.read_text())
         counts = entry["counts"]
-        if entry["key"] != key or entry["checksum"] != _digest(counts):
+        if entry["key"] != key or entry["checksum"] != _entry_checksum(key, counts):
             return None
-        return {int(a): {c: int(v[c]) for c in COUNT_COLUMNS} for a, v in counts.items()}
+        out = {int(a): {c: int(v[c]) for c in COUNT_COLUMNS} for a, v in counts.items()}
+        if set(out) != set(key["actives"]) or any(n < 0 for v in out.values() for n in v.values()):
+            return None
+        return out
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def _cache_store(path: Path, key: dict, counts: dict) -> None:
+    """Best effort: an entry that cannot be written (read-only cache, a directory in the way)
+    only costs a recomputation next time; no temp file is left behind."""
     counts = {str(a): v for a, v in counts.items()}
-    atomic_write_text(path, json.dumps(dict(key=key, counts=counts, checksum=_digest(counts))))
+    try:  # best effort: a directory in the way or a read-only cache only costs a recomputation
+        atomic_write_text(path, json.dumps(dict(key=key, counts=counts, checksum=_entry_checksum(key, counts))))
+    except OSError:
+        pass
 
 
 def default_cache_dir() -> Path:

@@ -114,3 +114,30 @@ def test_eval_errors(tmp_path):
         evaluate_runs([tmp_path / "nope"], tmp_path / "o", show_progress=False)
     with pytest.raises(UserError, match="at least one"):
         evaluate_runs([], tmp_path / "o", show_progress=False)
+
+
+def test_all_runs_are_costed_on_one_preset_with_a_note(runs, tmp_path):
+    """Runs trained for different presets (r14: eyeriss-65nm default, iadi: zedboard) are plotted on
+    one energy axis, so they must be costed on one preset: the first run's unless --hardware."""
+    root, _, _ = runs
+    res = evaluate_runs([root / "r14", root / "iadi"], tmp_path / "ev", metrics=("flops", "energy"), limit=20,
+                        batch_size=20, show_progress=False)
+    summary = pd.read_csv(tmp_path / "ev" / "summary.csv")
+    assert list(summary.hardware) == ["eyeriss-65nm"] * 2 and res["hardware"] == "eyeriss-65nm"
+    assert any("first run's" in n for n in res["notes"]) and any("iadi" in n and "zedboard" in n for n in res["notes"])
+    # the same iadi model costed on zedboard alone gives a different energy: the preset really changed
+    alone = evaluate_runs([root / "iadi"], tmp_path / "ev2", metrics=("flops", "energy"), limit=20,
+                          batch_size=20, show_progress=False)["summary"]
+    assert alone.hardware.iloc[0] == "zedboard"
+    assert alone.energy_pj.iloc[0] != pytest.approx(summary.energy_pj.iloc[1])
+
+
+def test_budget_rows_never_cost_more_than_their_budget(runs, tmp_path):
+    root, _, _ = runs
+    res = evaluate_runs([root / "ddi"], tmp_path / "ev", metrics=("flops",), budgets=[1.0, 1e12], limit=20,
+                        batch_size=20, show_progress=False)
+    b = res["budgets"]
+    assert list(b.budget) == [1e12] and (b.max_cost <= b.budget).all()  # 1 FLOP is below exit 0's cost
+    assert any("budget 1 is below the cost of its first exit" in n for n in res["notes"])
+    with pytest.raises(UserError, match="--budgets item"):
+        evaluate_runs([root / "ddi"], tmp_path / "ev3", budgets=[float("nan")], show_progress=False)

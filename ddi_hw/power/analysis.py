@@ -19,11 +19,18 @@ from ddi_hw.power.windows import WINDOW_HEADER
 
 
 def read_power(path: Path) -> tuple[pd.DataFrame, int]:
-    """Samples sorted by time, and the number of unreadable rows (e.g. cut by a crash)."""
+    """Samples sorted by time, and the number of unreadable rows (e.g. cut by a crash, or a
+    byte the serial line garbled: such a row is counted, never fatal)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"power log {path} not found: run `ddi-hw power log ... --out {path}`")
-    df = pd.read_csv(path, dtype=str, on_bad_lines="skip", engine="c")
+    if not path.is_file():
+        raise UserError(f"power log {path} is not a file; give the CSV written by `ddi-hw power log`")
+    try:
+        df = pd.read_csv(path, dtype=str, on_bad_lines="skip", engine="c", encoding="utf-8",
+                         encoding_errors="replace")
+    except pd.errors.EmptyDataError:
+        raise UserError(f"power log {path} is empty; record one with `ddi-hw power log`") from None
     if list(df.columns) != HEADER:
         raise UserError(f"{path} is not a power log (columns {list(df.columns)[:6]})")
     with open(path, "rb") as f:
@@ -31,29 +38,24 @@ def read_power(path: Path) -> tuple[pd.DataFrame, int]:
     for col in HEADER:
         df[col] = pd.to_numeric(df[col], errors="coerce")
     good = df.dropna(subset=["host_wall_s", "host_mono_s", "watts"])
-    good = good[np.isfinite(good["watts"])].sort_values("host_mono_s").reset_index(drop=True)
+    good = good[np.isfinite(good["watts"]) & np.isfinite(good["host_mono_s"]) & np.isfinite(good["host_wall_s"])]
+    good = good.sort_values("host_mono_s").reset_index(drop=True)
     return good, n_lines - len(good)
 
 
-def read_csv_checked(path: Path, columns: list[str], not_found: str) -> pd.DataFrame:
-    """A CSV that must exist and hold `columns`; `not_found` is the message when it is absent
-    ({path} is filled in). One place for the checks every measurement file needs."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(not_found.format(path=path))
-    df = pd.read_csv(path)
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise UserError(f"{path} lacks columns {missing}; expected {columns}")
-    return df
-
-
 def read_windows(path: Path) -> pd.DataFrame:
+    from ddi_hw.validate import read_csv
+
     path = Path(path)
-    df = read_csv_checked(path, WINDOW_HEADER,
-                          "windows file {path} not found: the board driver writes it while running")
+    df = read_csv(path, WINDOW_HEADER, "windows file",
+                  "the board driver writes it while running (ddi_hw.power.windows)",
+                  numbers={**{c: "finite" for c in WINDOW_HEADER[4:]}, "n_inferences": "int>=0"})
     if (df["end_mono_s"] < df["start_mono_s"]).any():
         raise UserError(f"{path} has windows that end before they start; re-record them")
+    bad = ~df["kind"].isin(["run", "idle"])
+    if bad.any():
+        raise UserError(f"windows file {path} row {int(bad.idxmax()) + 2}: kind {df['kind'][bad].iloc[0]!r}; "
+                        "expected run or idle")
     return df.sort_values("start_mono_s").reset_index(drop=True)
 
 

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from ddi_hw.validate import number
+
 power_app = typer.Typer(no_args_is_help=True, help="Power meter logging and energy per inference.")
 
 
@@ -26,24 +28,45 @@ def log_command(
     visa: Optional[str] = typer.Option(None, "--visa", help="VISA address of a SCPI DMM, "
                                        "e.g. 'USB0::0x2A8D::0x0101::MY1::INSTR'"),
     visa_backend: str = typer.Option("", "--visa-backend", help="pyvisa backend, e.g. '@py' or '@sim'"),
-    duration: Optional[float] = typer.Option(None, "--duration", help="seconds to log (default: until Ctrl-C)"),
-    baud: Optional[int] = typer.Option(None, "--baud", help="override the profile's baud rate"),
-    supply_v: float = typer.Option(12.0, "--supply-v", help="board supply voltage for shunt meters"),
-    shunt_ohm: float = typer.Option(0.010, "--shunt-ohm", help="shunt resistance (ZedBoard J21: 0.010)"),
-    interval: float = typer.Option(0.0, "--interval", help="minimum seconds between polled readings"),
+    duration: Optional[float] = typer.Option(None, "--duration", callback=number(0, low_open=True),
+                                             help="seconds to log (default: until Ctrl-C or SIGTERM)"),
+    baud: Optional[int] = typer.Option(None, "--baud", callback=number(1, integer=True),
+                                       help="override the profile's baud rate"),
+    supply_v: float = typer.Option(12.0, "--supply-v", callback=number(0, low_open=True),
+                                   help="board supply voltage for shunt meters"),
+    shunt_ohm: float = typer.Option(0.010, "--shunt-ohm", callback=number(0, low_open=True),
+                                    help="shunt resistance (ZedBoard J21: 0.010)"),
+    interval: float = typer.Option(0.0, "--interval", callback=number(0),
+                                   help="minimum seconds between polled readings"),
+    open_timeout: float = typer.Option(10.0, "--open-timeout", callback=number(0, low_open=True),
+                                       help="seconds to wait for the meter to appear (then exit 2)"),
 ) -> None:
-    """Log a meter into OUT; counters of garbage lines, gaps, disconnects go to OUT.status.json."""
+    """Log a meter into OUT; counters of garbage lines, gaps, disconnects go to OUT.status.json.
+
+    Ctrl-C, SIGTERM and SIGHUP (also in a background job, where Ctrl-C is ignored) stop it
+    cleanly: every sample already read is written before it exits."""
+    import signal
+
     from rich.live import Live
     from rich.text import Text
 
-    from ddi_hw.errors import UserError
-    from ddi_hw.power.logger import make_logger, status_path
+    from ddi_hw.power.logger import PowerCsv, make_logger, status_path
     from ddi_hw.power.meters import Shunt
+    from ddi_hw.validate import output_file
 
-    if shunt_ohm <= 0 or supply_v <= 0:
-        raise UserError("--supply-v and --shunt-ohm must be positive")
+    output_file(out, "--out")
+    PowerCsv.check(out)
     logger = make_logger(out, meter=meter, port=port, visa=visa, visa_backend=visa_backend,
-                         shunt=Shunt(supply_v, shunt_ohm), baudrate=baud, min_interval_s=interval)
+                         shunt=Shunt(supply_v, shunt_ohm), baudrate=baud, min_interval_s=interval,
+                         open_timeout_s=open_timeout)
+    got = []
+
+    def stop(signum, _frame):  # finish the loop: it flushes what it read, then returns
+        got.append(signal.Signals(signum).name)
+        logger.stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
     def line(c) -> Text:
         w = "-" if c.last_watts is None else f"{c.last_watts:.3f} W"
@@ -56,7 +79,8 @@ def log_command(
         except KeyboardInterrupt:
             logger.stop.set()
             c = logger.counters
-    typer.echo(f"logged {c.samples} samples to {out}; status in {status_path(Path(out))}")
+    why = f" (stopped by {got[0]})" if got else ""
+    typer.echo(f"logged {c.samples} samples to {out}{why}; status in {status_path(Path(out))}")
 
 
 @power_app.command("analyze")
@@ -64,20 +88,21 @@ def analyze_command(
     power_csv: Path = typer.Argument(..., help="power log written by `ddi-hw power log`"),
     windows_csv: Path = typer.Argument(..., help="windows written by the board driver"),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="where results go (default: next to the log)"),
-    max_gap: float = typer.Option(0.5, "--max-gap", help="reject windows with a sample gap longer than this (s)"),
+    max_gap: float = typer.Option(0.5, "--max-gap", callback=number(0, low_open=True),
+                                  help="reject windows with a sample gap longer than this (s)"),
 ) -> None:
     """Energy per inference (baseline-subtracted) per configuration with a 95% t-interval."""
     from rich.console import Console
     from rich.table import Table
 
     from ddi_hw.power.analysis import plot_trace, read_power, read_windows, summarize, window_energies
+    from ddi_hw.validate import output_dir
 
+    out_dir = output_dir(out_dir or power_csv.parent, "--out-dir")
     power, bad = read_power(power_csv)
     windows = read_windows(windows_csv)
     per_window = window_energies(power, windows, max_gap_s=max_gap)
     summary = summarize(per_window)
-    out_dir = Path(out_dir or power_csv.parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_csv(per_window, out_dir / "energy_windows.csv")
     _atomic_csv(summary, out_dir / "energy_summary.csv")
     plot_trace(power, windows, per_window, out_dir / "power_trace.png")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from ddi_hw.power.meters import VISA_INIT, VISA_QUERY, MeterProfile, Shunt, pars
 from energy_models.atomic import atomic_write_text
 
 HEADER = ["host_wall_s", "host_mono_s", "meter_t_s", "volts", "amps", "watts"]
+MAX_LINE_BYTES = 4096  # no meter line is this long; longer is garbage (see SerialSource._feed)
 
 
 @dataclass
@@ -51,28 +53,75 @@ class Counters:
     notes: list[str] = field(default_factory=list)
 
 
+def _valid_counters(saved) -> bool:
+    """Every known field of a status JSON has its Counters type (unknown fields are ignored)."""
+    if not isinstance(saved, dict):
+        return False
+    for name, f in Counters.__dataclass_fields__.items():
+        if name not in saved:
+            continue
+        v, kind = saved[name], f.type
+        if kind == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        elif kind == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        elif kind == "float | None":
+            ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        elif kind == "str":
+            ok = isinstance(v, str)
+        else:  # notes
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        if not ok:
+            return False
+    return True
+
+
 def status_path(out: Path) -> Path:
     return out.with_name(out.name + ".status.json")
+
+
+def count_samples(path: Path) -> int:
+    """Rows of a power log with a readable watts value (what read_power keeps): the sample
+    counter rebuilt when the status file is lost or damaged."""
+    n = 0
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        for row in csv.reader(f):
+            try:
+                ok = len(row) == len(HEADER) and all(math.isfinite(float(row[i])) for i in (0, 1, 5))
+            except ValueError:
+                ok = False
+            n += ok
+    return n
 
 
 class PowerCsv:
     """Append-only sample file: header written once, each batch flushed and fsync'ed."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
+    @staticmethod
+    def check(path: Path) -> tuple[bool, bool]:
+        """(fresh, ends with a newline) of a log we may append to; a foreign file is refused."""
+        path = Path(path)
+        if path.is_dir():
+            raise UserError(f"--out {path} is a directory; give a CSV file name")
+        fresh = not path.exists() or path.stat().st_size == 0
+        ends_clean = True
         if not fresh:
-            with open(self.path, "rb") as f:
-                first = f.readline().decode("utf-8", "replace").strip()
+            with open(path, "rb") as f:
+                first = f.readline(4096).decode("utf-8", "replace").strip()
                 f.seek(0, os.SEEK_END)
                 f.seek(f.tell() - 1)
                 ends_clean = f.read(1) == b"\n"
             if first.split(",") != HEADER:
                 raise UserError(
-                    f"{self.path} exists but is not a power log (header {first[:60]!r}); "
+                    f"{path} exists but is not a power log (header {first[:60]!r}); "
                     "choose another --out"
                 )
+        return fresh, ends_clean
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh, ends_clean = self.check(self.path)
         self._f = open(self.path, "a", newline="", encoding="utf-8")
         self._w = csv.writer(self._f)
         if fresh:
@@ -137,8 +186,10 @@ class SerialSource:
         self.baudrate = baudrate or profile.baudrate
         self.ser = None
         self._buf = b""
+        self._discarding = False  # inside an over-long line: drop bytes up to its newline
         self.idle = False  # the last read() got no bytes at all (counted as a timeout)
-        self.dropped_bytes = 0  # binary profiles: skipped bytes not yet taken by the logger
+        self.dropped_bytes = 0  # skipped bytes (frame resync, over-long lines) not yet taken by the logger
+        self.dropped_lines = 0  # over-long lines dropped, not yet taken by the logger
         self.errors: tuple[type[BaseException], ...] = (OSError,)
 
     @property
@@ -169,6 +220,10 @@ class SerialSource:
         n, self.dropped_bytes = self.dropped_bytes, 0
         return n
 
+    def take_dropped_lines(self) -> int:
+        n, self.dropped_lines = self.dropped_lines, 0
+        return n
+
     def read(self) -> list[tuple[str | bytes, float, float]]:
         """Complete lines (or frames) with host (mono, wall) stamps; [] on timeout.
         Raises on disconnect."""
@@ -185,19 +240,41 @@ class SerialSource:
         self.idle = False
         deadline = t0m + self.timeout
         while time.monotonic() < deadline:
-            data = self.ser.read(max(1, self.ser.in_waiting))
-            if b"\n" in data or b"\n" in self._buf:
+            done = self._feed(self.ser.read(max(1, self.ser.in_waiting)))
+            if done:
                 # a polled reading is stamped at the middle of its query/answer exchange
                 m, w = time.monotonic(), time.time()
-                return self._lines(data, (t0m + m) / 2, (t0w + w) / 2)
-            self._buf += data
+                return [(d.decode("ascii", "replace"), (t0m + m) / 2, (t0w + w) / 2) for d in done]
         self.idle = True  # no complete answer within the timeout
         return []
 
     def _lines(self, data: bytes, mono: float, wall: float) -> list[tuple[str, float, float]]:
-        self._buf += data
-        *done, self._buf = self._buf.split(b"\n")
-        return [(d.decode("ascii", "replace"), mono, wall) for d in done]
+        return [(d.decode("ascii", "replace"), mono, wall) for d in self._feed(data)]
+
+    def _feed(self, data: bytes) -> list[bytes]:
+        """Complete lines from the stream, in time linear in the bytes. A line longer than
+        MAX_LINE_BYTES is garbage: dropped up to its newline, counted once as a line and per byte,
+        so a meter spewing bytes without newlines cannot grow memory or stall the logger."""
+        parts = data.split(b"\n")
+        done = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if self._discarding:
+                self.dropped_bytes += len(part) + (not last)
+                self._discarding = last
+                continue
+            if len(self._buf) + len(part) > MAX_LINE_BYTES:
+                self.dropped_bytes += len(self._buf) + len(part) + (not last)
+                self.dropped_lines += 1
+                self._buf = b""
+                self._discarding = last
+                continue
+            if last:
+                self._buf += part
+            else:
+                done.append(self._buf + part)
+                self._buf = b""
+        return done
 
     def _read_frames(self) -> list[tuple[bytes, float, float]]:
         """Send the request; read until a good frame, a complete garbage answer, or the timeout.
@@ -275,8 +352,11 @@ class PowerLogger:
     def __init__(self, source, parse: Callable, out: Path, shunt: Shunt = Shunt(),
                  batch_s: float = 0.5, gap_s: float = 0.5, jump_s: float = 0.5,
                  min_interval_s: float = 0.0, backoff_max_s: float = 2.0,
-                 clock: Callable[[], tuple[float, float]] | None = None):
+                 clock: Callable[[], tuple[float, float]] | None = None,
+                 open_timeout_s: float | None = 10.0):
         self.source, self.parse, self.shunt = source, parse, shunt
+        # the meter must open once within this time (a later loss is retried forever)
+        self.open_timeout_s = open_timeout_s
         self.out = Path(out)
         self.batch_s, self.gap_s, self.jump_s = batch_s, gap_s, jump_s
         self.min_interval_s, self.backoff_max_s = min_interval_s, backoff_max_s
@@ -286,15 +366,24 @@ class PowerLogger:
         self.stop = threading.Event()
 
     def _load_counters(self) -> Counters:
+        """Counters of earlier sessions. A missing or damaged status file only loses counters,
+        never samples: the sample count is then rebuilt from the CSV itself."""
         path = status_path(self.out)
-        if path.exists() and self.out.exists():
-            try:
-                known = {k: v for k, v in json.loads(path.read_text()).items()
-                         if k in Counters.__dataclass_fields__}
-                return Counters(**known)
-            except (ValueError, TypeError):
-                pass  # a damaged status file only loses counters, never samples
-        return Counters()
+        if not self.out.is_file():
+            return Counters()
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if _valid_counters(saved):
+                return Counters(**{k: v for k, v in saved.items() if k in Counters.__dataclass_fields__})
+            note = f"{path.name} was damaged; counters restarted, samples recounted from the CSV"
+        except FileNotFoundError:
+            note = ""
+        except (OSError, ValueError):
+            note = f"{path.name} was unreadable; counters restarted, samples recounted from the CSV"
+        c = Counters(samples=count_samples(self.out))
+        if note:
+            c.notes.append(note)
+        return c
 
     def _write_status(self) -> None:
         # rewritten every batch; only counters (the samples file is fsync'ed): atomic, not synced
@@ -303,10 +392,10 @@ class PowerLogger:
     def run(self, duration: float | None = None,
             on_batch: Callable[[Counters], None] | None = None) -> Counters:
         c = self.counters
-        c.sessions += 1
-        c.source = self.source.label
-        sink = PowerCsv(self.out)
-        t_end = None if duration is None else time.monotonic() + duration
+        PowerCsv.check(self.out)  # a foreign --out is refused before the meter is touched
+        sink = None  # opened at the first connection: a meter that never appears leaves no file
+        t_start = time.monotonic()
+        t_end = None if duration is None else t_start + duration
         rows: list[tuple] = []
         last_flush = time.monotonic()
         prev: tuple[float, float] | None = None  # (mono, wall) of the previous sample
@@ -320,12 +409,21 @@ class PowerLogger:
                         c.open_failures += 1
                         if c.open_failures == 1 or c.open_failures % 50 == 0:
                             c.notes.append(f"open failed: {type(err).__name__}: {err}"[:200])
+                        if not ever_connected and self.open_timeout_s is not None \
+                                and time.monotonic() - t_start >= self.open_timeout_s:
+                            raise UserError(f"{self.source.label} did not open within {self.open_timeout_s:g} s "
+                                            f"({type(err).__name__}: {str(err)[:100]}); check the cable and "
+                                            "--port/--visa, or wait longer with --open-timeout") from None
                         self.stop.wait(backoff)
                         backoff = min(backoff * 2, self.backoff_max_s)
                         continue
                     connected, backoff = True, 0.1
                     if ever_connected:
                         c.reconnects += 1
+                    else:
+                        sink = PowerCsv(self.out)
+                        c.sessions += 1
+                        c.source = self.source.label
                     ever_connected = True
                 try:
                     lines = self.source.read()
@@ -336,6 +434,8 @@ class PowerLogger:
                     continue
                 finally:
                     c.garbage_bytes += self._take_dropped()
+                    take_lines = getattr(self.source, "take_dropped_lines", None)
+                    c.garbage_lines += take_lines() if take_lines is not None else 0
                 if not lines and getattr(self.source, "idle", True):
                     c.timeouts += 1
                 n_before = c.samples
@@ -359,7 +459,7 @@ class PowerLogger:
                     c.samples += 1
                     c.last_watts, c.last_host_wall_s = r.watts, wall
                 now = time.monotonic()
-                if now - last_flush >= self.batch_s:
+                if now - last_flush >= self.batch_s and sink is not None:
                     self._flush(sink, rows, on_batch)
                     rows, last_flush = [], now
                 if self.source_is_polled:
@@ -368,8 +468,9 @@ class PowerLogger:
                     if pause > 0:
                         self.stop.wait(pause)
         finally:
-            self._flush(sink, rows, on_batch)
-            sink.close()
+            if sink is not None:
+                self._flush(sink, rows, on_batch)
+                sink.close()
             self.source.close()
         return c
 
