@@ -390,8 +390,8 @@ def run_command(
     from pathlib import Path
 
     from ddi_hw.export import load_bundle, test_images
-    from energy_models.atomic import atomic_write_text
     from ddi_hw.validate import output_file
+    from energy_models.atomic import atomic_write_text
 
     if exit_at is not None and budget is not None:
         raise UserError("give --exit (a fixed exit) or --budget (anytime exits), not both")

@@ -250,8 +250,8 @@ def calibrate_command(
     from rich.console import Console
     from rich.table import Table
 
-    from energy_models.presets import _read, load_preset
     from ddi_hw.validate import output_file
+    from energy_models.presets import _read, load_preset
 
     out = output_file(out, "--out")
     df = read_measurements(measurements)

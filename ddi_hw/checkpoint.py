@@ -22,8 +22,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ddi_hw.errors import UserError
-from energy_models.atomic import atomic_write_bytes, atomic_write_text
 from ddi_hw.validate import fields, read_json
+from energy_models.atomic import atomic_write_bytes, atomic_write_text
 
 FORMAT = "ddi-hw-checkpoint/1"
 MODEL_FILE, SIDECAR_FILE, RESUME_FILE = "model.safetensors", "model.json", "resume.safetensors"

@@ -71,7 +71,8 @@ class _ArrayStub:
         labels = len(shape) == 1
         if not (images or labels) or not 0 <= shape[0] <= CIFAR_BATCH_ROWS:
             raise pickle.UnpicklingError(f"array of shape {shape} {dtype}: CIFAR-10 data must be an N x "
-                                         f"{CIFAR_ROW_BYTES} uint8 array with N <= {CIFAR_BATCH_ROWS}, labels N integers")
+                                         f"{CIFAR_ROW_BYTES} uint8 array with N <= {CIFAR_BATCH_ROWS}, "
+                                         "labels N integers")
         if not isinstance(raw, (bytes, bytearray)) or len(raw) != int(np.prod(shape)) * dtype.itemsize:
             raise pickle.UnpicklingError(f"array of shape {shape} {dtype} does not come with its bytes")
         self.array = np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C")

@@ -392,7 +392,8 @@ def eval_command(
     budgets: Optional[str] = typer.Option(None, help="comma list of budgets in the budget metric's unit "
                                           "(default: static runs' costs)"),
     budget_metric: str = typer.Option("flops", help="metric of the budgets"),
-    limit: Optional[int] = typer.Option(None, callback=number(1, integer=True), help="evaluate only the first N test images"),
+    limit: Optional[int] = typer.Option(None, callback=number(1, integer=True),
+                                        help="evaluate only the first N test images"),
     batch_size: int = typer.Option(500, callback=number(1, integer=True), help="evaluation batch size"),
 ) -> None:
     """Accuracy vs cost, budgeted anytime accuracy and skip statistics for trained runs."""

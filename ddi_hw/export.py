@@ -194,9 +194,11 @@ MANIFEST_SCHEMA = {
     "blobs": dict, "layers": _all(list, "a list of layer mappings"),
     "program": _all(list, "a list of step mappings"),
     "tensors": (dict, "a mapping of tensor names to {frac: integer, shape}",
-                lambda v: all(isinstance(t, dict) and _int(t.get("frac")) and 0 <= t["frac"] <= 31 for t in v.values())),
+                lambda v: all(isinstance(t, dict) and _int(t.get("frac")) and 0 <= t["frac"] <= 31
+                              for t in v.values())),
     "?processor_shapes": (dict, "a mapping of names to lists of integers",
-                          lambda v: all(isinstance(s, list) and all(_int(n) and n >= 0 for n in s) for s in v.values())),
+                          lambda v: all(isinstance(s, list) and all(_int(n) and n >= 0 for n in s)
+                                        for s in v.values())),
     "?cost_plan": (dict, type(None)), "?dataset": (str, type(None)),
     "?model": dict, "?model.input_size": (int, "a positive integer", lambda v: v > 0),
 }
@@ -673,7 +675,8 @@ def export_command(
     out: str = typer.Option(..., "--out", help="bundle directory to write"),
     dataset: Optional[str] = typer.Option(None, help="data set (default: the run's config)"),
     data_dir: Optional[str] = typer.Option(None, help="data directory (CIFAR-10 python batches)"),
-    calib: int = typer.Option(256, callback=number(1, integer=True), help="training images used to choose the Q formats"),
+    calib: int = typer.Option(256, callback=number(1, integer=True),
+                              help="training images used to choose the Q formats"),
     eval_limit: int = typer.Option(500, callback=number(1, integer=True),
                                    help="test images for the quantised-vs-float accuracy report"),
 ) -> None:

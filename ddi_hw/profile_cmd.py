@@ -15,8 +15,8 @@ from typing import Optional
 import typer
 
 from ddi_hw.errors import UserError
-from energy_models.presets import DEFAULT_PRESET
 from ddi_hw.validate import number, safe_name
+from energy_models.presets import DEFAULT_PRESET
 
 LEVELS = (("DRAM", "e_dram_pj"), ("SRAM", "e_sram_pj"), ("array/NoC", "e_noc_pj"),
           ("RF", "e_rf_pj"), ("MAC", "e_mac_pj"), ("static", "e_static_pj"), ("board", "e_board_pj"))

@@ -329,7 +329,6 @@ def table1_command(
     `ddi-hw table1 --forced layer --out DIR` (or `--forced channel`): forced skipping of 40-80 % on
     a gated ResNet-74, gates running and costed, modelled energy vs FLOP saving per preset
     (DIR/table1_forced_<mode>.csv, ..._breakdown.csv, .png)."""
-    import pandas as pd
 
     def given(v, default):  # called from Python, typer's option objects stand for the defaults
         return default if isinstance(v, typer.models.OptionInfo) else v

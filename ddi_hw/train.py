@@ -30,8 +30,8 @@ import typer
 
 from ddi_hw.errors import UserError
 from ddi_hw.runs import attach_costs, build_model, model_kwargs
-from energy_models.presets import DEFAULT_PRESET
 from ddi_hw.validate import number
+from energy_models.presets import DEFAULT_PRESET
 
 STAGES = ("static", "iadi", "ddi")
 RESOURCES = ("flops", "energy", "latency")
@@ -351,7 +351,6 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     from ddi_hw import checkpoint as ck
     from ddi_hw.cost import resource_loss
     from ddi_hw.data import load_dataset, steps_per_epoch, train_batch
-
     from ddi_hw.models.registry import list_models
 
     out_dir = Path(out_dir)
@@ -596,7 +595,8 @@ def train_command(
                                             "(ImageNet: root with train/ val/)"),
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<config name>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out exactly where it stopped"),
-    steps: Optional[int] = typer.Option(None, callback=number(1, integer=True), help="override the number of training steps"),
+    steps: Optional[int] = typer.Option(None, callback=number(1, integer=True),
+                                        help="override the number of training steps"),
     init: Optional[str] = typer.Option(None, help="run directory of the previous stage (iadi/ddi)"),
     dataset: Optional[str] = typer.Option(None, help="override the data set: cifar10|imagenet|smoke"),
     lr: Optional[float] = typer.Option(None, callback=number(0, low_open=True),

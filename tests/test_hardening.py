@@ -71,8 +71,9 @@ def test_non_finite_or_out_of_range_numbers_are_refused_at_the_edge(tmp_path, ar
 @pytest.mark.parametrize("line,field", [("lr: .inf", "'lr'"), ("momentum: .nan", "'momentum'"),
                                         ("lr: true", "'lr'"), ("steps: true", "'steps'")])
 def test_config_numbers_must_be_finite_numbers(tmp_path, line, field):
-    from ddi_hw.train import validate_config
     import yaml
+
+    from ddi_hw.train import validate_config
 
     cfg = yaml.safe_load(SMOKE_CFG + line.replace("steps: true", "epochs: null\nsteps: true") + "\n")
     with pytest.raises(UserError, match=field):
