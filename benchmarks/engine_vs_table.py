@@ -29,7 +29,7 @@ def actives(n: int) -> list[int]:
 def compare(arch: str = "resnet38", jobs: int | None = None, cache_dir=None, hardware="zedboard"):
     import pandas as pd
 
-    from ddi_hw.csim import run_spec
+    from ddi_hw.deploy.csim import run_spec
     from ddi_hw.models import create_model
     from energy_models.dataflow import launch_counts, launch_flags, place
     from energy_models.profile import profile_specs

@@ -22,8 +22,8 @@ def main() -> None:
     import pandas as pd
     from rich.progress import track
 
-    from ddi_hw import csim
-    from ddi_hw.fixedpoint import conv_layer
+    from ddi_hw.deploy import csim
+    from ddi_hw.deploy.fixedpoint import conv_layer
     from energy_models.atomic import atomic_write_text
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -288,46 +288,16 @@ def calibrate_command(
     typer.echo(f"wrote {out} and {fit_csv}")
 
 
-def executed_layers(bundle, result) -> list[tuple[str, str, int]]:
-    """(layer, axis, active) of every engine launch one image made, replayed from the bundle's
-    program and the image's decisions (`backends.ImageResult`): skipped blocks launch nothing,
-    an output-gated conv runs its active output channels, an input-gated conv reads its active
-    input channels, an early exit stops the image."""
-    masks, out, prog = result.channel_masks, [], bundle.program
-    i, block = 0, 0
-    while i < len(prog):
-        st = prog[i]
-        if st["op"] == "block":
-            ran = result.block_run[block]
-            block += 1
-            if not ran:
-                i = st["end"]
-                continue
-            cg = st.get("channel_gate") or {}
-            if cg.get("layer") is not None:  # the CNN channel gate's conv, an engine launch
-                gl = bundle.layers[cg["layer"]]
-                out.append((gl.name, "out", int(gl.out_ch)))
-        elif st["op"] == "conv":
-            layer = bundle.layers[st["layer"]]
-            if st.get("out_gate") in masks:
-                out.append((layer.name, "out", int(masks[st["out_gate"]].sum())))
-            elif st.get("in_gate") in masks:
-                out.append((layer.name, "in", int(masks[st["in_gate"]].sum())))
-            else:
-                out.append((layer.name, "out", int(layer.out_ch)))
-        elif st["op"] == "exit" and st["index"] == result.exit_taken:
-            break
-        i += 1
-    return out
-
-
 def counts_from_runs(cost_table, bundle, results) -> dict[str, float]:
     """Mean per-image access counts of the engine layers the images really ran, from the cost
     table (`energy_models.profile_model` / `ddi-hw profile` CSV): one measurement row's counts."""
     import pandas as pd
 
     table = cost_table.set_index(["layer", "axis", "active"]).sort_index()
-    keys = [k for r in results for k in executed_layers(bundle, r)]
+    from ddi_hw.deploy.bundle import executed_layers
+
+    keys = [k for r in results
+            for k in executed_layers(bundle, r.block_run, r.channel_masks, r.exit_taken)]
     missing = sorted({k for k in keys if k not in table.index})
     if missing:
         raise UserError(f"cost table has no row for {missing[0]} (and {len(missing) - 1} more): profile "

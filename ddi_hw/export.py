@@ -1,278 +1,19 @@
-"""Fixed-point bundles: written by `ddi-hw export`, validated on load, run by every backend.
-
-A bundle directory holds
-- `engine.bin`: everything the FPGA engine reads from DDR, per conv layer int16 weights (OIHW),
-  int32 bias and the optional int32 input affine, each 64-byte aligned (AXI burst friendly). The
-  board copies this one file to DDR once and points the engine at offsets inside it.
-- `processor.safetensors`: float32 parameters of what runs on the ARM processor (layer and
-  channel gates, exit branches, the final pooling + classifier).
-- `manifest.json`: layer list (shapes, Q formats, shifts, offsets), tensor formats, the program
-  (the order of engine launches and processor steps per image), the register-map version and the
-  sha256 and size of every blob.
-
-`load_bundle` checks all of it (files present, hashes, offsets inside the blob, shapes consistent
-with the layer, shifts consistent with the Q formats, register-map version) and raises UserError
-before anything is sent to hardware. This module imports torch only inside the export functions,
-so loading works on the board's PYNQ image.
-"""
+"""`ddi-hw export`: quantise a trained gated model (torch) into a bundle (`ddi_hw.deploy.bundle`
+owns the format, its checks and its writer), and the deploy folder for the board (`--deploy`)."""
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import typer
 
+from ddi_hw.deploy.bundle import ENGINE_BLOB, load_bundle, write_bundle
+from ddi_hw.deploy.fixedpoint import LayerParams
+from ddi_hw.deploy.regmap import load_regmap
 from ddi_hw.errors import UserError
-from ddi_hw.fixedpoint import LayerParams
-from ddi_hw.regmap import load_regmap
-from ddi_hw.validate import fields, number, read_json
-
-FORMAT = "ddi-hw-bundle/1"
-MANIFEST, ENGINE_BLOB, PROC_BLOB = "manifest.json", "engine.bin", "processor.safetensors"
-ALIGN = 64
-_DTYPES = {"int16": np.dtype("<i2"), "int32": np.dtype("<i4")}
-
-
-@dataclass
-class BundleLayer:
-    """One engine launch's constant data. `offsets` are byte offsets into engine.bin (the board
-    adds the DDR address of its copy of the blob); the arrays are views of the loaded blob."""
-    name: str
-    index: int
-    params: LayerParams
-    in_ch: int
-    out_ch: int
-    f_in: int
-    f_w: int
-    f_out: int
-    f_res: int | None
-    weights: np.ndarray  # (out_ch, in_ch, k, k) int16
-    bias: np.ndarray  # (out_ch,) int32
-    pre: np.ndarray | None  # (in_ch, 2) int32
-    offsets: dict[str, int] = field(default_factory=dict)  # "weights" | "bias" | "pre" -> byte offset
-
-
-@dataclass
-class Bundle:
-    path: Path
-    manifest: dict
-    layers: list[BundleLayer]
-    engine_blob: bytes
-    processor: dict[str, np.ndarray]  # float32 arrays by name
-
-    @property
-    def program(self) -> list[dict]:
-        return self.manifest["program"]
-
-    def tensor_frac(self, name: str) -> int:
-        return int(self.manifest["tensors"][name]["frac"])
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _bad(path: Path, msg: str) -> UserError:
-    return UserError(f"bundle {path}: {msg}; re-export it with `ddi-hw export`")
-
-
-def _array(path: Path, blob: bytes, ref: dict, shape: tuple, what: str) -> np.ndarray:
-    if ref is None:
-        raise _bad(path, f"{what} is missing")
-    if not isinstance(ref, dict) or not isinstance(ref.get("shape", []), list):
-        raise _bad(path, f"{what} must be a mapping with offset, shape and dtype")
-    dtype = _DTYPES.get(ref.get("dtype"))
-    if dtype is None:
-        raise _bad(path, f"{what} has dtype {ref.get('dtype')!r}, expected int16 or int32")
-    if tuple(ref.get("shape", ())) != tuple(shape):
-        raise _bad(path, f"{what} has shape {ref.get('shape')}, expected {list(shape)}")
-    off = ref.get("offset")
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if not isinstance(off, int) or off < 0 or off % ALIGN or off + nbytes > len(blob):
-        raise _bad(path, f"{what} at offset {off} (+{nbytes} bytes) lies outside the {len(blob)}-byte "
-                   f"{ENGINE_BLOB} or is not {ALIGN}-byte aligned")
-    return np.frombuffer(blob, dtype=dtype, count=int(np.prod(shape)), offset=off).reshape(shape)
-
-
-def _layer(path: Path, blob: bytes, i: int, e: dict) -> BundleLayer:
-    what = f"layer {i} ({e.get('name', '?')})"
-    try:
-        p = LayerParams(**e["params"])
-        in_ch, out_ch = int(e["in_ch"]), int(e["out_ch"])
-        f_in, f_w, f_out = int(e["f_in"]), int(e["f_w"]), int(e["f_out"])
-        f_act = int(e.get("f_act", f_in))
-        f_res = None if e.get("f_res") is None else int(e["f_res"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise _bad(path, f"{what} has bad parameters ({err})") from None
-    mc = load_regmap().constants
-    if max(in_ch, out_ch) > mc["MAX_CH"] or in_ch < 1 or out_ch < 1:
-        raise _bad(path, f"{what}: {in_ch}->{out_ch} channels outside 1..{mc['MAX_CH']}")
-    if p.acc_shift != f_act + f_w - f_out or (p.residual and p.res_shift != f_act + f_w - f_res) \
-            or (not p.pre_affine and f_act != f_in):
-        raise _bad(path, f"{what}: shifts do not match its Q formats")
-    k = p.kernel
-    layer = BundleLayer(
-        name=e["name"], index=i, params=p, in_ch=in_ch, out_ch=out_ch, f_in=f_in, f_w=f_w, f_out=f_out,
-        f_res=f_res, weights=_array(path, blob, e.get("weights"), (out_ch, in_ch, k, k), f"{what} weights"),
-        bias=_array(path, blob, e.get("bias"), (out_ch,), f"{what} bias"),
-        pre=_array(path, blob, e.get("pre"), (in_ch, 2), f"{what} pre") if p.pre_affine else None)
-    layer.offsets = {key: e[key]["offset"] for key in ("weights", "bias", "pre") if e.get(key)}
-    return layer
-
-
-def load_bundle(path: str | Path) -> Bundle:
-    """Read and validate a bundle (see module docstring); every problem is a one-line UserError."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load as st_load
-
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise UserError(f"{mpath} not found: pass a directory written by `ddi-hw export`")
-    man = read_json(mpath, "bundle manifest", "re-export it with `ddi-hw export`")
-    if not isinstance(man, dict):
-        raise _bad(path, f"{MANIFEST} is not a mapping")
-    if man.get("format") != FORMAT:
-        raise _bad(path, f"format {man.get('format')!r}, expected {FORMAT!r}")
-    rm_version = load_regmap().version
-    if man.get("regmap_version") != rm_version:
-        raise _bad(path, f"register-map version {man.get('regmap_version')} but this engine is version {rm_version}")
-    fields(man, MANIFEST_SCHEMA, str(mpath), "re-export the bundle with `ddi-hw export`")
-    _check_cost_plan(path, man.get("cost_plan"))
-    blobs = {}
-    for name in (ENGINE_BLOB, PROC_BLOB):
-        info = man["blobs"].get(name)
-        if info is not None and not (isinstance(info, dict) and isinstance(info.get("size"), int)
-                                     and isinstance(info.get("sha256"), str)):
-            raise _bad(path, f"manifest entry of {name} must hold an integer size and a sha256")
-        f = path / name
-        if info is None:
-            raise _bad(path, f"manifest lists no {name}")
-        if not f.is_file():
-            raise _bad(path, f"{name} is missing")
-        if f.stat().st_size != info.get("size"):
-            raise _bad(path, f"{name} has {f.stat().st_size} bytes, manifest says {info.get('size')} (truncated?)")
-        if sha256_file(f) != info.get("sha256"):
-            raise _bad(path, f"{name} sha256 mismatch (file changed or corrupted)")
-        blobs[name] = f.read_bytes()
-    try:
-        proc = st_load(blobs[PROC_BLOB])
-    except (SafetensorError, ValueError) as err:
-        raise _bad(path, f"{PROC_BLOB} unreadable ({err})") from None
-    layers = [_layer(path, blobs[ENGINE_BLOB], i, e) for i, e in enumerate(man.get("layers", []))]
-    for key, shape in man.get("processor_shapes", {}).items():
-        if key not in proc or list(proc[key].shape) != list(shape):
-            raise _bad(path, f"processor tensor {key!r} missing or not of shape {shape}")
-    bundle = Bundle(path, man, layers, blobs[ENGINE_BLOB], proc)
-    _check_program(bundle)
-    return bundle
-
-
-def _all(kind, what):
-    return (kind, what, lambda v: all(isinstance(x, dict) for x in (v.values() if isinstance(v, dict) else v)))
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _num(v) -> bool:
-    import math
-
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-MANIFEST_SCHEMA = {
-    "blobs": dict, "layers": _all(list, "a list of layer mappings"),
-    "program": _all(list, "a list of step mappings"),
-    "tensors": (dict, "a mapping of tensor names to {frac: integer, shape}",
-                lambda v: all(isinstance(t, dict) and _int(t.get("frac")) and 0 <= t["frac"] <= 31
-                              for t in v.values())),
-    "?processor_shapes": (dict, "a mapping of names to lists of integers",
-                          lambda v: all(isinstance(s, list) and all(_int(n) and n >= 0 for n in s)
-                                        for s in v.values())),
-    "?cost_plan": (dict, type(None)), "?dataset": (str, type(None)),
-    "?model": dict, "?model.input_size": (int, "a positive integer", lambda v: v > 0),
-}
-
-
-def _check_cost_plan(path: Path, plan) -> None:
-    """The budgeted-exit plan read by backends._Budget: events and their cheapest continuations."""
-    if plan is None:
-        return
-    ev, low = plan.get("events"), plan.get("min_event")
-    ok = isinstance(ev, list) and isinstance(low, list) and len(low) == len(ev) and all(_num(x) for x in low)
-    exits = 0
-    for e in ev if ok else []:
-        kind = e.get("kind") if isinstance(e, dict) else None
-        if kind in ("fixed", "exit"):
-            ok &= _num(e.get("cost"))
-            if kind == "exit":
-                ok &= e.get("index") == exits
-                exits += 1
-        elif kind == "block":
-            ok &= _int(e.get("index")) and all(_num(e.get(k)) for k in "gfc") and isinstance(e.get("V"), list) \
-                and len(e["V"]) > 0 and all(_num(x) for x in e["V"])
-        else:
-            ok = False
-    if not ok:
-        raise _bad(path, "cost_plan is malformed (events of kind fixed/block/exit with numeric costs, "
-                   "exits numbered 0, 1, ..., one min_event per event)")
-
-
-def _check_program(b: Bundle) -> None:
-    """Every step names known layers, tensors and processor parameters."""
-    from ddi_hw.backends import PROGRAM_OPS, step_processor_keys  # the interpreter defines the steps
-    from ddi_hw.processor import GATE_OPS
-
-    tensors = b.manifest.get("tensors", {})
-    exits = 0
-    for i, step in enumerate(b.program):
-        op = step.get("op")
-        if op not in PROGRAM_OPS:
-            raise _bad(b.path, f"program step {i} has unknown op {op!r}")
-        for gate in (step.get("layer_gate"), step.get("channel_gate")) if op == "block" else ():
-            if gate and gate.get("kind") not in GATE_OPS:
-                raise _bad(b.path, f"program step {i} uses gate kind {gate.get('kind')!r}, unknown to this version "
-                           f"(known: {', '.join(GATE_OPS)})")
-        if op == "block" and not (isinstance(step.get("end"), int) and i < step["end"] <= len(b.program)):
-            raise _bad(b.path, f"program step {i} jumps to {step.get('end')!r} (must lie after it)")
-        if op == "exit" and not (isinstance(step.get("pools"), int) and 0 <= step["pools"] <= 8):
-            raise _bad(b.path, f"program step {i} has a bad pool count {step.get('pools')!r}")
-        if op == "conv" and not (_int(step.get("layer")) and 0 <= step["layer"] < len(b.layers)):
-            raise _bad(b.path, f"program step {i} refers to layer {step.get('layer')!r} (have {len(b.layers)})")
-        if op == "block" and not (_int(step.get("index")) and _int(step.get("dense_iterations", 0))):
-            raise _bad(b.path, f"program step {i} (block) needs an integer index and dense_iterations")
-        if op == "exit":
-            if step.get("index") != exits:
-                raise _bad(b.path, f"program step {i} is exit {step.get('index')!r}; exits must be numbered "
-                           f"0, 1, ... in order (expected {exits})")
-            exits += 1
-        for key in ("layer_gate", "channel_gate"):
-            g = step.get(key)
-            if g is not None and not (isinstance(g, dict) and isinstance(g.get("prefix"), str)
-                                      and (key == "layer_gate" or isinstance(g.get("name"), str))):
-                raise _bad(b.path, f"program step {i} has a malformed {key}")
-        for key in ("in", "out", "residual", "skip_from"):
-            for t in step[key] if isinstance(step.get(key), list) else [step.get(key)]:
-                if t is not None and t not in tensors:
-                    raise _bad(b.path, f"program step {i} uses undeclared tensor {t!r}")
-        try:
-            keys = step_processor_keys(step)
-        except (KeyError, TypeError) as err:
-            raise _bad(b.path, f"program step {i} lacks {err}") from None
-        for key in keys:
-            if key not in b.processor:
-                raise _bad(b.path, f"program step {i} needs processor tensor {key!r}")
-
+from ddi_hw.validate import number
 
 # ----------------------------------------------------------------------------- export (torch)
 
@@ -297,7 +38,7 @@ class _Formats:
         self.parent[self.root(a)] = self.root(b)
 
     def fracs(self) -> dict[str, int]:
-        from ddi_hw.fixedpoint import frac_bits
+        from ddi_hw.deploy.fixedpoint import frac_bits
         group: dict[str, float] = {}
         for n, m in self.maxabs.items():
             r = self.root(n)
@@ -332,7 +73,7 @@ def _quantize_conv(name, w, b, *, stride, relu, f_in, f_out, residual=False, f_r
     """Quantise one BN-folded conv. f_w: weights fit int16, the bias fits int32 in Q(f_act + f_w).
     `pre` = (scale, shift) float per input channel of a folded pre-activation BN (+ReLU) whose
     output has Q f_act; its scale gets f_s fraction bits, its shift Q(f_in + f_s)."""
-    from ddi_hw.fixedpoint import INT32_MAX, frac_bits, quantize
+    from ddi_hw.deploy.fixedpoint import INT32_MAX, frac_bits, quantize
     w = w.detach().double().numpy()
     b = np.zeros(w.shape[0]) if b is None else b.detach().double().numpy()
     arrays, pre_shift = {}, 0
@@ -378,7 +119,7 @@ class _Builder:
     def conv(self, name, conv, t_in, t_out, *, bn=None, relu, residual=None, pre=None, t_act=None,
              launch=True, **step) -> int:
         """Add one engine launch (BN `bn` folded after the conv); returns its dense loop count."""
-        from ddi_hw.csim import expected_iterations
+        from ddi_hw.deploy.csim import expected_iterations
         from ddi_hw.models.sparse_ops import fold_bn
         w, b = fold_bn(conv.weight, bn) if bn is not None else (conv.weight, conv.bias)
         k, stride = conv.kernel_size[0], conv.stride[0]
@@ -424,7 +165,7 @@ class _Builder:
 
     def gate_steps(self, model, prefix: str, block) -> tuple[dict | None, dict | None]:
         """The block's layer / channel gate entries of its program step (kind = the processor's
-        numpy forward, `ddi_hw.processor.GATE_OPS`), their tensors added to the processor blob."""
+        numpy forward, `ddi_hw.deploy.processor.GATE_OPS`), their tensors added to the processor blob."""
         from ddi_hw.models.gates import LAYER_GATE
 
         lg = cg = None
@@ -606,10 +347,6 @@ def export_model(model, out_dir: str | Path, calib_images, source: str = "", dat
     BN is folded into every engine conv (pre-activation BN becomes the engine's input affine);
     conv weights go to engine.bin in the engine's layout; gates, exit branches (BN folded,
     float32) and the classifier go to processor.safetensors."""
-    from safetensors.numpy import save as st_save
-
-    from energy_models.atomic import atomic_write_bytes, atomic_write_text
-
     model.eval()
     mc = load_regmap().constants
     if getattr(model, "input_size", 10 ** 6) > mc["MAX_W"]:
@@ -619,36 +356,14 @@ def export_model(model, out_dir: str | Path, calib_images, source: str = "", dat
         raise UserError(f"export supports the ResNets and DenseNets of ddi_hw.models, not {type(model).__name__}")
     bd = exporter(model, calib_images)
 
-    budget = _budget_plan(model)
-    blob = bytearray()  # engine.bin: weights, bias (and input affine) of every layer, 64-byte aligned
-    for entry, arr in zip(bd.layers, bd.arrays):
-        for key in ("weights", "bias", "pre"):
-            if key not in arr:
-                continue
-            a = arr[key]
-            blob += b"\0" * (-len(blob) % ALIGN)
-            entry[key] = {"offset": len(blob), "shape": list(a.shape), "dtype": str(a.dtype)}
-            blob += a.astype(a.dtype.newbyteorder("<")).tobytes()
-    proc_bytes = st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in bd.proc.items()})
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / ENGINE_BLOB, bytes(blob))
-    atomic_write_bytes(out / PROC_BLOB, proc_bytes)
-    manifest = {
-        "format": FORMAT, "regmap_version": load_regmap().version, "source": source, "dataset": dataset,
+    return write_bundle(out_dir, bd.layers, bd.arrays, bd.proc, {
+        "source": source, "dataset": dataset,
         "model": {"class": type(model).__name__, "num_classes": int(model.fc.out_features),
                   "input_size": model.input_size},
         "number_format": "int16 activations/weights, Q(f) = int / 2**f per tensor, int32 bias in "
                          "Q(f_act + f_w), 48-bit accumulators, round half up, saturate",
         "tensors": {n: {"frac": bd.frac[n], "shape": bd.shapes.get(n)} for n in sorted(bd.frac)},
-        "layers": bd.layers, "program": bd.program, "cost_plan": budget,
-        "processor_shapes": {k: list(v.shape) for k, v in bd.proc.items()},
-        "blobs": {name: {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}
-                  for name in (ENGINE_BLOB, PROC_BLOB)},
-    }
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return out
+        "program": bd.program, "cost_plan": _budget_plan(model)})
 
 
 # ----------------------------------------------------------------------------- command
@@ -672,7 +387,9 @@ def test_images(dataset: str, data_dir, limit: int | None, split: str = "test"):
 
 def export_command(
     checkpoint: str = typer.Argument(..., help="run directory with model.safetensors + model.json"),
-    out: str = typer.Option(..., "--out", help="bundle directory to write"),
+    out: Optional[str] = typer.Option(None, "--out", help="bundle directory to write"),
+    deploy: Optional[str] = typer.Option(None, "--deploy", help="write a self-contained board folder instead: bundle, "
+                                         "test images/labels .npy, validate.py, README (overlay dropped in by name)"),
     dataset: Optional[str] = typer.Option(None, help="data set (default: the run's config)"),
     data_dir: Optional[str] = typer.Option(None, help="data directory (CIFAR-10 python batches)"),
     calib: int = typer.Option(256, callback=number(1, integer=True),
@@ -683,12 +400,15 @@ def export_command(
     """Quantise a trained gated model into a fixed-point bundle and report the accuracy drop."""
     import torch
 
-    from ddi_hw.backends import ReferenceBackend, run_images, summarize
+    from ddi_hw.deploy.backends import ReferenceBackend, rows_csv, run_images, summarize
     from ddi_hw.runs import load_run
     from ddi_hw.validate import output_dir
     from energy_models.atomic import atomic_write_text
 
-    output_dir(out, "--out")
+    if (out is None) == (deploy is None):
+        raise UserError("pass exactly one of --out BUNDLE_DIR or --deploy FOLDER")
+    out = out or deploy
+    output_dir(out, "--deploy" if deploy else "--out")
     run = load_run(checkpoint)
     model, side = run.model, run.side
     name = dataset or side.get("config", {}).get("dataset")
@@ -701,11 +421,70 @@ def export_command(
     with torch.no_grad():
         fp = torch.cat([model(torch.from_numpy(x[i:i + 100]), mode="sparse").logits.argmax(1)
                         for i in range(0, len(x), 100)]).numpy()
-    df = run_images(bundle, x, y, ReferenceBackend(), float_predictions=fp)
-    summary = summarize(df)
-    atomic_write_text(Path(out) / "quantization_report.csv", df.to_csv(index=False))
+    rows = run_images(bundle, x, y, ReferenceBackend(), float_predictions=fp)
+    summary = summarize(rows)
+    atomic_write_text(Path(out) / "quantization_report.csv", rows_csv(rows))
     atomic_write_text(Path(out) / "quantization_summary.json", json.dumps(summary, indent=1) + "\n")
     print(f"bundle: {path} ({len(bundle.layers)} engine layers, {len(bundle.engine_blob)} bytes in {ENGINE_BLOB})")
     print(f"float accuracy {summary['float_accuracy']:.4f}, fixed-point (reference) {summary['accuracy']:.4f}, "
           f"drop {summary['accuracy_drop']:+.4f}, prediction agreement {summary['agreement_with_float']:.4f} "
           f"on {summary['images']} {name} test images")
+    if deploy:
+        write_deploy_extras(Path(deploy), x, y, name)
+
+
+DEPLOY_README = """# ddi-hw deploy folder
+
+Exported by `ddi-hw export RUN --deploy`: everything the ZedBoard runs.
+
+| file | what |
+|---|---|
+| `manifest.json`, `engine.bin`, `processor.safetensors` | the bundle (checked on load: digests, ranges, program) |
+| `test_images.npy`, `test_labels.npy` | {n} normalised {dataset} test images (N, 3, H, W) float32 and labels |
+| `validate.py` | runs them, prints accuracy and per-image cost |
+| `ddi_engine.bit`, `ddi_engine.hwh` | the Vivado build's overlay (`fpga/README.md`), copied in by these names |
+
+On the board (PYNQ 3.0/3.1 image, Python 3.10; full steps in fpga/README.md of the repository):
+
+    pip install ./ddi-hw          # a copy of the repository: the light core only (numpy, PyYAML,
+                                  # safetensors, typer), no torch
+    sudo -E python validate.py    # --backend board (default) needs the .bit/.hwh here
+    python validate.py --backend reference   # the same images on the numpy reference, no overlay
+    ddi-hw run . --backend board --limit 100 # the CLI equivalent (per-image CSV: run_board.csv)
+"""
+
+VALIDATE_PY = """#!/usr/bin/env python3
+\"\"\"Run this folder's test images on the board (or --backend reference|csim); print accuracy and cost.\"\"\"
+import sys
+from pathlib import Path
+
+from ddi_hw.deploy.runner import validate_main
+
+sys.exit(validate_main(Path(__file__).resolve().parent, sys.argv[1:]))
+"""
+
+
+def write_deploy_extras(folder: Path, x: np.ndarray, y: np.ndarray, dataset: str) -> None:
+    """Next to the bundle: the test images/labels, validate.py, a README, and the overlay if the
+    checkout has a built one (fpga/overlay/); a one-line note when it does not."""
+    import io
+    import shutil
+
+    from ddi_hw.deploy.board import DEFAULT_BITFILE
+    from ddi_hw.deploy.runner import BITFILE, HWHFILE, IMAGES_NPY, LABELS_NPY
+    from energy_models.atomic import atomic_write_bytes, atomic_write_text
+
+    for fname, arr in ((IMAGES_NPY, x.astype(np.float32)), (LABELS_NPY, y.astype(np.int64))):
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        atomic_write_bytes(folder / fname, buf.getvalue())
+    atomic_write_text(folder / "validate.py", VALIDATE_PY)
+    atomic_write_text(folder / "README.md", DEPLOY_README.format(n=len(x), dataset=dataset))
+    src = DEFAULT_BITFILE.parent
+    for fname in (BITFILE, HWHFILE):
+        if (src / fname).is_file() and not (folder / fname).is_file():
+            shutil.copyfile(src / fname, folder / fname)
+    missing = [f for f in (BITFILE, HWHFILE) if not (folder / f).is_file()]
+    print(f"deploy folder: {folder} ({len(x)} test images, validate.py, README.md)")
+    if missing:
+        print(f"no overlay yet: copy {' and '.join(missing)} from the Vivado build (fpga/README.md) into {folder}")

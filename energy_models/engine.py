@@ -1,7 +1,7 @@
 """The accelerator engine the `zedboard` preset describes: `engines/ddi_engine.yaml`, read once.
 
 Why a file of its own: the PE array, the on-chip buffers and the clock of the HLS engine
-(fpga/hls/ddi_engine.cpp) must be typed once. `ddi_hw.regmap` generates fpga/hls/regmap.h from
+(fpga/hls/ddi_engine.cpp) must be typed once. `ddi_hw.deploy.regmap` generates fpga/hls/regmap.h from
 these constants (the HLS code, the Vivado scripts and the driver use that header), and a preset
 that says `engine: ddi_engine` takes its SCALE-Sim array, SRAM sizes and clock from here.
 `dataflow` says what runs where (see energy_models/dataflow.py, which applies it).

@@ -1,4 +1,4 @@
-"""The real PYNQ driver (ddi_hw.board) on the real pynq package, with only the Device replaced.
+"""The real PYNQ driver (ddi_hw.deploy.board) on the real pynq package, with only the Device replaced.
 
 pynq (3.1.x, the release of the Zynq-7000 PYNQ images; installed --no-deps, see .ci/run) runs
 unmodified: `pynq.Overlay` parses an .hwh with pynqmetadata, downloads through the Device and
@@ -9,7 +9,7 @@ What is replaced is what a board provides:
 `ZedBoardTestDevice(pynq.Device)` maps anonymous memory where /dev/mem would be (every register
 read and write is recorded) and hands out buffers from an anonymous "DDR" mmap with physical
 addresses. Its `EngineModel` plays the ddi_engine: on ap_start it decodes the registers from the
-register memory using ddi_hw/regmap.yaml (independently of the driver), runs the numpy
+register memory using ddi_hw/deploy/regmap.yaml (independently of the driver), runs the numpy
 fixed-point reference on the DDR bytes at those addresses, writes the output back, and raises
 ap_done after a few polls. The overlay files are generated here: an .hwh with the block
 design's names and Vivado's default addresses (fpga/vivado/overlay.tcl) and a .bit with a
@@ -36,15 +36,15 @@ except ImportError as err:  # CI installs it; a clear reason instead of a bare c
     raise ImportError("tests/test_board.py runs the real pynq: pip install --no-deps pynq==3.1.2 "
                       "pynqutils==0.1.3 pynqmetadata==0.1.9 (see .ci/run)") from err
 
-from ddi_hw.backends import ReferenceBackend, run_image
-from ddi_hw.board import GPIO_DATA, GPIO_TRI, BoardBackend, BoardTimeout, measure
-from ddi_hw.csim import expected_iterations, standard_cases
+from ddi_hw.deploy.backends import ReferenceBackend, run_image
+from ddi_hw.deploy.board import GPIO_DATA, GPIO_TRI, BoardBackend, BoardTimeout, measure
+from ddi_hw.deploy.bundle import ALIGN, Bundle, BundleLayer
+from ddi_hw.deploy.csim import expected_iterations, standard_cases
+from ddi_hw.deploy.fixedpoint import LayerParams, conv_layer
 from ddi_hw.errors import UserError
-from ddi_hw.export import ALIGN, Bundle, BundleLayer
-from ddi_hw.fixedpoint import LayerParams, conv_layer
 from ddi_hw.power.windows import WindowRecorder
 
-RAW = yaml.safe_load(resources.files("ddi_hw").joinpath("regmap.yaml").read_text())
+RAW = yaml.safe_load(resources.files("ddi_hw.deploy").joinpath("regmap.yaml").read_text())
 REG = {r["name"]: r for r in RAW["registers"]}
 AP_CTRL = RAW["control"]["AP_CTRL"]["offset"]
 BITS = RAW["control"]["AP_CTRL"]["bits"]
@@ -364,6 +364,30 @@ def test_overlay_is_loaded_by_pynq_from_the_hwh(board):
         [("w", GPIO_BASE + GPIO_TRI, 0), ("w", GPIO_BASE + GPIO_DATA, 0)]
 
 
+def test_engine_driver_is_bound_by_vlnv_whatever_the_instance_name(board, tmp_path):
+    """pynq picks the DdiEngine driver from the .hwh's VLNV (bindto), not from the instance name; the
+    Vivado scripts export and instantiate the IP under that VLNV."""
+    from pathlib import Path
+
+    from ddi_hw.deploy.board import ENGINE_VLNV
+
+    bit, make = board
+    make()
+    inst = f"{RAW['top']}_0"
+    renamed = tmp_path / "renamed.bit"
+    renamed.write_bytes(bit.read_bytes())
+    renamed.with_suffix(".hwh").write_text(bit.with_suffix(".hwh").read_text().replace(inst, "conv_accel"))
+    be = BoardBackend(renamed)
+    assert type(be.ip).__name__ == "DdiEngine" and be.ip.mmio.base_addr == ENGINE_BASE
+    assert be.overlay.ip_dict["conv_accel"]["type"] == ENGINE_VLNV
+    vendor, library, name, version = ENGINE_VLNV.split(":")
+    vivado = Path(__file__).resolve().parents[1] / "fpga" / "vivado"
+    hls = (vivado / "hls.tcl").read_text()
+    assert all(f"-{k} {v}" in hls for k, v in (("vendor", vendor), ("library", library), ("version", version)))
+    assert name == RAW["top"]
+    assert f"-vlnv {ENGINE_VLNV} " in (vivado / "overlay.tcl").read_text()
+
+
 def test_exact_register_sequence_of_one_launch(board):
     bit, make = board
     dev = make(delay_polls=3)
@@ -427,7 +451,8 @@ def test_every_csim_case_matches_the_reference_bit_for_bit(board):
 def tiny_bundle(tmp_path_factory):
     import torch
 
-    from ddi_hw.export import export_model, load_bundle
+    from ddi_hw.deploy.bundle import load_bundle
+    from ddi_hw.export import export_model
     from ddi_hw.models import create_model
 
     torch.manual_seed(0)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddi_hw import csim
+from ddi_hw.deploy import csim
+from ddi_hw.deploy.fixedpoint import pooled_sums
 from ddi_hw.errors import UserError
-from ddi_hw.fixedpoint import pooled_sums
 from ddi_hw.models import create_model
 from energy_models.dataflow import launch_counts, launch_flags, place
 from energy_models.engine import load_engine
@@ -87,7 +87,8 @@ def test_fused_flags_write_pooled_sums_and_leave_buffers_alone():
 def test_fused_rows_are_launches_the_bundle_makes(gated, table, tmp_path):
     """Rows the table fuses are engine launches the exporter flags accordingly, rows it puts on the
     processor are no engine launch, and every engine launch has its own table row."""
-    from ddi_hw.export import export_model, load_bundle
+    from ddi_hw.deploy.bundle import load_bundle
+    from ddi_hw.export import export_model
 
     m, _ = gated
     b = load_bundle(export_model(m, tmp_path / "b", torch.randn(8, 3, 32, 32)))
@@ -127,7 +128,7 @@ def test_gates_and_adds_are_costed_where_they_run(table):
 def test_zedboard_preset_is_the_engine(tmp_path):
     """Array, buffers and clock typed once: the preset, the compiled engine and the HLS scripts
     all take them from the engine description."""
-    from ddi_hw.regmap import HEADER_PATH
+    from ddi_hw.deploy.regmap import HEADER_PATH
 
     eng, pre = load_engine(), load_preset("zedboard")
     c = eng.constants

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddi_hw.backends import CsimBackend, ReferenceBackend, run_image
+from ddi_hw.deploy.backends import CsimBackend, ReferenceBackend, run_image
+from ddi_hw.deploy.bundle import DIGEST_KEY, ENGINE_BLOB, MANIFEST, PROC_BLOB, load_bundle, manifest_digest
+from ddi_hw.deploy.fixedpoint import quantize
 from ddi_hw.errors import UserError
-from ddi_hw.export import ENGINE_BLOB, MANIFEST, PROC_BLOB, export_model, load_bundle
-from ddi_hw.fixedpoint import quantize
+from ddi_hw.export import export_model
 from ddi_hw.models import create_model
 from ddi_hw.models.sparse_ops import fold_bn
 
@@ -100,7 +101,7 @@ def test_reference_agrees_with_float_model(exported):
 def test_other_models_and_gates(tmp_path, name, kind):
     """DenseNet (input affine = folded BN-ReLU, concatenation, integer avg pool) and RNN channel
     gates: float agreement, skipping, and csim == reference on a whole image."""
-    from ddi_hw.csim import toolchain_missing
+    from ddi_hw.deploy.csim import toolchain_missing
     m = gated_model(seed=4, kind=kind, name=name)
     s = m.input_size
     x = torch.randn(12, 3, s, s, generator=torch.Generator().manual_seed(5))
@@ -120,7 +121,7 @@ def test_other_models_and_gates(tmp_path, name, kind):
 
 
 def test_csim_backend_bit_exact_with_reference(exported):
-    from ddi_hw.csim import toolchain_missing
+    from ddi_hw.deploy.csim import toolchain_missing
     if toolchain_missing():
         pytest.skip(toolchain_missing())
     _, x, path = exported
@@ -173,8 +174,10 @@ def bundle_copy(exported, tmp_path):
 
 
 def _edit_manifest(path, fn):
+    """Edit and re-seal the manifest (recomputed digest), so the checks behind the digest are tested."""
     man = json.loads((path / MANIFEST).read_text())
     fn(man)
+    man[DIGEST_KEY] = manifest_digest(man)
     (path / MANIFEST).write_text(json.dumps(man))
 
 
@@ -223,7 +226,7 @@ def test_cli_export_then_run_from_checkpoint(tmp_path):
     import pandas as pd
 
     from ddi_hw.checkpoint import save_model
-    from ddi_hw.csim import toolchain_missing
+    from ddi_hw.deploy.csim import toolchain_missing
 
     m = gated_model(seed=2)
     kwargs = {"name": "resnet14", "num_classes": 10, "layer_gates": True, "channel_gates": True,

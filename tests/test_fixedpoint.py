@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddi_hw.fixedpoint import LayerParams, conv_layer, dequantize, frac_bits, quantize
+from ddi_hw.deploy.fixedpoint import LayerParams, conv_layer, dequantize, frac_bits, quantize
 
 
 def test_quantize_rounds_half_up_and_saturates():

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from ddi_hw import csim
-from ddi_hw.fixedpoint import conv_layer
+from ddi_hw.deploy import csim
+from ddi_hw.deploy.fixedpoint import conv_layer
 
 pytestmark = pytest.mark.skipif(csim.toolchain_missing() is not None,
                                 reason=f"C-simulation toolchain missing: {csim.toolchain_missing()}")

@@ -1,4 +1,4 @@
-"""The one hardware-interface definition (ddi_hw/regmap.yaml) vs the generated header and the HLS code."""
+"""The one hardware-interface definition (ddi_hw/deploy/regmap.yaml) vs the generated header and the HLS code."""
 import copy
 import re
 from importlib import resources
@@ -6,13 +6,13 @@ from importlib import resources
 import pytest
 import yaml
 
-from ddi_hw.regmap import HEADER_PATH, generate_header, load_regmap, parse_regmap
+from ddi_hw.deploy.regmap import HEADER_PATH, generate_header, load_regmap, parse_regmap
 
 HLS = HEADER_PATH.parent
 
 
 def test_committed_header_is_generated_from_yaml():
-    assert HEADER_PATH.read_text() == generate_header(), "run: python -m ddi_hw.regmap"
+    assert HEADER_PATH.read_text() == generate_header(), "run: python -m ddi_hw.deploy.regmap"
 
 
 def test_top_function_arguments_follow_register_order():
@@ -57,7 +57,7 @@ def test_flag_word_and_mask_packing_by_hand():
 
 
 def _raw():
-    return yaml.safe_load(resources.files("ddi_hw").joinpath("regmap.yaml").read_text())
+    return yaml.safe_load(resources.files("ddi_hw.deploy").joinpath("regmap.yaml").read_text())
 
 
 def test_parse_rejects_overlap_and_misalignment():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ddi_hw.regmap import load_regmap
+from ddi_hw.deploy.regmap import load_regmap
 
 FPGA = Path(__file__).resolve().parent.parent / "fpga"
 HLS_TCL = (FPGA / "vivado" / "hls.tcl").read_text()
@@ -98,7 +98,7 @@ def _calls(log, cmd):
 
 @pytest.fixture(scope="module")
 def full_run():
-    from ddi_hw.board import DEFAULT_BITFILE
+    from ddi_hw.deploy.board import DEFAULT_BITFILE
     build_existed = (FPGA / "build").exists()
     rc, log, err = _dry_run("hls.tcl", "overlay.tcl", extra=["-overlay", str(DEFAULT_BITFILE)])
     assert rc == 0, err
@@ -168,7 +168,7 @@ def test_dry_run_marker_pin_is_pmod_ja1(full_run):
 
 @needs_tclsh
 def test_dry_run_overlay_lands_where_board_py_looks(full_run):
-    from ddi_hw.board import DEFAULT_BITFILE
+    from ddi_hw.deploy.board import DEFAULT_BITFILE
     dst = {Path(d): s for s, d in full_run["copies"]}
     assert set(dst) == {DEFAULT_BITFILE, DEFAULT_BITFILE.with_suffix(".hwh")}
     assert dst[DEFAULT_BITFILE].endswith("ddi_overlay.runs/impl_1/ddi_overlay_wrapper.bit")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from ddi_hw.deploy.processor import GATE_OPS
 from ddi_hw.models import create_model
 from ddi_hw.models.gates import GATE_KINDS, LAYER_GATE, channel_gate_kind, gate_module_classes
-from ddi_hw.processor import GATE_OPS
 
 
 def test_both_halves_name_the_same_kinds():

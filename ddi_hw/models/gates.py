@@ -22,7 +22,7 @@ value in the forward pass and passes the sigmoid's gradient backwards.
 
 `GATE_KINDS` (end of this file) is the one registry of gate kinds: every other module asks it which
 module a kind builds, what a gate decides (its role in the cost accounting), which shared part
-the exporter writes, and which numpy forward (`ddi_hw.processor.GATE_OPS`, torch-free) the
+the exporter writes, and which numpy forward (`ddi_hw.deploy.processor.GATE_OPS`, torch-free) the
 reference and the board run for it. A new gate kind is one class here plus one entry there.
 """
 from __future__ import annotations
@@ -223,7 +223,7 @@ class GateKind:
     role: str  # "layer": may skip its block, runs whenever the block is reached; "channel": masks
     #            the block's channels, runs only when the block runs (MGL2S)
     cls: type  # the per-block module; `cls.for_block(c_in, width, growth)` builds it
-    deploy: str  # key of ddi_hw.processor.GATE_OPS: the numpy forward the reference and board run
+    deploy: str  # key of ddi_hw.deploy.processor.GATE_OPS: the numpy forward the reference and board run
     shared: str | None = None  # model attribute of the recurrent part all gates of this kind step
     make_shared: Callable[[], nn.Module] | None = None  # builds that shared part
 

@@ -2,7 +2,7 @@
 //
 // One launch = one conv layer on one image: 3x3 (pad 1) or 1x1 (pad 0), stride 1 or 2, bias (BN
 // folded), optional input affine+ReLU (folded pre-activation BN), residual add, ReLU, rounding
-// shift, int16 saturation. Arithmetic contract: ddi_hw/regmap.yaml and ddi_hw/fixedpoint.py.
+// shift, int16 saturation. Arithmetic contract: ddi_hw/deploy/regmap.yaml and ddi_hw/deploy/fixedpoint.py.
 //
 // Skipping: the active channels are compacted into index lists first, so the loops over output-
 // and input-channel tiles run ceil(active / TILE) times: masked channels cost no compute cycles

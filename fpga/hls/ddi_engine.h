@@ -1,4 +1,4 @@
-// ddi_engine: one reusable int16 convolution engine for the Zynq-7020 (see ddi_hw/regmap.yaml).
+// ddi_engine: one reusable int16 convolution engine for the Zynq-7020 (see ddi_hw/deploy/regmap.yaml).
 #ifndef DDI_ENGINE_H
 #define DDI_ENGINE_H
 

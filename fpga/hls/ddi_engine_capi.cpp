@@ -1,4 +1,4 @@
-// C ABI around the engine for the C-simulation shared library (ddi_hw/csim.py loads it with ctypes).
+// C ABI around the engine for the C-simulation shared library (ddi_hw/deploy/csim.py loads it with ctypes).
 // Not part of the synthesised IP.
 #include "ddi_engine.h"
 

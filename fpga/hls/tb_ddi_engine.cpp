@@ -1,4 +1,4 @@
-// C-simulation test bench: runs every layer case written by `python -m ddi_hw.csim vectors DIR`
+// C-simulation test bench: runs every layer case written by `python -m ddi_hw.deploy.csim vectors DIR`
 // (inputs, weights, masks and the expected output from the bit-exact numpy reference) through
 // ddi_engine and checks the output bit for bit. Prints the compute-loop iteration count per case.
 #include <cstdio>

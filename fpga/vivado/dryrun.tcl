@@ -19,8 +19,8 @@
 # JSON "error"), 2 = bad usage. Options are matched exactly (Vivado also accepts abbreviations).
 
 namespace eval ::dry {
-    variable part xc7z020clg484-1      ;# ZedBoard (ddi_hw/regmap.yaml `part`)
-    variable overlay_bit ""            ;# where ddi_hw/board.py looks; default <script dir>/../overlay
+    variable part xc7z020clg484-1      ;# ZedBoard (ddi_hw/deploy/regmap.yaml `part`)
+    variable overlay_bit ""            ;# where ddi_hw/deploy/board.py looks; default <script dir>/../overlay
     variable tool ""
     variable script ""
     variable calls {}
@@ -295,7 +295,7 @@ proc ::open_solution {args} {
 }
 
 proc ::dry::check_part {cmd p} {
-    if {$p ne $::dry::part} { fail "$cmd: part '$p' is not $::dry::part (the ZedBoard's Zynq, ddi_hw/regmap.yaml)" }
+    if {$p ne $::dry::part} { fail "$cmd: part '$p' is not $::dry::part (the ZedBoard's Zynq, ddi_hw/deploy/regmap.yaml)" }
 }
 
 proc ::set_part {args} {
@@ -1261,7 +1261,7 @@ proc ::dry::final_checks {scripts} {
         dict for {ext dst} $want {
             set src [lsearch -inline -index 1 $::dry::copies $dst]
             if {$src eq ""} {
-                fail "overlay: nothing copied to $dst, where ddi_hw/board.py looks (copies: $::dry::copies)"
+                fail "overlay: nothing copied to $dst, where ddi_hw/deploy/board.py looks (copies: $::dry::copies)"
             }
             if {![string match [dict get $pat $ext] [lindex $src 0]]} { fail "overlay: $dst is a copy of [lindex $src 0], not the $ext the run produced" }
         }

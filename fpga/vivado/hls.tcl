@@ -9,9 +9,9 @@ set top       ddi_engine
 set part      xc7z020clg484-1
 # the PL clock, typed once (energy_models/engines/ddi_engine.yaml -> fpga/hls/regmap.h)
 set regmap_h [file join $fpga_dir hls regmap.h]
-if {![file exists $regmap_h]} { error "$regmap_h: file not found (python -m ddi_hw.regmap writes it)" }
+if {![file exists $regmap_h]} { error "$regmap_h: file not found (python -m ddi_hw.deploy.regmap writes it)" }
 set fh [open $regmap_h]
-if {![regexp {#define DDI_CLOCK_MHZ ([0-9]+)} [read $fh] -> clock_mhz]} { error "regmap.h has no DDI_CLOCK_MHZ: python -m ddi_hw.regmap" }
+if {![regexp {#define DDI_CLOCK_MHZ ([0-9]+)} [read $fh] -> clock_mhz]} { error "regmap.h has no DDI_CLOCK_MHZ: python -m ddi_hw.deploy.regmap" }
 close $fh
 
 file mkdir $build_dir
@@ -21,7 +21,7 @@ set_top $top
 add_files [file join $hls_dir ddi_engine.cpp] -cflags "-I$hls_dir -std=c++14"
 add_files [file join $hls_dir ddi_engine.h]
 add_files [file join $hls_dir regmap.h]
-# the C test bench reads vectors written by `python -m ddi_hw.csim vectors fpga/build/vectors`
+# the C test bench reads vectors written by `python -m ddi_hw.deploy.csim vectors fpga/build/vectors`
 add_files -tb [file join $hls_dir tb_ddi_engine.cpp] -cflags "-I$hls_dir -std=c++14"
 
 open_solution -reset sol1 -flow_target vivado

@@ -12,9 +12,9 @@ set part        xc7z020clg484-1
 set bd          ddi_overlay
 # the PL clock, typed once (energy_models/engines/ddi_engine.yaml -> fpga/hls/regmap.h)
 set regmap_h [file join $fpga_dir hls regmap.h]
-if {![file exists $regmap_h]} { error "$regmap_h: file not found (python -m ddi_hw.regmap writes it)" }
+if {![file exists $regmap_h]} { error "$regmap_h: file not found (python -m ddi_hw.deploy.regmap writes it)" }
 set fh [open $regmap_h]
-if {![regexp {#define DDI_CLOCK_MHZ ([0-9]+)} [read $fh] -> clock_mhz]} { error "regmap.h has no DDI_CLOCK_MHZ: python -m ddi_hw.regmap" }
+if {![regexp {#define DDI_CLOCK_MHZ ([0-9]+)} [read $fh] -> clock_mhz]} { error "regmap.h has no DDI_CLOCK_MHZ: python -m ddi_hw.deploy.regmap" }
 close $fh
 
 if {![file isdirectory $ip_repo]} { error "no HLS IP at $ip_repo: run vitis_hls -f vivado/hls.tcl first" }

@@ -2,8 +2,8 @@
 the open ap_types headers into a shared library and called through ctypes, one layer at a time.
 
 Also writes the layer test vectors the C test bench checks (`make -C fpga/hls test` calls
-`python -m ddi_hw.csim vectors DIR`): random ResNet-like and DenseNet-like layers, masked and
-unmasked, with the expected outputs from the numpy reference `ddi_hw.fixedpoint`.
+`python -m ddi_hw.deploy.csim vectors DIR`): random ResNet-like and DenseNet-like layers, masked and
+unmasked, with the expected outputs from the numpy reference `ddi_hw.deploy.fixedpoint`.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ddi_hw.deploy.fixedpoint import LayerParams, conv_layer
+from ddi_hw.deploy.regmap import load_regmap
 from ddi_hw.errors import UserError
-from ddi_hw.fixedpoint import LayerParams, conv_layer
-from ddi_hw.regmap import load_regmap
 
-HLS_DIR = Path(__file__).resolve().parent.parent / "fpga" / "hls"
+HLS_DIR = Path(__file__).resolve().parents[2] / "fpga" / "hls"
 LIB_PATH = HLS_DIR / "build" / "libddi_engine.so"
 
 
@@ -277,5 +277,5 @@ def write_vectors(out_dir: Path, cases: list[LayerCase] | None = None) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "vectors":
-        sys.exit("usage: python -m ddi_hw.csim vectors OUT_DIR")
+        sys.exit("usage: python -m ddi_hw.deploy.csim vectors OUT_DIR")
     print(f"wrote {write_vectors(Path(sys.argv[2]))}")

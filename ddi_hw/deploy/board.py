@@ -1,7 +1,7 @@
 """PYNQ driver of the ddi_engine overlay on the ZedBoard: the `board` backend.
 
 One class over `pynq.Overlay`, in the manner of FINN's driver_base.py: explicit register offsets
-(all taken from ddi_hw/regmap.yaml through `load_regmap`, never written here), contiguous DDR
+(all taken from ddi_hw/deploy/regmap.yaml through `load_regmap`, never written here), contiguous DDR
 buffers from `pynq.allocate`, start by ap_start and completion by polling ap_done with a timeout.
 Gates, exits and the classifier run on the ARM in `backends.run_image`, identically for every
 backend, so a whole dynamic inference on the board takes the same decisions as the reference.
@@ -11,22 +11,30 @@ runs, for a scope or a meter with a trigger input; host timestamps of the same w
 windows CSV (`ddi_hw.power.windows`). AXI GPIO registers (Xilinx PG144): GPIO_DATA at 0x0,
 GPIO_TRI at 0x4 (0 = output).
 
-pynq is imported only when a BoardBackend is created; elsewhere use --backend reference or csim.
+The engine's driver is `DdiEngine`, a `pynq.DefaultIP` subclass bound by VLNV (`bindto`), the
+usual pynq idiom: any overlay whose .hwh holds an ENGINE_VLNV instance gets it, whatever the
+instance is called. pynq is imported only when a BoardBackend is created (`engine_driver`);
+elsewhere use --backend reference or csim.
 """
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ddi_hw.backends import Backend, LayerRun, run_image
+from ddi_hw.deploy.backends import Backend, LayerRun, run_image
+from ddi_hw.deploy.regmap import load_regmap
 from ddi_hw.errors import UserError
-from ddi_hw.regmap import load_regmap
 
-DEFAULT_BITFILE = Path(__file__).resolve().parent.parent / "fpga" / "overlay" / "ddi_engine.bit"
+DEFAULT_BITFILE = Path(__file__).resolve().parents[2] / "fpga" / "overlay" / "ddi_engine.bit"
 GPIO_DATA, GPIO_TRI = 0x0, 0x4
+# The HLS IP's VLNV: fpga/vivado/hls.tcl exports it (config_export -vendor/-library/-version) and
+# overlay.tcl instantiates it; tests/test_board.py checks both scripts name this one.
+ENGINE_VLNV = f"ddi-hw:hls:{load_regmap().top}:1.0"
+_DRIVER: dict[str, type] = {}
 
 
 class BoardTimeout(RuntimeError):
@@ -42,6 +50,34 @@ def import_pynq():
         raise UserError("the board backend needs pynq (on the ZedBoard's PYNQ image); "
                         "here use --backend reference or csim") from None
     return pynq
+
+
+def engine_driver(pynq) -> type:
+    """The DdiEngine driver class, defined once pynq is imported (defining a DefaultIP subclass
+    registers its `bindto` VLNVs with pynq, so Overlays made afterwards bind it)."""
+    if "engine" not in _DRIVER:
+        class DdiEngine(pynq.DefaultIP):
+            """ddi_engine's AXI-Lite control: registers by name from regmap.yaml, ap_start/ap_done."""
+            bindto = [ENGINE_VLNV]
+
+            def __init__(self, description):
+                super().__init__(description=description)
+                self.rm = load_regmap()
+
+            def start_and_wait(self, what: str, timeout_s: float) -> None:
+                ctrl, bits = self.rm.control["AP_CTRL"], self.rm.ap_ctrl_bits
+                self.write(ctrl, 1 << bits["ap_start"])
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    status = int(self.read(ctrl))
+                    if status & (1 << bits["ap_done"]):
+                        return
+                    if time.monotonic() > deadline:
+                        raise BoardTimeout(f"{self.rm.top} did not finish {what} within {timeout_s} s "
+                                           f"(AP_CTRL={status:#x}); reload the overlay")
+
+        _DRIVER["engine"] = DdiEngine
+    return _DRIVER["engine"]
 
 
 def _find_ip(ip_dict: dict, *needles: str) -> str | None:
@@ -72,12 +108,15 @@ class BoardBackend(Backend):
             raise UserError(f"overlay {bitfile} not found: build it with fpga/vivado (see fpga/README) "
                             "and copy the .bit and .hwh next to each other")
         self.rm = load_regmap()
+        driver = engine_driver(pynq)
         self.overlay = pynq.Overlay(str(bitfile), download=download)
-        name = ip_name or _find_ip(self.overlay.ip_dict, self.rm.top)
+        name = ip_name or next((n for n, d in self.overlay.ip_dict.items() if d.get("type") == ENGINE_VLNV), None)
         if name is None:
-            raise UserError(f"overlay {bitfile.name} has no {self.rm.top} IP "
-                            f"(found {sorted(self.overlay.ip_dict)}); rebuild the overlay")
+            raise UserError(f"overlay {bitfile.name} has no {ENGINE_VLNV} IP "
+                            f"(found {sorted(self.overlay.ip_dict)}); rebuild the overlay with fpga/vivado")
         self.ip = getattr(self.overlay, name)
+        if not isinstance(self.ip, driver):
+            raise UserError(f"overlay IP {name} is not bound to the {ENGINE_VLNV} driver; rebuild the overlay")
         gname = gpio_name or _find_ip(self.overlay.ip_dict, "gpio")
         self.gpio = getattr(self.overlay, gname) if gname else None
         if self.gpio is not None:
@@ -159,7 +198,7 @@ class BoardBackend(Backend):
                     self.ip.write(reg.offset + 4 * i, word)
             else:
                 self.ip.write(reg.offset, int(values[reg.name]))
-        self._start_and_wait(layer.name)
+        self.ip.start_and_wait(layer.name, self.timeout_s)
         out.invalidate()
         if p.store:
             result = np.array(out[:n_map], dtype=np.int16).reshape(layer.out_ch, oh, ow)
@@ -169,18 +208,6 @@ class BoardBackend(Backend):
         iters = int(self.ip.read(rm.reg("iterations").offset))
         self.launches += 1
         return LayerRun(result, iters, pooled)
-
-    def _start_and_wait(self, what: str) -> None:
-        ctrl, bits = self.rm.control["AP_CTRL"], self.rm.ap_ctrl_bits
-        self.ip.write(ctrl, 1 << bits["ap_start"])
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            status = int(self.ip.read(ctrl))
-            if status & (1 << bits["ap_done"]):
-                return
-            if time.monotonic() > deadline:
-                raise BoardTimeout(f"{self.rm.top} did not finish {what} within {self.timeout_s} s "
-                                   f"(AP_CTRL={status:#x}); reload the overlay")
 
     # --- whole inferences and the marker ------------------------------------------------------
     def marker(self, level: int) -> None:
@@ -206,17 +233,14 @@ def measure(bundle, images, backend: Backend, recorder, config: str, repeats: in
     """Run `images` `repeats` times inside marked windows with idle windows before and after
     (the baseline `ddi-hw power analyze` subtracts). Works with every backend, so the same code
     is exercised off-board; only on the board does the logged power mean anything."""
-    from rich.progress import Progress
-
     backend.prepare(bundle)
     results = []
     recorder.idle(idle_s)
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task(f"measuring {config}", total=repeats * len(images))
-        for rep in range(repeats):
-            with recorder.window(config, repeat=rep, n_inferences=len(images)):
-                for img in images:
-                    results.append(run_image(bundle, img, backend, exit_at))
-                    bar.advance(task)
+    for rep in range(repeats):
+        with recorder.window(config, repeat=rep, n_inferences=len(images)):
+            for img in images:
+                results.append(run_image(bundle, img, backend, exit_at))
+        if progress:
+            print(f"measuring {config}: repeat {rep + 1}/{repeats}", file=sys.stderr, flush=True)
     recorder.idle(idle_s)
     return results

@@ -1,8 +1,8 @@
 """Where a bundle's conv layers run: one interface, three implementations.
 
-    reference  the numpy fixed-point model of the engine (ddi_hw.fixedpoint), no toolchain needed
-    csim       the HLS C++ engine compiled with g++ and called through ctypes (ddi_hw.csim)
-    board      the engine in the ZedBoard's programmable logic through PYNQ (ddi_hw.board)
+    reference  the numpy fixed-point model of the engine (ddi_hw.deploy.fixedpoint), no toolchain needed
+    csim       the HLS C++ engine compiled with g++ and called through ctypes (ddi_hw.deploy.csim)
+    board      the engine in the ZedBoard's programmable logic through PYNQ (ddi_hw.deploy.board)
 
 What runs where follows the engine's dataflow (energy_models/engines/ddi_engine.yaml; the cost
 table costs the same): the engine writes the global-average-pool sums of a tensor while it
@@ -13,11 +13,11 @@ embedding, shared LSTM cell, linear; channel gate: its FC, or the RNN variant), 
 gate, exit branches (max pools, two 3x3 conv+BN+ReLU, pool, linear), the classifier on the pooled
 last tensor, and the budgeted-exit decisions (RADI) from the exported cost plan. A tensor with no
 pooled vector (a DenseNet transition's pooled output) is pooled by the processor from the map. The
-gates' numpy forwards are `ddi_hw.processor.GATE_OPS`, one per gate kind. DenseNet concatenation and
+gates' numpy forwards are `ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. DenseNet concatenation and
 2x2 average pooling also run there, in integer arithmetic. Layer skipping = the processor does not
 launch the engine; channel skipping = the engine's output/input channel masks.
 
-Implementing a backend (the contract `ddi_hw.board.BoardBackend` follows):
+Implementing a backend (the contract `ddi_hw.deploy.board.BoardBackend` follows):
 
     class BoardBackend(Backend):
         name = "board"
@@ -30,41 +30,20 @@ Implementing a backend (the contract `ddi_hw.board.BoardBackend` follows):
 `run_layer` must return exactly `fixedpoint.conv_layer(x, layer.weights, layer.bias,
 layer.params, residual, layer.pre, out_mask, in_mask)` (shape (out_ch, OH, OW), int16) -- the
 tests hold reference and csim to that bit for bit -- plus the engine's `iterations` register if
-it has one. Register values come from `ddi_hw.regmap.load_regmap()` (flag_word, mask_words,
+it has one. Register values come from `ddi_hw.deploy.regmap.load_regmap()` (flag_word, mask_words,
 register offsets), never hard-coded. `run_image(bundle, image, backend)` drives one image.
 """
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
-import typer
 
+from ddi_hw.deploy.fixedpoint import conv_layer, dequantize, quantize
+from ddi_hw.deploy.processor import GATE_OPS, conv2d_f, maxpool2_ceil
 from ddi_hw.errors import UserError
-from ddi_hw.fixedpoint import conv_layer, dequantize, quantize
-from ddi_hw.processor import GATE_OPS, conv2d_f, maxpool2_ceil
-from ddi_hw.validate import number
-
-PROGRAM_OPS = ("input", "block", "conv", "concat", "avgpool2", "exit", "head")
-
-
-def step_processor_keys(step: dict) -> list[str]:
-    """processor.safetensors entries a program step reads (checked when a bundle is loaded)."""
-    op, keys = step.get("op"), []
-    if op == "block":
-        for gate in (step.get("layer_gate"), step.get("channel_gate")):
-            if gate:
-                keys += GATE_OPS[gate["kind"]].keys(gate["prefix"])
-    elif op == "exit":
-        keys += [f"{step['prefix']}.{n}" for n in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
-                                                   "fc.weight", "fc.bias")]
-    elif op == "head":
-        keys += [f"{step['prefix']}.weight", f"{step['prefix']}.bias"]
-        if step.get("norm"):
-            keys += [f"{step['norm']}.scale", f"{step['norm']}.shift"]
-    return keys
 
 
 @dataclass
@@ -84,7 +63,7 @@ class Backend(ABC):
     @abstractmethod
     def run_layer(self, layer, x: np.ndarray, residual: np.ndarray | None = None,
                   out_mask: np.ndarray | None = None, in_mask: np.ndarray | None = None) -> LayerRun:
-        """One engine launch; `layer` is an `export.BundleLayer`."""
+        """One engine launch; `layer` is a `bundle.BundleLayer`."""
 
     def close(self) -> None:
         """Release hardware / buffers."""
@@ -94,8 +73,8 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None) -> LayerRun:
-        from ddi_hw.csim import expected_iterations
-        from ddi_hw.fixedpoint import pooled_sums
+        from ddi_hw.deploy.csim import expected_iterations
+        from ddi_hw.deploy.fixedpoint import pooled_sums
 
         out = conv_layer(x, layer.weights, layer.bias, layer.params, residual, layer.pre, out_mask, in_mask)
         n_in = layer.in_ch if in_mask is None else int(np.count_nonzero(in_mask))
@@ -112,31 +91,14 @@ class CsimBackend(Backend):
     name = "csim"
 
     def prepare(self, bundle) -> None:
-        from ddi_hw.csim import load_library
+        from ddi_hw.deploy.csim import load_library
         load_library()
 
     def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None) -> LayerRun:
-        from ddi_hw.csim import run_layer_full
+        from ddi_hw.deploy.csim import run_layer_full
         r = run_layer_full(x, layer.weights, layer.bias, layer.params, residual, layer.pre,
                            out_mask, in_mask)
         return LayerRun(r.output, r.iterations, r.pooled)
-
-
-BACKENDS = ("reference", "csim", "board")
-
-
-def get_backend(name: str) -> Backend:
-    if name == "reference":
-        return ReferenceBackend()
-    if name == "csim":
-        return CsimBackend()
-    if name == "board":
-        try:
-            from ddi_hw.board import BoardBackend  # needs pynq (the board image)
-        except ImportError as err:
-            raise UserError(f"the board backend is unavailable here ({err}); use --backend reference or csim") from None
-        return BoardBackend()
-    raise UserError(f"unknown backend {name!r}; choose reference, csim or board")
 
 
 @dataclass
@@ -178,7 +140,7 @@ class _Processor:
     def gate(self, gate: dict, env, t, backend, res) -> np.ndarray:
         """0/1 decisions of a layer or channel gate on tensor t. A CNN channel gate exported with an
         engine layer runs its conv on the engine (only pooled sums written) and its FC here; every
-        other gate is its kind's numpy forward (`ddi_hw.processor.GATE_OPS`), fed the pooled vector
+        other gate is its kind's numpy forward (`ddi_hw.deploy.processor.GATE_OPS`), fed the pooled vector
         when the kind needs no more (`GateOp.pooled`), else the map."""
         p, pre = self.p, gate["prefix"]
         if gate["kind"] == "cnn" and gate.get("layer") is not None:
@@ -340,79 +302,53 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
 
 
 def run_images(bundle, images: np.ndarray, labels: np.ndarray, backend: Backend, exit_at: int | None = None,
-               budget: float | None = None, float_predictions: np.ndarray | None = None, progress: bool = True):
-    """Run normalised images (N, 3, H, W) through the bundle; one row per image (pandas DataFrame)."""
-    import pandas as pd
-    from rich.progress import Progress
-
+               budget: float | None = None, float_predictions: np.ndarray | None = None,
+               progress: bool = True) -> list[dict]:
+    """Run normalised images (N, 3, H, W) through the bundle; one row (dict) per image."""
     rows = []
+    progress = progress and sys.stderr.isatty()
     backend.prepare(bundle)
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"{backend.name}: images", total=len(images))
-        for i, (img, y) in enumerate(zip(images, labels)):
-            r = run_image(bundle, np.asarray(img, dtype=np.float32), backend, exit_at=exit_at, budget=budget)
-            row = {"index": i, "label": int(y), "prediction": r.prediction, "exit_taken": r.exit_taken,
-                   "blocks_run": sum(r.block_run), "blocks": len(r.block_run), "launches": r.launches,
-                   "iterations": r.iterations, "dense_iterations": r.dense_iterations, "cost": r.cost}
-            if float_predictions is not None:
-                row["float_prediction"] = int(float_predictions[i])
-            rows.append(row)
-            bar.advance(task)
-    return pd.DataFrame(rows)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        r = run_image(bundle, np.asarray(img, dtype=np.float32), backend, exit_at=exit_at, budget=budget)
+        row = {"index": i, "label": int(y), "prediction": r.prediction, "exit_taken": r.exit_taken,
+               "blocks_run": sum(r.block_run), "blocks": len(r.block_run), "launches": r.launches,
+               "iterations": r.iterations, "dense_iterations": r.dense_iterations, "cost": r.cost}
+        if float_predictions is not None:
+            row["float_prediction"] = int(float_predictions[i])
+        rows.append(row)
+        if progress:
+            print(f"\r{backend.name}: {i + 1}/{len(images)} images", end="", file=sys.stderr, flush=True)
+    if progress and len(images):
+        print(file=sys.stderr)
+    return rows
 
 
-def summarize(df) -> dict:
-    """Accuracy, iteration saving (engine cycle proxy) and float agreement of a run_images frame."""
-    out = {"images": len(df), "accuracy": float((df.prediction == df.label).mean()),
-           "mean_blocks_run": float(df.blocks_run.mean()), "mean_cost": float(df.cost.mean()),
-           "engine_iteration_saving": float(1 - df.iterations.sum() / df.dense_iterations.sum())}
-    if "float_prediction" in df:
-        out["float_accuracy"] = float((df.float_prediction == df.label).mean())
+def rows_csv(rows: list[dict]) -> str:
+    """CSV text of run_images rows (header = the first row's keys)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Accuracy, iteration saving (engine cycle proxy) and float agreement of run_images rows."""
+    n = max(len(rows), 1)
+
+    def mean(f):
+        return sum(f(r) for r in rows) / n
+
+    dense = sum(r["dense_iterations"] for r in rows)
+    out = {"images": len(rows), "accuracy": mean(lambda r: r["prediction"] == r["label"]),
+           "mean_blocks_run": mean(lambda r: r["blocks_run"]), "mean_cost": mean(lambda r: r["cost"]),
+           "engine_iteration_saving": 1 - sum(r["iterations"] for r in rows) / dense if dense else 0.0}
+    if rows and "float_prediction" in rows[0]:
+        out["float_accuracy"] = mean(lambda r: r["float_prediction"] == r["label"])
         out["accuracy_drop"] = out["float_accuracy"] - out["accuracy"]
-        out["agreement_with_float"] = float((df.float_prediction == df.prediction).mean())
-    return out
-
-
-def run_command(
-    bundle: str = typer.Argument(..., help="bundle directory written by `ddi-hw export`"),
-    backend: str = typer.Option("reference", help="reference | csim | board"),
-    dataset: Optional[str] = typer.Option(None, help="data set (default: the one the bundle was exported with)"),
-    data_dir: Optional[str] = typer.Option(None, help="data directory (CIFAR-10 python batches)"),
-    limit: int = typer.Option(200, callback=number(1, integer=True), help="number of test images"),
-    exit_at: Optional[int] = typer.Option(None, "--exit", callback=number(0, integer=True),
-                                          help="stop every image at this exit branch"),
-    budget: Optional[float] = typer.Option(None, callback=number(0, low_open=True),
-                                           help="per-image budget in FLOPs: anytime exits (RADI)"),
-    out: Optional[str] = typer.Option(None, help="per-image CSV (default BUNDLE/run_<backend>.csv)"),
-) -> None:
-    """Run a bundle on test images with the reference, C-simulation or board backend."""
-    import json
-    from pathlib import Path
-
-    from ddi_hw.export import load_bundle, test_images
-    from ddi_hw.validate import output_file
-    from energy_models.atomic import atomic_write_text
-
-    if exit_at is not None and budget is not None:
-        raise UserError("give --exit (a fixed exit) or --budget (anytime exits), not both")
-    b = load_bundle(bundle)
-    n_exits = sum(1 for st in b.program if st.get("op") == "exit")
-    if exit_at is not None and exit_at >= n_exits:
-        raise UserError(f"--exit {exit_at}: this bundle has {n_exits} exit branch(es)"
-                        + (f"; choose 0..{n_exits - 1}" if n_exits else "; drop --exit"))
-    path = output_file(Path(out) if out else Path(bundle) / f"run_{backend}.csv", "--out")
-    name = dataset or b.manifest.get("dataset")
-    if not name:
-        raise UserError("the bundle does not record its data set: pass --dataset cifar10|smoke")
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
-    x, y = test_images(name, data_dir, limit)
-    be = get_backend(backend)
-    try:
-        df = run_images(b, x, y, be, exit_at=exit_at, budget=budget)
-    finally:
-        be.close()
-    atomic_write_text(path, df.to_csv(index=False))
-    summary = summarize(df)
-    print(json.dumps({"backend": backend, **summary}, indent=1))
-    print(f"per-image results: {path}")
+        out["agreement_with_float"] = mean(lambda r: r["float_prediction"] == r["prediction"])
+    return {k: float(v) if k != "images" else v for k, v in out.items()}
