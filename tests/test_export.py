@@ -252,3 +252,45 @@ def test_cli_export_then_run_from_checkpoint(tmp_path):
     # bad input: one line, exit code 2, no traceback
     res = subprocess.run(cli + ["run", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_export_deploy_folder_runs_on_its_own(tmp_path):
+    """`ddi-hw export RUN --deploy DIR`: bundle + test images/labels .npy + validate.py + README in one
+    folder; validate.py (a fresh interpreter, torch blocked) reproduces the exporter's own reference
+    predictions; without the overlay files the board backend says so on one line, exit 2."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from ddi_hw.checkpoint import save_model
+    from ddi_hw.cli import app
+
+    m = gated_model(seed=3)
+    kwargs = {"name": "resnet14", "num_classes": 10, "layer_gates": True, "channel_gates": True,
+              "channel_gate_kind": "cnn", "exits": True, "exit_positions": None}
+    save_model(tmp_path / "run", m, {"config": {"dataset": "smoke"}, "model": kwargs})
+    d = tmp_path / "deploy"
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--deploy", str(d), "--calib", "16",
+                                   "--eval-limit", "6"])
+    assert res.exit_code == 0, res.output
+    assert "no overlay yet" in res.output
+    x, y = np.load(d / "test_images.npy"), np.load(d / "test_labels.npy")
+    assert x.shape == (6, 3, 32, 32) and y.shape == (6,)
+    load_bundle(d)
+    block = "import sys\nfor m in ['torch', 'scalesim', 'pandas', 'pyarrow', 'sklearn']: sys.modules[m] = None\n"
+    code = block + ("sys.argv = ['validate.py', *sys.argv[1:]]\nimport runpy\n"
+                    f"runpy.run_path({str(d / 'validate.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, "--backend", "reference"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout and "per-image cost" in r.stdout
+    got = [line.split(",") for line in (d / "run_reference.csv").read_text().splitlines()]
+    want = [line.split(",") for line in (d / "quantization_report.csv").read_text().splitlines()]
+    col_g, col_w = got[0].index("prediction"), want[0].index("prediction")
+    assert [g[col_g] for g in got[1:]] == [w[col_w] for w in want[1:]]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "ddi_engine.bit and ddi_engine.hwh not in" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--calib", "16"])
+    assert res.exit_code != 0
