@@ -29,6 +29,7 @@ from ddi_hw.errors import UserError
 from ddi_hw.runs import load_run
 from ddi_hw.validate import number
 
+SUMMARY_CSV = "summary.csv"  # in --out: one row per checkpoint (read by table1 and the board notebook)
 SUMMARY_COLUMNS = [
     "run",  # run directory name
     "arch", "stage", "dataset", "smoke_test",
@@ -208,7 +209,7 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
             progress.advance(task)
 
     summary_df = pd.DataFrame(summary)[SUMMARY_COLUMNS]
-    _csv(summary_df, out_dir / "summary.csv")
+    _csv(summary_df, out_dir / SUMMARY_CSV)
     blocks_df = pd.DataFrame(block_rows, columns=["run", "block", "skip_ratio"])
     channels_df = pd.DataFrame(channel_rows, columns=["run", "gate", "channel", "skip_ratio"])
     _csv(blocks_df, out_dir / "skip_blocks.csv")

@@ -52,7 +52,7 @@ def profile_command(
     if dataflow is not None and dataflow not in DATAFLOWS:
         raise UserError(f"unknown dataflow '{dataflow}'; choose one of {', '.join(DATAFLOWS)}")
     model = _build(arch, layer_gates, channel_gates, exits, input_size)
-    out = out or Path("profile_out") / safe_name(f"{arch}-{preset.name}")  # a preset name is not a path
+    out = out or default_out(arch, preset.name)
     _check_writable(out)
     size = model.input_size
 
@@ -75,6 +75,11 @@ def _build(arch, layer_gates, channel_gates, exits, input_size):
                         "from Python with energy_models.profile_model") from None
     return create_model(arch, layer_gates=layer_gates, channel_gates=channel_gates, exits=exits,
                         input_size=input_size)
+
+
+def default_out(arch: str, hardware: str) -> Path:
+    """Where `ddi-hw profile` writes without --out (relative to the working directory)."""
+    return Path("profile_out") / safe_name(f"{arch}-{hardware}")  # a preset name is not a path
 
 
 def _check_writable(out: Path) -> None:
