@@ -440,3 +440,15 @@ def test_batches(ds: Dataset, batch_size: int, limit: int | None = None
             off = (x.shape[-1] - ds.image_size) // 2
             x = x[..., off:off + ds.image_size, off:off + ds.image_size]
         yield normalize(x, ds), y, x
+
+
+def test_images(dataset: str, data_dir, limit: int | None, split: str = "test"):
+    """(normalised float32 images, labels) as numpy, first `limit` of a split, centre view."""
+    ds = load_dataset(dataset, data_dir)
+    src = ds.test if split == "test" else ds.train
+    n = len(src) if limit is None else min(limit, len(src))
+    x, y = src.load(torch.arange(n))
+    if x.shape[-1] != ds.image_size:
+        off = (x.shape[-1] - ds.image_size) // 2
+        x = x[..., off:off + ds.image_size, off:off + ds.image_size]
+    return normalize(x, ds).numpy(), y.numpy()

@@ -369,22 +369,6 @@ def export_model(model, out_dir: str | Path, calib_images, source: str = "", dat
 # ----------------------------------------------------------------------------- command
 
 
-def test_images(dataset: str, data_dir, limit: int | None, split: str = "test"):
-    """(normalised float32 images, labels) as numpy, first `limit` of a split, centre view."""
-    import torch
-
-    from ddi_hw.data import load_dataset, normalize
-
-    ds = load_dataset(dataset, data_dir)
-    src = ds.test if split == "test" else ds.train
-    n = len(src) if limit is None else min(limit, len(src))
-    x, y = src.load(torch.arange(n))
-    if x.shape[-1] != ds.image_size:
-        off = (x.shape[-1] - ds.image_size) // 2
-        x = x[..., off:off + ds.image_size, off:off + ds.image_size]
-    return normalize(x, ds).numpy(), y.numpy()
-
-
 def export_command(
     checkpoint: str = typer.Argument(..., help="run directory with model.safetensors + model.json"),
     out: Optional[str] = typer.Option(None, "--out", help="bundle directory to write"),
@@ -400,6 +384,7 @@ def export_command(
     """Quantise a trained gated model into a fixed-point bundle and report the accuracy drop."""
     import torch
 
+    from ddi_hw.data import test_images
     from ddi_hw.deploy.backends import ReferenceBackend, rows_csv, run_images, summarize
     from ddi_hw.runs import load_run
     from ddi_hw.validate import output_dir

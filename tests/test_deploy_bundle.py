@@ -139,3 +139,31 @@ def test_cli_run_without_torch_and_refusals(tmp_path):
     res = _cli(["run", str(tmp_path / "b")], tmp_path)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "edited" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "b" / "run_reference.csv").exists()
+
+
+def test_deploy_imports_only_the_board_stack():
+    """Module-level imports of ddi_hw/deploy: standard library, numpy, yaml, safetensors, the package
+    itself, ddi_hw.errors and energy_models' stdlib-only helpers; inside functions also pynq (the board
+    backend) and ddi_hw.data (images from a data set, workstation only). No cycle back into ddi_hw."""
+    import ast
+    from pathlib import Path
+
+    allowed = {"numpy", "yaml", "safetensors", "ddi_hw.deploy", "ddi_hw.errors", "energy_models.errors",
+               "energy_models.atomic"}
+    lazy_allowed = allowed | {"pynq", "ddi_hw.data"}
+    root = Path(__file__).resolve().parents[1] / "ddi_hw" / "deploy"
+    for f in sorted(root.glob("*.py")):
+        tree = ast.parse(f.read_text())
+        top = set(id(n) for n in tree.body)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in sys.stdlib_module_names or name == "__future__":
+                    continue
+                ok = allowed if id(node) in top else lazy_allowed
+                assert any(name == a or name.startswith(a + ".") for a in ok), f"{f.name} imports {name}"

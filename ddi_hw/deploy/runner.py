@@ -75,7 +75,7 @@ def find_images(bundle_dir: Path, manifest: dict, images=None, labels=None, data
             raise UserError("the bundle does not record its data set: pass --dataset cifar10|smoke "
                             "or --images/--labels .npy")
         try:
-            from ddi_hw.export import test_images  # workstation only (torch)
+            from ddi_hw.data import test_images  # workstation only (torch)
         except ImportError as err:
             raise UserError(f"no {IMAGES_NPY} next to the bundle and reading data set {name!r} needs the "
                             f"workstation extra ({err.name} missing): pass --images/--labels .npy "
