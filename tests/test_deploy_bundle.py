@@ -96,6 +96,17 @@ def test_overlapping_ranges_are_refused_even_with_a_valid_digest(tmp_path):
         load_bundle(tmp_path / "c")
 
 
+def test_gate_engine_layer_must_exist(tmp_path):
+    _build(tmp_path / "b")
+    gate = {"prefix": "fc", "kind": "cnn", "layer": 7}
+
+    def add_block(m):
+        m["program"].insert(1, {"op": "block", "index": 0, "in": "x", "out": "x", "end": 2, "channel_gate": gate})
+    _reseal(tmp_path / "b", add_block)
+    with pytest.raises(UserError, match="engine layer 7 does not exist"):
+        load_bundle(tmp_path / "b")
+
+
 def test_replaced_blob_with_recomputed_hashes_is_refused(tmp_path):
     arrays, _ = _build(tmp_path / "b")
     blob = bytearray((tmp_path / "b" / ENGINE_BLOB).read_bytes())

@@ -330,6 +330,9 @@ def check_program(b: Bundle) -> None:
             if gate and gate.get("kind") not in GATE_OPS:
                 raise _bad(b.path, f"program step {i} uses gate kind {gate.get('kind')!r}, unknown to this version "
                            f"(known: {', '.join(GATE_OPS)})")
+            if gate and gate.get("layer") is not None and not (0 <= gate["layer"] < len(b.layers)):
+                raise _bad(b.path, f"program step {i}: its gate's engine layer {gate['layer']} does not exist "
+                           f"(have {len(b.layers)})")
         if op == "block" and not (isinstance(step.get("end"), int) and i < step["end"] <= len(b.program)):
             raise _bad(b.path, f"program step {i} jumps to {step.get('end')!r} (must lie after it)")
         if op == "exit" and not (isinstance(step.get("pools"), int) and 0 <= step["pools"] <= 8):
