@@ -154,14 +154,14 @@ def test_cli_run_without_torch_and_refusals(tmp_path):
 
 def test_deploy_imports_only_the_board_stack():
     """Module-level imports of ddi_hw/deploy: standard library, numpy, yaml, safetensors, the package
-    itself, ddi_hw.errors and energy_models' stdlib-only helpers; inside functions also pynq (the board
+    itself, ddi_hw.errors, ddi_hw.validate and energy_models' stdlib-only helpers; inside functions also pynq (the board
     backend), energy_models.engine (the engine constants regmap.h is generated from) and ddi_hw.data
     (images from a data set, workstation only). No cycle back into ddi_hw."""
     import ast
     from pathlib import Path
 
-    allowed = {"numpy", "yaml", "safetensors", "ddi_hw.deploy", "ddi_hw.errors", "energy_models.errors",
-               "energy_models.atomic"}
+    allowed = {"numpy", "yaml", "safetensors", "ddi_hw.deploy", "ddi_hw.errors", "ddi_hw.validate",
+               "energy_models.errors", "energy_models.atomic"}
     lazy_allowed = allowed | {"pynq", "ddi_hw.data", "energy_models.engine"}  # engine: yaml + stdlib
     root = Path(__file__).resolve().parents[1] / "ddi_hw" / "deploy"
     for f in sorted(root.glob("*.py")):

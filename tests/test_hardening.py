@@ -167,8 +167,8 @@ def test_resume_file_whose_state_lacks_keys(tmp_path, run14):
 
 
 def test_manifest_with_wrong_typed_fields(tmp_path):
-    from ddi_hw.export import FORMAT, load_bundle
-    from ddi_hw.regmap import load_regmap
+    from ddi_hw.deploy.bundle import FORMAT, load_bundle
+    from ddi_hw.deploy.regmap import load_regmap
 
     base = {"format": FORMAT, "regmap_version": load_regmap().version, "layers": [], "program": [],
             "tensors": {}, "blobs": {}}

@@ -164,13 +164,13 @@ def load_bundle(path: str | Path) -> Bundle:
         raise _bad(path, f"{MANIFEST} is not a mapping")
     if man.get("format") != FORMAT:
         raise _bad(path, f"format {man.get('format')!r}, expected {FORMAT!r}")
-    if man.get(DIGEST_KEY) != manifest_digest(man):
-        raise _bad(path, f"{MANIFEST} was edited after export (its {DIGEST_KEY} does not match its content)")
     rm_version = load_regmap().version
     if man.get("regmap_version") != rm_version:
         raise _bad(path, f"register-map version {man.get('regmap_version')} but this engine is version {rm_version}")
     fields(man, MANIFEST_SCHEMA, str(mpath), "re-export the bundle with `ddi-hw export`")
     _check_cost_plan(path, man.get("cost_plan"))
+    if man.get(DIGEST_KEY) != manifest_digest(man):
+        raise _bad(path, f"{MANIFEST} was edited after export (its {DIGEST_KEY} does not match its content)")
     blobs = {}
     for name in (ENGINE_BLOB, PROC_BLOB):
         info = man["blobs"].get(name)
