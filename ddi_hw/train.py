@@ -206,6 +206,14 @@ def lr_at(cfg: dict[str, Any], phase_step: int, phase_steps: int, phase: str) ->
 DUAL_KP = 5.0  # dual rule: alpha per unit of saving error, proportional part (damps the integral's overshoot)
 
 
+# Keys a resumed run may change: they steer logging, not the arithmetic.
+RESUME_FREE_KEYS = ("eval_every", "log_every", "ckpt_every", "description", "threads")
+# Keys that only steer the gates' resource loss: a static run never reads them, so a changed default
+# (e.g. alpha) must not block resuming one.
+GATED_ONLY_KEYS = ("alpha", "alpha_rule", "alpha_gain", "resource", "hardware", "target_saving",
+                   "gate_steps", "gate_skip_tol", "gate_lr_mult")
+
+
 def next_alpha(cfg: dict[str, Any], state: dict[str, Any], saving: float, goal: float, phase: str) -> float:
     """Weight of the resource loss for this step, from the batch's saving.
 
@@ -416,8 +424,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     metrics_path = out_dir / "metrics.csv"
     if resume:
         state = ck.load_resume(out_dir, model, optimizer)
-        changed = [k for k in cfg if k not in ("eval_every", "log_every", "ckpt_every", "description", "threads")
-                   and state["config"].get(k) != cfg[k]]
+        ignored = RESUME_FREE_KEYS + (GATED_ONLY_KEYS if cfg["stage"] == "static" else ())
+        changed = [k for k in cfg if k not in ignored and state["config"].get(k) != cfg[k]]
         if changed:
             k = changed[0]
             raise UserError(f"--resume: '{k}' is {cfg[k]!r} but the interrupted run used {state['config'].get(k)!r}; "

@@ -86,6 +86,15 @@ def test_resume_is_bit_exact_across_iadi_phase_switch(tmp_path):
         train(cfg(stage="iadi", init=str(static), steps=1, arch="resnet20"), tmp_path / "x", show_progress=False)
 
 
+def test_static_resume_ignores_gate_only_settings(tmp_path):
+    """A static run never reads alpha or the target: a changed default must not block --resume."""
+    run = tmp_path / "s"
+    assert train(cfg(steps=3), run, stop_after=1, show_progress=False) == {"stopped_at": 1}
+    train(cfg(steps=3, alpha=2.5, alpha_rule="sign", target_saving=0.7), run, resume=True, show_progress=False)
+    with pytest.raises(UserError, match="'lr' is 0.5 but the interrupted run used"):
+        train(cfg(steps=3, lr=0.5), run, resume=True, show_progress=False)
+
+
 def test_gates_only_step_keeps_backbone_frozen(tmp_path):
     static = tmp_path / "static"
     train(cfg(steps=2), static, show_progress=False)
