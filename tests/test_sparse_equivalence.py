@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ddi_hw.models import create_model
 
@@ -293,15 +294,15 @@ def test_fused_lstm_gate_matches_modules(layout):
         assert torch.allclose(torch.from_numpy(fused_state[:, 10:]), state[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_cnn_gate_matches_module(channels_last):
-    """`ChannelGateCNN.sparse` (channels-last conv + C ReLU/pool/FC head) gives the module's
-    logits, and its mask is exactly logit > 0."""
+@pytest.mark.parametrize("channels_last,n", [(False, 4), (True, 4), (False, 1), (True, 1)])
+def test_fused_cnn_gate_matches_module(channels_last, n):
+    """`ChannelGateCNN.sparse` (batch > 1: channels-last conv + C ReLU/pool/FC head; batch 1: one
+    `gate_conv` call) gives the module's logits, and its mask is exactly logit > 0."""
     from ddi_hw.models.gates import ChannelGateCNN
     torch.manual_seed(1)
     gate = ChannelGateCNN(16, 12)
     torch.nn.init.zeros_(gate.fc.bias)
-    x = torch.randn(4, 16, 9, 9)
+    x = torch.randn(n, 16, 9, 9)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -310,6 +311,25 @@ def test_fused_cnn_gate_matches_module(channels_last):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(mask, (got > 0).float())
     assert 0 < mask.mean() < 1  # both decisions occur
+
+
+@pytest.mark.parametrize("c_in,c_out,size,stride", [(16, 16, 32, 1), (16, 5, 32, 1), (5, 16, 32, 1), (3, 16, 32, 1),
+                                                    (64, 64, 8, 1), (32, 32, 16, 2), (13, 11, 7, 2), (24, 1, 9, 1)])
+def test_direct_conv3x3_matches_conv2d(c_in, c_out, size, stride):
+    """The batch-1 C convolution (packed weights, channel counts not multiples of 8, odd sizes,
+    both strides, fused residual and ReLU) against F.conv2d."""
+    from ddi_hw.models.sparse_ops import conv3x3, pack3x3, pack_out_channels
+    g = torch.Generator().manual_seed(c_in * 100 + c_out)
+    x = torch.randn(1, c_in, size, size, generator=g)
+    w, b = torch.randn(c_out, c_in, 3, 3, generator=g), torch.randn(c_out, generator=g)
+    want = F.conv2d(x, w, b, stride, 1)
+    res = torch.randn(want.shape, generator=g)
+    wp, bp = pack3x3(w, b)
+    assert torch.allclose(conv3x3(x, wp, bp, c_out, stride), F.relu(want), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(conv3x3(x, wp, bp, c_out, stride, residual=res, relu=False), want + res, atol=1e-4, rtol=1e-4)
+    ch = torch.arange(0, c_out, 2)  # a channel subset, re-packed
+    got = conv3x3(x, *pack_out_channels(wp, bp, ch), len(ch), stride)
+    assert torch.allclose(got, F.relu(want[:, ch]), atol=1e-4, rtol=1e-4)
 
 
 def test_batch1_unforced_gates_agree():

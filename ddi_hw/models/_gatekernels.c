@@ -19,7 +19,7 @@ static inline float sigm(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 /* x86-64: also an AVX2 build of the hot loops, picked at load time (the baseline is SSE2). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTORISED __attribute__((target_clones("avx2", "default")))
+#define VECTORISED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define VECTORISED
 #endif
@@ -182,9 +182,167 @@ static PyObject *pool_fc(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 }
 
 
+/* ---- Direct 3x3 convolution, batch 1, channels-last, for the sparse path ----
+
+   Why: at batch 1 the sparse path's convolutions are small (16-64 channels, 8x8-32x32 pixels) and
+   oneDNN / im2col + GEMM do not shrink in proportion to the active channels (the 16-channel stage's
+   im2col is fixed, oneDNN is slow on channel counts that are not multiples of 16) and the channel
+   gate's stride-2 conv costs 2-4x its FLOP share. This kernel computes an output tile of P pixels x
+   8V channels in registers (the 8-wide vectors are AVX2 / AVX-512VL registers in the x86-64-v3 / v4
+   builds, SSE pairs in the baseline), reads only the channels it is given (the caller packs the
+   weights of the active ones) and fuses bias, residual add, ReLU, or ReLU + global sum (gate). */
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+static const float zeros[MAXC]; /* the zero padding: taps outside the image read from here */
+
+static inline __attribute__((always_inline)) void conv_tile(
+    const float *restrict x, long H, long W, long Ci, long s, const float *restrict wp, long Cp,
+    const float *restrict bias, long oy, long ox, long co0, const int P, const int V, v8 acc[8][4]) {
+    for (int p = 0; p < P; p++)
+        for (int v = 0; v < V; v++) acc[p][v] = *(const v8 *)(bias + co0 + 8 * v);
+    for (int ky = 0; ky < 3; ky++) {
+        long iy = oy * s + ky - 1;
+        if (iy < 0 || iy >= H) continue; /* a whole row of zero taps */
+        for (int kx = 0; kx < 3; kx++) {
+            const float *xq[8];
+            for (int p = 0; p < P; p++) {
+                long ix = (ox + p) * s + kx - 1;
+                xq[p] = ix >= 0 && ix < W ? x + (iy * W + ix) * Ci : zeros;
+            }
+            const float *restrict wk = wp + (ky * 3 + kx) * Ci * Cp + co0;
+            for (long ci = 0; ci < Ci; ci++) {
+                v8 wv[4];
+#pragma GCC unroll 4
+                for (int v = 0; v < V; v++) wv[v] = *(const v8 *)(wk + ci * Cp + 8 * v);
+#pragma GCC unroll 8
+                for (int p = 0; p < P; p++) {
+                    const float xv = xq[p][ci];
+#pragma GCC unroll 4
+                    for (int v = 0; v < V; v++) acc[p][v] += xv * wv[v];
+                }
+            }
+        }
+    }
+}
+
+#define TILE(PP, VV) case PP: conv_tile(x, H, W, Ci, s, wp, Cp, bias, oy, ox, co0, PP, VV, acc); break;
+#define TILES(VV) switch (P) { TILE(8, VV) TILE(7, VV) TILE(6, VV) TILE(5, VV) TILE(4, VV) TILE(3, VV) \
+                               TILE(2, VV) TILE(1, VV) }
+
+/* y = conv3x3(x, pad 1, stride s) + bias [+ res] [ReLU], or (pool != NULL) pool[c] = sum over pixels
+   of ReLU(y[c]) with y not stored. x: (H, W, Ci) contiguous; wp: (9, Ci, Cp) with Cp = Co rounded up
+   to 8 (zero columns); bias: Cp; out, res: (Ho, Wo, Co) contiguous. Tiles: 4 pixels x 32 channels
+   when at least 32 channels are left, else 8 pixels x 8-24 channels (measured best here). */
+VECTORISED
+static void conv3x3_run(const float *restrict x, long H, long W, long Ci, long s, const float *restrict wp,
+                        const float *restrict bias, long Co, float *restrict out, const float *restrict res,
+                        int relu, float *restrict pool) {
+    long Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, Cp = (Co + 7) & ~7L;
+    if (pool) memset(pool, 0, sizeof(float) * Co);
+    v8 acc[8][4];
+    for (long oy = 0; oy < Ho; oy++)
+        for (long co0 = 0; co0 < Cp;) {
+            long left = (Cp - co0) / 8;
+            int V = left >= 4 ? 4 : (int)left, PT = V == 4 ? 4 : 8;
+            for (long ox = 0; ox < Wo; ox += PT) {
+                int P = Wo - ox >= PT ? PT : (int)(Wo - ox);
+                if (V == 4) { TILES(4) } else if (V == 3) { TILES(3) } else if (V == 2) { TILES(2) } else { TILES(1) }
+                long nc = Co - co0 < 8 * V ? Co - co0 : 8 * V;
+                for (int p = 0; p < P; p++) {
+                    const float *a = (const float *)acc[p];
+                    if (pool) {
+                        for (long c = 0; c < nc; c++) pool[co0 + c] += RELU(a[c]);
+                        continue;
+                    }
+                    long o = (oy * Wo + ox + p) * Co + co0;
+                    float *restrict dst = out + o;
+                    if (res) {
+                        const float *restrict r = res + o;
+                        if (relu) for (long c = 0; c < nc; c++) dst[c] = RELU(a[c] + r[c]);
+                        else for (long c = 0; c < nc; c++) dst[c] = a[c] + r[c];
+                    } else if (relu) {
+                        for (long c = 0; c < nc; c++) dst[c] = RELU(a[c]);
+                    } else {
+                        for (long c = 0; c < nc; c++) dst[c] = a[c];
+                    }
+                }
+            }
+            co0 += 8 * V;
+        }
+}
+
+/* conv3x3(x, H, W, Ci, s, wp, bias, Co, out, res, relu): pointers as ints (res may be None); see
+   conv3x3_run. The caller keeps the tensors alive and shaped as described. */
+static PyObject *conv3x3(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "conv3x3 takes 11 arguments");
+        return NULL;
+    }
+    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    long H = PyLong_AsLong(args[1]), W = PyLong_AsLong(args[2]), Ci = PyLong_AsLong(args[3]);
+    long s = PyLong_AsLong(args[4]);
+    const float *wp = (const float *)PyLong_AsVoidPtr(args[5]), *b = (const float *)PyLong_AsVoidPtr(args[6]);
+    long Co = PyLong_AsLong(args[7]);
+    float *out = (float *)PyLong_AsVoidPtr(args[8]);
+    const float *res = args[9] == Py_None ? NULL : (const float *)PyLong_AsVoidPtr(args[9]);
+    int relu = PyObject_IsTrue(args[10]);
+    if (PyErr_Occurred()) return NULL;
+    if (Ci < 1 || Ci > MAXC || Co < 1 || H < 1 || W < 1 || s < 1 || !x || !wp || !b || !out) {
+        PyErr_SetString(PyExc_ValueError, "conv3x3: unsupported sizes");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS conv3x3_run(x, H, W, Ci, s, wp, b, Co, out, res, relu, NULL);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+/* gate_conv(x, H, W, Ci, wp, bias, fw, fb, K, out, mask) -> number of logits > 0
+
+   The whole CNN channel gate at batch 1: conv3x3 stride 2 (Ci -> Ci) + bias, ReLU, global mean (the
+   conv output is never stored), linear Ci -> K. x, wp, bias as in conv3x3 (Co = Ci); fw: (Ci, K)
+   row-major; out / mask: float32 buffers of K logits / 0-1 decisions. */
+static PyObject *gate_conv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "gate_conv takes 11 arguments");
+        return NULL;
+    }
+    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    long H = PyLong_AsLong(args[1]), W = PyLong_AsLong(args[2]), Ci = PyLong_AsLong(args[3]);
+    const float *wp = (const float *)PyLong_AsVoidPtr(args[4]), *b = (const float *)PyLong_AsVoidPtr(args[5]);
+    const float *fw = (const float *)PyLong_AsVoidPtr(args[6]), *fb = (const float *)PyLong_AsVoidPtr(args[7]);
+    long K = PyLong_AsLong(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    if (Ci < 1 || Ci > MAXC || K < 1 || H < 1 || W < 1 || !x || !wp || !b || !fw || !fb) {
+        PyErr_SetString(PyExc_ValueError, "gate_conv: unsupported sizes");
+        return NULL;
+    }
+    Py_buffer ob, mb;
+    if (writable(args[9], &ob, K, "out") < 0) return NULL;
+    if (writable(args[10], &mb, K, "mask") < 0) {
+        PyBuffer_Release(&ob);
+        return NULL;
+    }
+    float *o = (float *)ob.buf, *mask = (float *)mb.buf, pooled[MAXC];
+    float inv = 1.0f / (float)(((H - 1) / 2 + 1) * ((W - 1) / 2 + 1));
+    long pos = 0;
+    conv3x3_run(x, H, W, Ci, 2, wp, b, Ci, NULL, NULL, 1, pooled);
+    memcpy(o, fb, sizeof(float) * K);
+    for (long i = 0; i < Ci; i++) {
+        const float v = pooled[i] * inv, *restrict wr = fw + i * K;
+        for (long k = 0; k < K; k++) o[k] += v * wr[k];
+    }
+    for (long k = 0; k < K; k++) {
+        mask[k] = o[k] > 0 ? 1.0f : 0.0f;
+        pos += o[k] > 0;
+    }
+    PyBuffer_Release(&ob);
+    PyBuffer_Release(&mb);
+    return PyLong_FromLong(pos);
+}
+
 static PyMethodDef methods[] = {
     {"lstm_gate", (PyCFunction)(void (*)(void))lstm_gate, METH_FASTCALL, "fused LSTM layer-gate step"},
     {"pool_fc", (PyCFunction)(void (*)(void))pool_fc, METH_FASTCALL, "ReLU, spatial mean and linear"},
+    {"conv3x3", (PyCFunction)(void (*)(void))conv3x3, METH_FASTCALL, "direct 3x3 conv, batch 1, channels-last"},
+    {"gate_conv", (PyCFunction)(void (*)(void))gate_conv, METH_FASTCALL, "CNN channel gate, batch 1"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_gatekernels",

@@ -34,7 +34,7 @@ from ddi_hw.cost import CostTable, interp, model_specs
 from ddi_hw.errors import UserError
 from ddi_hw.models import gates
 from ddi_hw.models.gates import GATE_KINDS, LAYER_GATE, hard_decision
-from ddi_hw.models.output import DynamicOutput
+from ddi_hw.models.output import DynamicOutput, SigmoidViews
 from ddi_hw.models.sparse_ops import FoldCache
 
 
@@ -606,14 +606,8 @@ class SparseRun:
         for g, K in net.gate_widths.items():  # gates never reached (their blocks skipped for all)
             if g not in self.channels:
                 self.channels[g] = torch.zeros(self.n, K)
-        # one sigmoid over all distinct logits tensors (unrun gates share NaN tensors), split into views
-        uniq = list({id(v): v for v in self.channel_logits.values()}.values())
-        cprobs = {}
-        if uniq:
-            flat = torch.sigmoid(torch.cat([v.reshape(-1) for v in uniq]))
-            sig = {id(v): p.view(v.shape) for v, p in zip(uniq, flat.split([v.numel() for v in uniq]))}
-            cprobs = {g: sig[id(v)] for g, v in self.channel_logits.items()}
         return DynamicOutput(
             logits=self.logits, exit_logits=[], layer_decisions=self.L[:, skip],
             layer_probs=probs[:, skip], channel_decisions=self.channels, cost=cost,
-            exit_taken=self.taken, channel_probs=cprobs, block_run=self.L, block_active=self.k)
+            exit_taken=self.taken, channel_probs=SigmoidViews(self.channel_logits), block_run=self.L,
+            block_active=self.k)

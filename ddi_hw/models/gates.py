@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ddi_hw.errors import UserError
 from ddi_hw.models import _gatekernels
-from ddi_hw.models.sparse_ops import FoldCache, module_tensors, pixel_layout
+from ddi_hw.models.sparse_ops import FoldCache, module_tensors, pack3x3, pixel_layout
 
 GATE_HIDDEN = 10
 OPEN_BIAS = 2.0  # gates start open (sigmoid(2) = 0.88): training starts from zero skipping
@@ -146,24 +146,34 @@ class ChannelGateCNN(nn.Module):
         return self.fc(h.mean((2, 3))), state
 
     def sparse(self, x: torch.Tensor, rnn=None, state=None):
-        """Same math -> (logits, state, hard mask). The stride-2 conv runs channels-last (oneDNN:
-        1.4-2.4x faster on CPU at batch 1, measured) on cached weights; ReLU, pooling and the FC
-        are one C call (`_gatekernels.pool_fc`) that also writes the 0/1 mask."""
-        w, b, fw, fb, keep = self._folded()
-        y = F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, 2, 1)
-        n, k = y.shape[0], self.fc.out_features
+        """Same math -> (logits, state, hard mask). Batch 1: the whole gate is one C call
+        (`_gatekernels.gate_conv`: direct stride-2 conv on packed weights, ReLU and global sum in
+        registers -- the conv output is never stored -- then the FC and the 0/1 mask); at 2-4x its
+        FLOP share, oneDNN's conv was most of a gate's time. Batch > 1: the stride-2 conv runs
+        channels-last (oneDNN) and ReLU, pooling and the FC are one C call (`pool_fc`)."""
+        w, b, fw, fb, keep, (wp, bp), k = self._folded()
+        n = x.shape[0]
         logit, mask = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.float32)
+        if n == 1:
+            x = x.contiguous(memory_format=torch.channels_last)
+            _, c, h, wd = x.shape
+            _gatekernels.gate_conv(x.data_ptr(), h, wd, c, wp, bp, fw, fb, k, logit, mask)
+            return torch.from_numpy(logit), state, torch.from_numpy(mask)
+        y = F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, 2, 1)
         y, layout = pixel_layout(y)
         _gatekernels.pool_fc(*layout, True, fw, fb, k, logit, mask)
         return torch.from_numpy(logit), state, torch.from_numpy(mask)
 
     def _folded(self):
         """Cached: conv weight channels-last and bias; FC pointers for `pool_fc` (weight
-        transposed) and the tensors behind them."""
+        transposed) and the tensors behind them; pointers of the conv packed for `gate_conv` (kept
+        alive in the FC tuple); the number of outputs."""
         def compute():
             w = self.conv.weight.detach()
-            return (w.contiguous(memory_format=torch.channels_last), self.conv.bias.detach(),
-                    *_ptrs(self.fc.weight.t(), self.fc.bias))
+            fw, fb, keep = _ptrs(self.fc.weight.t(), self.fc.bias)
+            packed = pack3x3(w.float(), self.conv.bias.float())
+            return (w.contiguous(memory_format=torch.channels_last), self.conv.bias.detach(), fw, fb,
+                    (*keep, *packed), (packed[0].data_ptr(), packed[1].data_ptr()), self.fc.out_features)
         return self.fused.get(compute, lambda: module_tensors(self.conv, self.fc))
 
 

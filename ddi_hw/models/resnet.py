@@ -41,7 +41,15 @@ from ddi_hw.models.base import DynamicNet
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
 from ddi_hw.models.gates import LAYER_GATE, GateKind
 from ddi_hw.models.registry import register_model
-from ddi_hw.models.sparse_ops import FoldCache, fold_bn, module_tensors, run_channel_groups
+from ddi_hw.models.sparse_ops import (
+    FoldCache,
+    conv3x3,
+    fold_bn,
+    module_tensors,
+    pack3x3,
+    pack_out_channels,
+    run_channel_groups,
+)
 
 SLICE_CACHE = 16  # sliced weights kept per block (batch 1: one entry per distinct channel mask; 0 = none)
 CHANNELS_LAST_MIN = 32  # blocks this wide run channels-last (oneDNN direct conv)
@@ -66,8 +74,11 @@ class Stem(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
     def sparse(self, x):
-        w, b = self._fold.get(lambda: fold_bn(self.conv.weight, self.bn),
-                              lambda: module_tensors(self.conv, self.bn))
+        w, b, packed = self._fold.get(lambda: (*fold_bn(self.conv.weight, self.bn),
+                                               pack3x3(*fold_bn(self.conv.weight, self.bn))),
+                                      lambda: module_tensors(self.conv, self.bn))
+        if x.shape[0] == 1:
+            return conv3x3(x, *packed, w.shape[0])
         return F.relu(F.conv2d(x, w, b, 1, 1))
 
 
@@ -102,8 +113,9 @@ class BasicBlock(nn.Module):
             if not self.skippable:
                 out += fold_bn(self.sc_conv.weight, self.sc_bn)
             src = (out[0].contiguous(), out[2].transpose(0, 1).contiguous())  # row gathers
+            packed = (*pack3x3(out[0], out[1]), *pack3x3(out[2], out[3]), out[0].shape[0])  # batch 1: conv3x3
             out = [t.contiguous(memory_format=fmt) if t.dim() == 4 else t for t in out]
-            return out + [src, fmt, OrderedDict()]  # slice sources, memory format, mask -> slices
+            return out + [src, packed, fmt, OrderedDict()]  # slice sources, packed, format, mask -> slices
         return self._fold.get(compute, lambda: module_tensors(
             self.conv1, self.bn1, self.conv2, self.bn2, getattr(self, "sc_conv", None),
             getattr(self, "sc_bn", None)))
@@ -111,27 +123,46 @@ class BasicBlock(nn.Module):
     def sparse(self, x, mask=None, max_groups: int = 8):
         """Only active channels computed: conv1 output and conv2 input sliced, BN folded."""
         w1, b1, w2, b2, *rest = self._folded()
-        src, fmt, slices = rest[-3:]
+        src, packed, fmt, slices = rest[-4:]
+        if x.shape[0] == 1:
+            return self._sparse_one(x, mask, rest[:2], packed, slices)
         x = x.contiguous(memory_format=fmt)  # no-op when the previous block used the same format
         sc = x if self.skippable else F.conv2d(x, rest[0], rest[1], self.stride)
         if mask is None:
             out = F.conv2d(F.relu_(F.conv2d(x, w1, b1, self.stride, 1)), w2, b2, 1, 1)
-        elif x.shape[0] == 1:  # one mask: its sliced weights, cached per mask
-            out = self._run_sliced(x, *self._mask_weights(mask, w1, b1, w2, src, fmt, slices), b2)
         else:
             out = run_channel_groups(x, mask, lambda xs, ch, m: self._sliced(xs, ch, m, w1, b1, w2, b2, src, fmt),
                                      max_groups)
         return F.relu_(out.add_(sc))
 
-    def _mask_weights(self, mask, w1, b1, w2, src, fmt, slices):
-        """Batch 1: (conv1 rows, bias, conv2 columns) of the active channels, from the per-mask
-        LRU cache (keyed by the mask's bytes) or sliced on a miss."""
+    def _sparse_one(self, x, mask, sc_fold, packed, slices):
+        """Batch 1: two direct-conv C calls over exactly the active channels (conv1 on its active
+        output rows, conv2 on its active input channels, residual add and ReLU fused), channels-last,
+        on packed weights cached per mask."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        sc = x if self.skippable else F.conv2d(x, *sc_fold, self.stride).contiguous(memory_format=torch.channels_last)
+        w1, b1, w2, b2, k = packed
+        if mask is not None:
+            w1, b1, w2, k = self._mask_weights(mask, packed, slices)
+        if k == 0:  # every channel off: conv2 sees zeros and leaves its folded BN shift
+            return F.relu_(sc + b2[:sc.shape[1]].view(1, -1, 1, 1))
+        h = conv3x3(x, w1, b1, k, self.stride)
+        return conv3x3(h, w2, b2, sc.shape[1], 1, residual=sc)
+
+    def _mask_weights(self, mask, packed, slices):
+        """Batch 1: (conv1 packed on the active output channels, its bias, conv2 packed on the
+        active input channels, number active) from the per-mask LRU cache (keyed by the mask's
+        bytes), or packed on a miss."""
         m = mask.numpy()
         key = m.tobytes()
         ws = slices.get(key) if SLICE_CACHE else None
         if ws is None:
             on = m[0].nonzero()[0]
-            ws = (w1, b1, w2) if len(on) == b1.shape[0] else self._slice(torch.from_numpy(on), src, b1, fmt)
+            if len(on) == packed[4]:
+                ws = (packed[0], packed[1], packed[2], packed[4])
+            else:
+                ch = torch.from_numpy(on)
+                ws = (*pack_out_channels(packed[0], packed[1], ch), packed[2].index_select(1, ch), len(on))
             if SLICE_CACHE:
                 slices[key] = ws
                 if len(slices) > SLICE_CACHE:

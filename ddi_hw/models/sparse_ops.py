@@ -1,10 +1,13 @@
-"""Helpers of the sparse (inference) path: BN folding with a cache, channel-mask grouping."""
+"""Helpers of the sparse (inference) path: BN folding with a cache, channel-mask grouping, the
+batch-1 direct 3x3 convolution (`_gatekernels.conv3x3`) and its packed weights."""
 from __future__ import annotations
 
 import operator
 from typing import Callable
 
 import torch
+
+from ddi_hw.models import _gatekernels
 
 
 def fold_bn(weight: torch.Tensor, bn, bias: torch.Tensor | None = None):
@@ -31,6 +34,45 @@ def pixel_layout(x: torch.Tensor):
         x = x.contiguous()
         st = x.stride()
     return x, (x.data_ptr(), n, c, h * w, st[0], st[1], st[3])
+
+
+def pack3x3(weight: torch.Tensor, bias: torch.Tensor):
+    """(9, C_in, Cp) weights and Cp bias of a 3x3 conv for `conv3x3`: tap-major, output channels
+    innermost, zero-padded to Cp = C_out rounded up to 8 (the kernel's vector width)."""
+    co, ci = weight.shape[:2]
+    cp = -(-co // 8) * 8
+    wp = weight.new_zeros(9, ci, cp)
+    wp[:, :, :co] = weight.detach().permute(2, 3, 1, 0).reshape(9, ci, co)
+    bp = weight.new_zeros(cp)
+    bp[:co] = bias.detach()
+    return wp, bp
+
+
+def pack_out_channels(wp: torch.Tensor, bp: torch.Tensor, ch: torch.Tensor):
+    """The packed conv restricted to output channels `ch` (re-padded to a multiple of 8)."""
+    k = len(ch)
+    cp = -(-k // 8) * 8
+    w = wp.new_zeros(wp.shape[0], wp.shape[1], cp)
+    w[:, :, :k] = wp.index_select(2, ch)
+    b = bp.new_zeros(cp)
+    b[:k] = bp.index_select(0, ch)
+    return w, b
+
+
+def conv3x3(x: torch.Tensor, wp: torch.Tensor, bp: torch.Tensor, c_out: int, stride: int = 1,
+            residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+    """relu?(conv3x3(x, pad 1) + bias [+ residual]) of ONE sample, channels-last in and out, as one
+    C call (`_gatekernels.conv3x3`). Why not F.conv2d: at batch 1 on these small maps oneDNN and
+    im2col + GEMM do not shrink with the active channels and run odd channel counts slowly; this
+    kernel reads and computes exactly the packed channels (benchmarks/skip_speed.py)."""
+    x = x.contiguous(memory_format=torch.channels_last)  # float32: the sparse path's dtype
+    _, ci, h, w = x.shape
+    out = torch.empty(1, c_out, (h - 1) // stride + 1, (w - 1) // stride + 1, memory_format=torch.channels_last)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    _gatekernels.conv3x3(x.data_ptr(), h, w, ci, stride, wp.data_ptr(), bp.data_ptr(), c_out, out.data_ptr(),
+                         None if residual is None else residual.data_ptr(), relu)
+    return out
 
 
 _VERSION = operator.attrgetter("_version")
