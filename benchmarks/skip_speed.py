@@ -23,13 +23,13 @@ Prints a table and, last, one JSON line (the keys above: ratios at 50%, plus eve
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
 import torch
 
-from ddi_hw.models import create_model, resnet
-from ddi_hw.models.resnet import SLICE_CACHE
+from ddi_hw.models import create_model
 
 BS64_CHANNEL_NOTE = (
     "batch-64 channel skipping draws a different random mask per sample, so every conv sees 64 "
@@ -38,6 +38,9 @@ BS64_CHANNEL_NOTE = (
     "~every channel: no saving is expected. Grouping samples by mask instead (max_channel_groups=64: 64 "
     "batch-1 runs over exactly their channels) was measured at ~2x the static net's CPU time "
     "(benchmarks/RESULTS.md), so it is not the default.")
+
+
+NEW_MASKS = 16  # distinct patterns the "new masks" row cycles through
 
 
 def forced(model, n: int, p_layer: float, p_chan: float, g: torch.Generator) -> dict:
@@ -63,16 +66,10 @@ def gate_flops(model, out) -> torch.Tensor:
     return plan.g["flops"].sum() + (out.block_run.double() * plan.c["flops"]).sum(1)
 
 
-def call(net, x, force, mode="sparse", gates=False, slice_cache=True):
-    """One forward; `gates`: run the gates although every decision is forced; `slice_cache=False`:
-    every channel mask is treated as new (sliced weights rebuilt, as when each input brings a
-    mask not seen recently)."""
+def call(net, x, force, mode="sparse", gates=False):
+    """One forward; `gates`: run the gates although every decision is forced."""
     net.skip_forced_gates = not gates
-    resnet.SLICE_CACHE = SLICE_CACHE if slice_cache else 0
-    try:
-        return net(x, mode=mode, force=force)
-    finally:
-        resnet.SLICE_CACHE = SLICE_CACHE
+    return net(x, mode=mode, force=force)
 
 
 def measure(fns: dict, rounds: int) -> tuple[dict, dict]:
@@ -95,7 +92,6 @@ def measure(fns: dict, rounds: int) -> tuple[dict, dict]:
 COMPONENTS = (  # (label, object getter, method name): the sparse path's entry points, timed in context
     ("LSTM layer gate (fused C step)", lambda net: [g for g in [net.layer_gate] if g is not None], "fused_step"),
     ("CNN channel gate (conv + C head)", lambda net: [b.cgate for b in net.blocks if b.cgate is not None], "sparse"),
-    ("mask lookup (sliced-weight cache)", lambda net: list(net.blocks), "_mask_weights"),
     ("block compute (convs, add, ReLU)", lambda net: list(net.blocks), "sparse"),
     ("bookkeeping: record decisions", lambda net: [None], "layer"),
     ("bookkeeping: channel records", lambda net: [None], "channel"),
@@ -106,7 +102,8 @@ COMPONENTS = (  # (label, object getter, method name): the sparse path's entry p
 def components(net, x, force, gates: bool, rounds: int) -> list[tuple[str, int, float]]:
     """Per-component thread CPU time of one batch-1 sparse forward, measured in context: each
     entry point is wrapped with a timer (adds ~0.3 us per call), minimum over rounds. `None`
-    objects stand for `SparseRun` (patched on the class). Block compute includes its mask lookup.
+    objects stand for `SparseRun` (patched on the class). Block compute includes gathering the
+    active weights (inside the block kernel at batch 1).
     Returns (label, calls per forward, us per forward) plus the whole forward."""
     from ddi_hw.models.base import SparseRun
     acc, calls, undo = {}, {}, []
@@ -169,7 +166,7 @@ def main() -> None:
     rows_kinds = ("mechanism", "with gates", "new masks")
     summary, lines = {}, []
 
-    def rows(kind, bs):  # "new masks" (sliced-weight cache off) only matters for batch-1 channel skipping
+    def rows(kind, bs):  # "new masks" (a different mask on every call) only matters for batch-1 channel skipping
         return rows_kinds if (kind, bs) == ("channel", 1) else rows_kinds[:2]
     for bs in (1, 64):
         draws = args.draws if bs == 1 else 1
@@ -188,8 +185,10 @@ def main() -> None:
                     flops[(kind, p, "new masks", d)] = flops[(kind, p, "mechanism", d)]
                     for row in rows(kind, bs):
                         fns[(kind, p, row, d)] = (lambda net=net, force=force, x=x, row=row:
-                                                  call(net, x, force, gates=row == "with gates",
-                                                       slice_cache=row != "new masks"))
+                                                  call(net, x, force, gates=row == "with gates"))
+                    if "new masks" in rows(kind, bs):  # same share off, a fresh pattern on every call
+                        fresh = itertools.cycle([forced(net, bs, p, p, g) for _ in range(NEW_MASKS)])
+                        fns[(kind, p, "new masks", d)] = lambda net=net, fresh=fresh, x=x: call(net, x, next(fresh))
                     if d == 0:
                         fns[(kind, p, "dense")] = lambda net=net, force=force, x=x: call(net, x, force, "dense")
         with torch.no_grad():
@@ -223,8 +222,8 @@ def main() -> None:
           f"kernels; batch 1: mean over {args.draws} random decision patterns per case")
     print("mechanism = forced decisions, gates not executed (FLOPs without gates); with gates = gates executed, "
           "output overridden (gate FLOPs counted)")
-    print(f"channel, batch 1: sliced weights are cached per mask (LRU of {SLICE_CACHE} per block); 'mechanism' and "
-          "'with gates' reuse the forced masks (cache hits), 'new masks' rebuilds them on every call")
+    print(f"channel, batch 1: 'new masks' = mechanism with a different random mask on every call (cycling {NEW_MASKS} "
+          "patterns): the block kernel gathers the active weights per call, there is no per-mask cache to hit")
     print("ratio = wall-clock saving / FLOP saving; cpu rat = the same with thread CPU time; masked = masked "
           "dense path (computes everything)")
     print(f"{'case':8} {'row':10} {'batch':>5} {'skip':>5} {'sparse ms':>10} {'masked ms':>10} {'cpu ms':>8} "
@@ -237,7 +236,7 @@ def main() -> None:
               f"{'' if cratio is None else f'{cratio:7.2f}':>7}")
     print("note: " + BS64_CHANNEL_NOTE)
     print(f"\nwhere batch-1 time goes at 50% skipping (thread CPU time in context, min over {args.rounds_bs1} rounds; "
-          "block compute includes its mask lookup; shares of the whole forward)")
+          "block compute includes the active-weight gather; shares of the whole forward)")
     x1 = torch.randn(1, 3, 32, 32, generator=g)
     for kind, net in nets.items():
         force = forced(net, 1, 0.5, 0.5, g)

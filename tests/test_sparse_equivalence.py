@@ -318,7 +318,7 @@ def test_fused_cnn_gate_matches_module(channels_last, n):
 def test_direct_conv3x3_matches_conv2d(c_in, c_out, size, stride):
     """The batch-1 C convolution (packed weights, channel counts not multiples of 8, odd sizes,
     both strides, fused residual and ReLU) against F.conv2d."""
-    from ddi_hw.models.sparse_ops import conv3x3, pack3x3, pack_out_channels
+    from ddi_hw.models.sparse_ops import conv3x3, pack3x3
     g = torch.Generator().manual_seed(c_in * 100 + c_out)
     x = torch.randn(1, c_in, size, size, generator=g)
     w, b = torch.randn(c_out, c_in, 3, 3, generator=g), torch.randn(c_out, generator=g)
@@ -327,9 +327,27 @@ def test_direct_conv3x3_matches_conv2d(c_in, c_out, size, stride):
     wp, bp = pack3x3(w, b)
     assert torch.allclose(conv3x3(x, wp, bp, c_out, stride), F.relu(want), atol=1e-4, rtol=1e-4)
     assert torch.allclose(conv3x3(x, wp, bp, c_out, stride, residual=res, relu=False), want + res, atol=1e-4, rtol=1e-4)
-    ch = torch.arange(0, c_out, 2)  # a channel subset, re-packed
-    got = conv3x3(x, *pack_out_channels(wp, bp, ch), len(ch), stride)
-    assert torch.allclose(got, F.relu(want[:, ch]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("c_in,width,stride,active", [(16, 16, 1, 8), (16, 16, 1, 16), (16, 16, 1, 0), (16, 32, 2, 5),
+                                                       (64, 64, 1, 63), (32, 32, 1, 1)])
+def test_block_kernel_matches_masked_dense_block(c_in, width, stride, active):
+    """`_gatekernels.block` (batch 1, active weights gathered in the call) against the training
+    path's masked block, for a few active counts including none and all."""
+    from ddi_hw.models.resnet import BasicBlock
+    torch.manual_seed(c_in + width + active)
+    blk = BasicBlock(c_in, width, stride, layer_gate=False, channel_gate=None)
+    for bn in (blk.bn1, blk.bn2, getattr(blk, "sc_bn", None)):
+        if bn is not None:
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.uniform_(0.5, 1.5)
+    blk.eval()
+    x = torch.randn(1, c_in, 16, 16)
+    mask = torch.zeros(1, width)
+    mask[0, torch.randperm(width)[:active]] = 1.0
+    with torch.no_grad():
+        want = blk(x, mask)
+        assert torch.allclose(blk.sparse(x, mask), want, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(blk.sparse(x, None), blk(x), atol=1e-4, rtol=1e-4)
 
 
 def test_batch1_unforced_gates_agree():

@@ -8,6 +8,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAXC 4096 /* channels of a gate input */
@@ -338,11 +339,92 @@ static PyObject *gate_conv(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return PyLong_FromLong(pos);
 }
 
+/* block(x, H, W, Ci, s, w1, b1, K, w2, b2, Co, mask, res, out) -> active channels
+
+   One basic block at batch 1, channels-last: h = ReLU(conv1(x) + b1) over the active output
+   channels of conv1 only, out = ReLU(conv2(h) + b2 + res) reading only those channels. w1: (9, Ci,
+   K rounded up to 8) and w2: (9, K, Co rounded up to 8) packed (see conv3x3_run); mask: None (all K
+   on) or a float32 buffer of K 0/1 values. The active columns of w1 and rows of w2 are gathered
+   here on every call (a few us): no per-mask cache, so a mask never seen before costs the same. */
+static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "block takes 14 arguments");
+        return NULL;
+    }
+    const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
+    long H = PyLong_AsLong(args[1]), W = PyLong_AsLong(args[2]), Ci = PyLong_AsLong(args[3]);
+    long s = PyLong_AsLong(args[4]);
+    const float *w1 = (const float *)PyLong_AsVoidPtr(args[5]), *b1 = (const float *)PyLong_AsVoidPtr(args[6]);
+    long K = PyLong_AsLong(args[7]);
+    const float *w2 = (const float *)PyLong_AsVoidPtr(args[8]), *b2 = (const float *)PyLong_AsVoidPtr(args[9]);
+    long Co = PyLong_AsLong(args[10]);
+    const float *res = (const float *)PyLong_AsVoidPtr(args[12]);
+    float *out = (float *)PyLong_AsVoidPtr(args[13]);
+    if (PyErr_Occurred()) return NULL;
+    if (Ci < 1 || Ci > MAXC || K < 1 || K > MAXC || Co < 1 || H < 1 || W < 1 || s < 1 || !x || !w1 || !b1 ||
+        !w2 || !b2 || !res || !out) {
+        PyErr_SetString(PyExc_ValueError, "block: unsupported sizes");
+        return NULL;
+    }
+    long on[MAXC], k = 0, Kp = (K + 7) & ~7L, Cop = (Co + 7) & ~7L;
+    Py_buffer mb;
+    int have_mask = args[11] != Py_None;
+    if (have_mask) {
+        if (PyObject_GetBuffer(args[11], &mb, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+        if (mb.len < K * (Py_ssize_t)sizeof(float)) {
+            PyBuffer_Release(&mb);
+            PyErr_SetString(PyExc_ValueError, "block: mask buffer too small");
+            return NULL;
+        }
+        const float *m = (const float *)mb.buf;
+        for (long c = 0; c < K; c++)
+            if (m[c] > 0.5f) on[k++] = c;
+        PyBuffer_Release(&mb);
+    } else {
+        k = K;
+    }
+    long Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, npx = Ho * Wo;
+    if (k == 0) { /* conv2 sees zeros: its bias (folded BN shift) + residual, ReLU */
+        for (long p = 0; p < npx; p++)
+            for (long c = 0; c < Co; c++) out[p * Co + c] = RELU(b2[c] + res[p * Co + c]);
+        return PyLong_FromLong(0);
+    }
+    long kp = (k + 7) & ~7L;
+    int gather = k < K;
+    float *h = malloc(sizeof(float) * npx * k);
+    float *w1s = gather ? calloc(9 * Ci * kp + kp, sizeof(float)) : NULL;
+    float *w2s = gather ? malloc(sizeof(float) * 9 * k * Cop) : NULL;
+    if (!h || (gather && (!w1s || !w2s))) {
+        free(h), free(w1s), free(w2s);
+        return PyErr_NoMemory();
+    }
+    const float *c1w = w1, *c1b = b1, *c2w = w2;
+    if (gather) {
+        float *b1s = w1s + 9 * Ci * kp;
+        for (long t = 0; t < 9 * Ci; t++) {
+            const float *src = w1 + t * Kp;
+            float *dst = w1s + t * kp;
+            for (long j = 0; j < k; j++) dst[j] = src[on[j]];
+        }
+        for (long j = 0; j < k; j++) b1s[j] = b1[on[j]];
+        for (long t = 0; t < 9; t++)
+            for (long j = 0; j < k; j++) memcpy(w2s + (t * k + j) * Cop, w2 + (t * K + on[j]) * Cop, sizeof(float) * Cop);
+        c1w = w1s, c1b = b1s, c2w = w2s;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    conv3x3_run(x, H, W, Ci, s, c1w, c1b, k, h, NULL, 1, NULL);
+    conv3x3_run(h, Ho, Wo, k, 1, c2w, b2, Co, out, res, 1, NULL);
+    Py_END_ALLOW_THREADS
+    free(h), free(w1s), free(w2s);
+    return PyLong_FromLong(k);
+}
+
 static PyMethodDef methods[] = {
     {"lstm_gate", (PyCFunction)(void (*)(void))lstm_gate, METH_FASTCALL, "fused LSTM layer-gate step"},
     {"pool_fc", (PyCFunction)(void (*)(void))pool_fc, METH_FASTCALL, "ReLU, spatial mean and linear"},
     {"conv3x3", (PyCFunction)(void (*)(void))conv3x3, METH_FASTCALL, "direct 3x3 conv, batch 1, channels-last"},
     {"gate_conv", (PyCFunction)(void (*)(void))gate_conv, METH_FASTCALL, "CNN channel gate, batch 1"},
+    {"block", (PyCFunction)(void (*)(void))block, METH_FASTCALL, "basic block (conv-conv-add), batch 1"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_gatekernels",

@@ -21,15 +21,14 @@ The sparse path folds BN into the convs (eval mode), runs the layer gates on eve
 running, then only the samples whose block runs (gather / compute / scatter), and slices conv1's
 output and conv2's input channels; samples with identical channel masks run as one group (when
 the batch has more than `max_channel_groups` distinct masks, one run over the union of their
-active channels with the mask applied). At batch 1 the sliced weights are cached per mask (LRU of
-`SLICE_CACHE` per block). Blocks of >= 32 channels run channels-last (oneDNN), which is faster and
-shrinks with the active channels; 16-channel blocks stay NCHW (see `_conv_format`). When `force`
+active channels with the mask applied). Batch 1 runs each block as one C call (`_gatekernels.block`:
+direct 3x3 convs over exactly the active channels, channels-last, weights gathered per call); larger
+batches run PyTorch convs, channels-last for blocks of >= 32 channels and NCHW for 16-channel blocks
+(see `_conv_format`). When `force`
 fixes every decision, no gate runs (`DynamicNet.fully_forced`). Gates run as fused C kernels on
 cached folded weights (`gates.SharedLSTMGate.fused_step`, `gates.ChannelGateCNN.sparse`).
 """
 from __future__ import annotations
-
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -37,21 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddi_hw.errors import UserError
+from ddi_hw.models import _gatekernels
 from ddi_hw.models.base import DynamicNet
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
 from ddi_hw.models.gates import LAYER_GATE, GateKind
 from ddi_hw.models.registry import register_model
-from ddi_hw.models.sparse_ops import (
-    FoldCache,
-    conv3x3,
-    fold_bn,
-    module_tensors,
-    pack3x3,
-    pack_out_channels,
-    run_channel_groups,
-)
+from ddi_hw.models.sparse_ops import FoldCache, conv3x3, fold_bn, module_tensors, pack3x3, run_channel_groups
 
-SLICE_CACHE = 16  # sliced weights kept per block (batch 1: one entry per distinct channel mask; 0 = none)
 CHANNELS_LAST_MIN = 32  # blocks this wide run channels-last (oneDNN direct conv)
 
 
@@ -113,9 +104,10 @@ class BasicBlock(nn.Module):
             if not self.skippable:
                 out += fold_bn(self.sc_conv.weight, self.sc_bn)
             src = (out[0].contiguous(), out[2].transpose(0, 1).contiguous())  # row gathers
-            packed = (*pack3x3(out[0], out[1]), *pack3x3(out[2], out[3]), out[0].shape[0])  # batch 1: conv3x3
+            packed = [*pack3x3(out[0], out[1]), *pack3x3(out[2], out[3])]  # batch 1: block
+            packed = (packed, *[t.data_ptr() for t in packed], out[0].shape[0])
             out = [t.contiguous(memory_format=fmt) if t.dim() == 4 else t for t in out]
-            return out + [src, packed, fmt, OrderedDict()]  # slice sources, packed, format, mask -> slices
+            return out + [src, packed, fmt]  # slice sources, packed (tensors, pointers, width), format
         return self._fold.get(compute, lambda: module_tensors(
             self.conv1, self.bn1, self.conv2, self.bn2, getattr(self, "sc_conv", None),
             getattr(self, "sc_bn", None)))
@@ -123,9 +115,9 @@ class BasicBlock(nn.Module):
     def sparse(self, x, mask=None, max_groups: int = 8):
         """Only active channels computed: conv1 output and conv2 input sliced, BN folded."""
         w1, b1, w2, b2, *rest = self._folded()
-        src, packed, fmt, slices = rest[-4:]
+        src, packed, fmt = rest[-3:]
         if x.shape[0] == 1:
-            return self._sparse_one(x, mask, rest[:2], packed, slices)
+            return self._sparse_one(x, mask, rest[:2], packed)
         x = x.contiguous(memory_format=fmt)  # no-op when the previous block used the same format
         sc = x if self.skippable else F.conv2d(x, rest[0], rest[1], self.stride)
         if mask is None:
@@ -135,41 +127,18 @@ class BasicBlock(nn.Module):
                                      max_groups)
         return F.relu_(out.add_(sc))
 
-    def _sparse_one(self, x, mask, sc_fold, packed, slices):
-        """Batch 1: two direct-conv C calls over exactly the active channels (conv1 on its active
-        output rows, conv2 on its active input channels, residual add and ReLU fused), channels-last,
-        on packed weights cached per mask."""
+    def _sparse_one(self, x, mask, sc_fold, packed):
+        """Batch 1: one C call (`_gatekernels.block`): conv1 on its active output channels, conv2 on
+        those input channels, residual add and ReLU fused, channels-last; the active weights are
+        gathered inside the call, so a new mask costs the same as a repeated one."""
+        _, w1, b1, w2, b2, k = packed
         x = x.contiguous(memory_format=torch.channels_last)
         sc = x if self.skippable else F.conv2d(x, *sc_fold, self.stride).contiguous(memory_format=torch.channels_last)
-        w1, b1, w2, b2, k = packed
-        if mask is not None:
-            w1, b1, w2, k = self._mask_weights(mask, packed, slices)
-        if k == 0:  # every channel off: conv2 sees zeros and leaves its folded BN shift
-            return F.relu_(sc + b2[:sc.shape[1]].view(1, -1, 1, 1))
-        h = conv3x3(x, w1, b1, k, self.stride)
-        return conv3x3(h, w2, b2, sc.shape[1], 1, residual=sc)
-
-    def _mask_weights(self, mask, packed, slices):
-        """Batch 1: (conv1 packed on the active output channels, its bias, conv2 packed on the
-        active input channels, number active) from the per-mask LRU cache (keyed by the mask's
-        bytes), or packed on a miss."""
-        m = mask.numpy()
-        key = m.tobytes()
-        ws = slices.get(key) if SLICE_CACHE else None
-        if ws is None:
-            on = m[0].nonzero()[0]
-            if len(on) == packed[4]:
-                ws = (packed[0], packed[1], packed[2], packed[4])
-            else:
-                ch = torch.from_numpy(on)
-                ws = (*pack_out_channels(packed[0], packed[1], ch), packed[2].index_select(1, ch), len(on))
-            if SLICE_CACHE:
-                slices[key] = ws
-                if len(slices) > SLICE_CACHE:
-                    slices.popitem(last=False)
-        else:
-            slices.move_to_end(key)
-        return ws
+        _, c, h, w = x.shape
+        out = torch.empty(sc.shape, memory_format=torch.channels_last)
+        _gatekernels.block(x.data_ptr(), h, w, c, self.stride, w1, b1, k, w2, b2, out.shape[1],
+                           None if mask is None else mask.numpy(), sc.data_ptr(), out.data_ptr())
+        return out
 
     def _slice(self, ch, src, b1, fmt):
         """conv1 rows and conv2 input columns of the active channels, contiguous in `fmt`:

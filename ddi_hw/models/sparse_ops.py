@@ -48,17 +48,6 @@ def pack3x3(weight: torch.Tensor, bias: torch.Tensor):
     return wp, bp
 
 
-def pack_out_channels(wp: torch.Tensor, bp: torch.Tensor, ch: torch.Tensor):
-    """The packed conv restricted to output channels `ch` (re-padded to a multiple of 8)."""
-    k = len(ch)
-    cp = -(-k // 8) * 8
-    w = wp.new_zeros(wp.shape[0], wp.shape[1], cp)
-    w[:, :, :k] = wp.index_select(2, ch)
-    b = bp.new_zeros(cp)
-    b[:k] = bp.index_select(0, ch)
-    return w, b
-
-
 def conv3x3(x: torch.Tensor, wp: torch.Tensor, bp: torch.Tensor, c_out: int, stride: int = 1,
             residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
     """relu?(conv3x3(x, pad 1) + bias [+ residual]) of ONE sample, channels-last in and out, as one
