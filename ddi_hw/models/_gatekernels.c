@@ -339,6 +339,19 @@ static PyObject *gate_conv(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return PyLong_FromLong(pos);
 }
 
+/* dst (rows, kp) = the columns `on` (k of them) of src (rows, Kp), zero-padded to kp. Separate
+   and cloned so the x86-64-v3/v4 builds can use vector gathers. */
+VECTORISED
+static void gather_columns(const float *restrict src, long rows, long Kp, const int *restrict on, long k, long kp,
+                           float *restrict dst) {
+    for (long r = 0; r < rows; r++) {
+        const float *restrict a = src + r * Kp;
+        float *restrict d = dst + r * kp;
+        for (long j = 0; j < k; j++) d[j] = a[on[j]];
+        for (long j = k; j < kp; j++) d[j] = 0.0f;
+    }
+}
+
 /* block(x, H, W, Ci, s, w1, b1, K, w2, b2, Co, mask, res, out) -> active channels
 
    One basic block at batch 1, channels-last: h = ReLU(conv1(x) + b1) over the active output
@@ -366,7 +379,8 @@ static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         PyErr_SetString(PyExc_ValueError, "block: unsupported sizes");
         return NULL;
     }
-    long on[MAXC], k = 0, Kp = (K + 7) & ~7L, Cop = (Co + 7) & ~7L;
+    int on[MAXC];
+    long k = 0, Kp = (K + 7) & ~7L, Cop = (Co + 7) & ~7L;
     Py_buffer mb;
     int have_mask = args[11] != Py_None;
     if (have_mask) {
@@ -392,7 +406,7 @@ static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     long kp = (k + 7) & ~7L;
     int gather = k < K;
     float *h = malloc(sizeof(float) * npx * k);
-    float *w1s = gather ? calloc(9 * Ci * kp + kp, sizeof(float)) : NULL;
+    float *w1s = gather ? malloc(sizeof(float) * (9 * Ci * kp + kp)) : NULL;
     float *w2s = gather ? malloc(sizeof(float) * 9 * k * Cop) : NULL;
     if (!h || (gather && (!w1s || !w2s))) {
         free(h), free(w1s), free(w2s);
@@ -401,12 +415,8 @@ static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     const float *c1w = w1, *c1b = b1, *c2w = w2;
     if (gather) {
         float *b1s = w1s + 9 * Ci * kp;
-        for (long t = 0; t < 9 * Ci; t++) {
-            const float *src = w1 + t * Kp;
-            float *dst = w1s + t * kp;
-            for (long j = 0; j < k; j++) dst[j] = src[on[j]];
-        }
-        for (long j = 0; j < k; j++) b1s[j] = b1[on[j]];
+        gather_columns(w1, 9 * Ci, Kp, on, k, kp, w1s);
+        for (long j = 0; j < kp; j++) b1s[j] = j < k ? b1[on[j]] : 0.0f;
         for (long t = 0; t < 9; t++)
             for (long j = 0; j < k; j++) memcpy(w2s + (t * k + j) * Cop, w2 + (t * K + on[j]) * Cop, sizeof(float) * Cop);
         c1w = w1s, c1b = b1s, c2w = w2s;

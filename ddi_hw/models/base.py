@@ -507,7 +507,9 @@ class SparseRun:
             self.gate_logits[:, skip] = float("nan")
 
     def channel(self, gate: str, j: int, idx, mask: torch.Tensor, logit: torch.Tensor) -> None:
-        self._k[slice(None) if idx is None else idx.numpy(), j] = mask.numpy().sum(1)
+        m = mask.numpy()  # 0/1: the active count is the number of nonzeros (cheaper than a sum)
+        self._k[slice(None) if idx is None else idx.numpy(), j] = np.count_nonzero(m) if len(m) == 1 else \
+            np.count_nonzero(m, axis=1)
         self._chan.append((gate, idx, mask, logit))
 
     def flush(self) -> None:
