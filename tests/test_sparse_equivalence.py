@@ -253,8 +253,8 @@ def test_fully_forced_sparse_runs_no_gate(name, kw, size):
 
 
 def test_batch1_slice_cache_matches_dense():
-    """Batch 1 uses cached sliced weights per mask: repeated and alternating masks stay exact,
-    including after the weights change."""
+    """Batch 1 (one block kernel call, active weights gathered per call): repeated and alternating
+    masks stay exact, including after the weights change (folded weights follow)."""
     model = randomize(create_model("resnet14", channel_gates=True))
     g = torch.Generator().manual_seed(8)
     x = torch.randn(1, 3, 32, 32, generator=g)
@@ -351,7 +351,7 @@ def test_block_kernel_matches_masked_dense_block(c_in, width, stride, active):
 
 
 def test_batch1_unforced_gates_agree():
-    """Batch 1 (the fused-kernel and sliced-weight-cache path) with every gate deciding."""
+    """Batch 1 (the fused gate and block kernels) with every gate deciding."""
     model = randomize(create_model("resnet20", layer_gates=True, channel_gates=True))
     model.layer_gate.proj.bias.data.zero_()
     model.layer_gate.proj.weight.data.mul_(20)

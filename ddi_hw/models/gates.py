@@ -12,8 +12,8 @@
 - DenseNet light gate (Fig. 4): 1x1 conv stride 2 to half the bottleneck width, ReLU, 3x3 conv to
   the growth rate, ReLU, global average pool, linear -> bottleneck width (~1/8 of a dense layer).
 
-Sparse (inference) path: the LSTM layer gate and the CNN channel gate's head run as one C call
-each (`_gatekernels.c`, built at install) on weights folded once and cached (`FoldCache`: recomputed
+Sparse (inference) path: the LSTM layer gate and (at batch 1) the whole CNN channel gate run as
+one C call each (`_gatekernels.c`, built at install) on weights folded once and cached (`FoldCache`: recomputed
 when a source tensor changes, cleared on train()/eval(), load_state_dict and .to()); a torch op
 costs 5-10 us at batch 1, which made the module form of a gate cost more than the work it saved.
 
