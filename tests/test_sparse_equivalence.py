@@ -374,6 +374,51 @@ def test_batch1_unforced_gates_agree():
     assert seen_skip and seen_partial
 
 
+@pytest.mark.parametrize("kw", [dict(layer_gates=True, channel_gates=True), dict(channel_gates=True),
+                                dict(layer_gates=True)])
+def test_batch1_c_runner_matches_python_loop(kw, monkeypatch):
+    """The batch-1 C runner (`CifarResNet._forward_one`: the whole forward in one call) gives the
+    Python block loop's decisions, gate logits, active counts, costs and logits: gates deciding,
+    gates run but overridden, and fully forced (no gate runs)."""
+    from ddi_hw.models.resnet import CifarResNet
+    model = randomize(create_model("resnet20", **kw))
+    if model.layer_gate is not None:
+        model.layer_gate.proj.bias.data.zero_()
+        model.layer_gate.proj.weight.data.mul_(20)
+    for gname in model.gate_widths:
+        model.get_submodule(gname).fc.bias.data.zero_()
+    g = torch.Generator().manual_seed(11)
+    calls = []
+    real = CifarResNet._forward_one
+    monkeypatch.setattr(CifarResNet, "_forward_one", lambda *a: calls.append(1) or real(*a))
+    for trial in range(4):
+        x = torch.randn(1, 3, 32, 32, generator=g)
+        force = {}
+        if trial >= 2:  # trial 2: gates run, output overridden (every channel off); 3: fully forced, no gate runs
+            force = random_force(model, 1, g)
+            if trial == 3:
+                force["channel"] = {k: (torch.rand(1, w, generator=g) > 0.5).float()
+                                    for k, w in model.gate_widths.items()}
+            model.skip_forced_gates = trial == 3
+        c = model(x, mode="sparse", force=force)
+        with monkeypatch.context() as m:
+            m.setattr(CifarResNet, "_forward_one", lambda *a: False)
+            p = model(x, mode="sparse", force=force)
+        model.skip_forced_gates = True
+        assert torch.equal(c.block_run, p.block_run) and torch.equal(c.block_active, p.block_active)
+        assert torch.equal(c.layer_probs.isnan(), p.layer_probs.isnan())
+        assert torch.allclose(c.layer_probs.nan_to_num(), p.layer_probs.nan_to_num(), atol=1e-5)
+        assert c.channel_decisions.keys() == p.channel_decisions.keys()
+        for k in p.channel_decisions:
+            assert torch.equal(c.channel_decisions[k], p.channel_decisions[k])
+        assert set(c.channel_probs) == set(p.channel_probs)
+        for k in p.channel_probs:
+            assert torch.allclose(c.channel_probs[k].nan_to_num(), p.channel_probs[k].nan_to_num(), atol=1e-5)
+        assert torch.equal(c.cost["flops"], p.cost["flops"])
+        assert torch.allclose(c.logits, p.logits, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 4
+
+
 def test_fused_gate_caches_follow_training():
     """Folded gate weights (LSTM embedding folded into the input projection, CNN gate FC) are
     recomputed after an optimizer step: the sparse path's decisions and logits follow the trained

@@ -8,6 +8,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -73,6 +74,32 @@ static int writable(PyObject *o, Py_buffer *b, Py_ssize_t need, const char *what
     return 0;
 }
 
+/* One sample's layer gate step (see lstm_gate): returns the logit, updates state = [h | c]. */
+static float lstm_step(const float *x, long C, long HW, long sc, long sp, const float *w, const float *b,
+                       const float *pw, float pb, long H, float *state) {
+    float pooled[MAXC], z[MAXG];
+    long G = 4 * H;
+    spatial_mean(x, C, HW, sc, sp, 0, pooled);
+    float *h = state, *c = h + H;
+    memcpy(z, b, sizeof(float) * G);
+    for (long i = 0; i < C; i++) {
+        const float v = pooled[i], *wr = w + i * G;
+        for (long k = 0; k < G; k++) z[k] += v * wr[k];
+    }
+    for (long i = 0; i < H; i++) {
+        const float v = h[i], *wr = w + (C + i) * G;
+        for (long k = 0; k < G; k++) z[k] += v * wr[k];
+    }
+    float logit = pb;
+    for (long k = 0; k < H; k++) {
+        float c2 = sigm(z[H + k]) * c[k] + sigm(z[k]) * tanhf(z[2 * H + k]);
+        c[k] = c2;
+        h[k] = sigm(z[3 * H + k]) * tanhf(c2);
+        logit += h[k] * pw[k];
+    }
+    return logit;
+}
+
 /* lstm_gate(x, n, C, HW, s_n, s_c, s_p, w, b, pw, pb, H, state, out) -> number of logits > 0
 
    Layer gate G^L for n samples: mean pool -> [1x1 conv folded into the LSTM input weights] ->
@@ -104,29 +131,10 @@ static PyObject *lstm_gate(PyObject *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     float *state = (float *)st.buf, *out = (float *)ob.buf;
-    float pooled[MAXC], z[MAXG];
-    long G = 4 * H, pos = 0;
+    long pos = 0;
     for (long s = 0; s < n; s++) {
-        spatial_mean(x + s * sn, C, HW, sc, sp, 0, pooled);
-        float *h = state + s * 2 * H, *c = h + H;
-        memcpy(z, b, sizeof(float) * G);
-        for (long i = 0; i < C; i++) {
-            const float v = pooled[i], *wr = w + i * G;
-            for (long k = 0; k < G; k++) z[k] += v * wr[k];
-        }
-        for (long i = 0; i < H; i++) {
-            const float v = h[i], *wr = w + (C + i) * G;
-            for (long k = 0; k < G; k++) z[k] += v * wr[k];
-        }
-        float logit = pb;
-        for (long k = 0; k < H; k++) {
-            float c2 = sigm(z[H + k]) * c[k] + sigm(z[k]) * tanhf(z[2 * H + k]);
-            c[k] = c2;
-            h[k] = sigm(z[3 * H + k]) * tanhf(c2);
-            logit += h[k] * pw[k];
-        }
-        out[s] = logit;
-        pos += logit > 0;
+        out[s] = lstm_step(x + s * sn, C, HW, sc, sp, w, b, pw, pb, H, state + s * 2 * H);
+        pos += out[s] > 0;
     }
     PyBuffer_Release(&st);
     PyBuffer_Release(&ob);
@@ -295,6 +303,25 @@ static PyObject *conv3x3(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+/* The CNN channel gate of one sample (see gate_conv): K logits into o, 0/1 into mask; returns
+   the number of channels on. */
+static long cnn_gate_run(const float *x, long H, long W, long Ci, const float *wp, const float *b, const float *fw,
+                         const float *fb, long K, float *o, float *mask) {
+    float pooled[MAXC], inv = 1.0f / (float)(((H - 1) / 2 + 1) * ((W - 1) / 2 + 1));
+    long pos = 0;
+    conv3x3_run(x, H, W, Ci, 2, wp, b, Ci, NULL, NULL, 1, pooled);
+    memcpy(o, fb, sizeof(float) * K);
+    for (long i = 0; i < Ci; i++) {
+        const float v = pooled[i] * inv, *restrict wr = fw + i * K;
+        for (long k = 0; k < K; k++) o[k] += v * wr[k];
+    }
+    for (long k = 0; k < K; k++) {
+        mask[k] = o[k] > 0 ? 1.0f : 0.0f;
+        pos += o[k] > 0;
+    }
+    return pos;
+}
+
 /* gate_conv(x, H, W, Ci, wp, bias, fw, fb, K, out, mask) -> number of logits > 0
 
    The whole CNN channel gate at batch 1: conv3x3 stride 2 (Ci -> Ci) + bias, ReLU, global mean (the
@@ -321,19 +348,7 @@ static PyObject *gate_conv(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyBuffer_Release(&ob);
         return NULL;
     }
-    float *o = (float *)ob.buf, *mask = (float *)mb.buf, pooled[MAXC];
-    float inv = 1.0f / (float)(((H - 1) / 2 + 1) * ((W - 1) / 2 + 1));
-    long pos = 0;
-    conv3x3_run(x, H, W, Ci, 2, wp, b, Ci, NULL, NULL, 1, pooled);
-    memcpy(o, fb, sizeof(float) * K);
-    for (long i = 0; i < Ci; i++) {
-        const float v = pooled[i] * inv, *restrict wr = fw + i * K;
-        for (long k = 0; k < K; k++) o[k] += v * wr[k];
-    }
-    for (long k = 0; k < K; k++) {
-        mask[k] = o[k] > 0 ? 1.0f : 0.0f;
-        pos += o[k] > 0;
-    }
+    long pos = cnn_gate_run(x, H, W, Ci, wp, b, fw, fb, K, (float *)ob.buf, (float *)mb.buf);
     PyBuffer_Release(&ob);
     PyBuffer_Release(&mb);
     return PyLong_FromLong(pos);
@@ -350,6 +365,51 @@ static void gather_columns(const float *restrict src, long rows, long Kp, const 
         for (long j = 0; j < k; j++) d[j] = a[on[j]];
         for (long j = k; j < kp; j++) d[j] = 0.0f;
     }
+}
+
+/* Per-thread scratch buffers that only grow (slot 0: a block's temporaries, slot 1: the network
+   runner's activations): no allocation per call (freeing ~100 KB at the heap top can make glibc
+   return the pages, and the next call fault fresh zeroed pages in). NULL when out of memory. */
+static float *scratch(int slot, size_t n) {
+    static __thread float *buf[2];
+    static __thread size_t cap[2];
+    if (n > cap[slot]) {
+        float *p = realloc(buf[slot], sizeof(float) * n);
+        if (!p) return NULL;
+        buf[slot] = p, cap[slot] = n;
+    }
+    return buf[slot];
+}
+
+/* One basic block at batch 1 (see `block`): on = the k active conv1 channels (NULL: all K). Returns
+   0, or -1 when out of memory. */
+static int block_run(const float *x, long H, long W, long Ci, long s, const float *w1, const float *b1, long K,
+                     const float *w2, const float *b2, long Co, const int *on, long k, const float *res,
+                     float *out) {
+    long Kp = (K + 7) & ~7L, Cop = (Co + 7) & ~7L;
+    long Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, npx = Ho * Wo;
+    if (k == 0) { /* conv2 sees zeros: its bias (folded BN shift) + residual, ReLU */
+        for (long p = 0; p < npx; p++)
+            for (long c = 0; c < Co; c++) out[p * Co + c] = RELU(b2[c] + res[p * Co + c]);
+        return 0;
+    }
+    long kp = (k + 7) & ~7L;
+    int gather = k < K;
+    float *h = scratch(0, npx * k + (gather ? 9 * Ci * kp + kp + 9 * k * Cop : 0));
+    if (!h) return -1;
+    float *w1s = h + npx * k, *w2s = w1s + 9 * Ci * kp + kp;
+    const float *c1w = w1, *c1b = b1, *c2w = w2;
+    if (gather) {
+        float *b1s = w1s + 9 * Ci * kp;
+        gather_columns(w1, 9 * Ci, Kp, on, k, kp, w1s);
+        for (long j = 0; j < kp; j++) b1s[j] = j < k ? b1[on[j]] : 0.0f;
+        for (long t = 0; t < 9; t++)
+            for (long j = 0; j < k; j++) memcpy(w2s + (t * k + j) * Cop, w2 + (t * K + on[j]) * Cop, sizeof(float) * Cop);
+        c1w = w1s, c1b = b1s, c2w = w2s;
+    }
+    conv3x3_run(x, H, W, Ci, s, c1w, c1b, k, h, NULL, 1, NULL);
+    conv3x3_run(h, Ho, Wo, k, 1, c2w, b2, Co, out, res, 1, NULL);
+    return 0;
 }
 
 /* block(x, H, W, Ci, s, w1, b1, K, w2, b2, Co, mask, res, out) -> active channels
@@ -380,7 +440,7 @@ static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         return NULL;
     }
     int on[MAXC];
-    long k = 0, Kp = (K + 7) & ~7L, Cop = (Co + 7) & ~7L;
+    long k = 0;
     Py_buffer mb;
     int have_mask = args[11] != Py_None;
     if (have_mask) {
@@ -397,36 +457,164 @@ static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     } else {
         k = K;
     }
-    long Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, npx = Ho * Wo;
-    if (k == 0) { /* conv2 sees zeros: its bias (folded BN shift) + residual, ReLU */
-        for (long p = 0; p < npx; p++)
-            for (long c = 0; c < Co; c++) out[p * Co + c] = RELU(b2[c] + res[p * Co + c]);
-        return PyLong_FromLong(0);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = block_run(x, H, W, Ci, s, w1, b1, K, w2, b2, Co, have_mask ? on : NULL, k, res, out);
+    Py_END_ALLOW_THREADS if (rc < 0) return PyErr_NoMemory();
+    return PyLong_FromLong(k);
+    return PyLong_FromLong(k);
+}
+
+/* ---- A whole CIFAR ResNet at batch 1 (the sparse path's fast case) ----
+
+   Why: with the convolutions in C, the Python around them (one gate call, one block call, their
+   argument handling and decision records per block) cost ~1 ms of a ~5 ms forward at batch 1, more
+   than the layer gates' whole FLOP share. Here the block loop itself is C: Python builds a program
+   (one row of pointers and sizes per block, `RESNET_FIELDS`) once per weight version and makes
+   one call per image. Same decisions and outputs as the Python loop (tests/test_sparse_equivalence.py). */
+enum { F_CI, F_CO, F_H, F_W, F_S, F_SKIP, F_W1, F_B1, F_W2, F_B2, F_SCW, F_SCB, F_LGW, F_LGB, F_LGPW, F_LGPB,
+       F_CGW, F_CGB, F_CGFW, F_CGFB, F_MOFF, F_JSKIP, RESNET_FIELDS };
+enum { H_STEMW, H_STEMB, H_STEMC, H_H, H_W, H_FCW, H_FCB, H_CLASSES, H_BLOCKS, H_HIDDEN, RESNET_HEAD };
+
+/* 1x1 conv, stride s, + bias (the projection shortcut): x (H, W, Ci), w (Ci, Cp), out (Ho, Wo, Co). */
+VECTORISED
+static void conv1x1_run(const float *restrict x, long H, long W, long Ci, long s, const float *restrict w,
+                        const float *restrict b, long Co, float *restrict out) {
+    long Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, Cp = (Co + 7) & ~7L;
+    float acc[MAXC];
+    for (long oy = 0; oy < Ho; oy++)
+        for (long ox = 0; ox < Wo; ox++) {
+            const float *restrict xp = x + (oy * s * W + ox * s) * Ci;
+            memcpy(acc, b, sizeof(float) * Co);
+            for (long ci = 0; ci < Ci; ci++) {
+                const float v = xp[ci], *restrict wr = w + ci * Cp;
+                for (long c = 0; c < Co; c++) acc[c] += v * wr[c];
+            }
+            memcpy(out + (oy * Wo + ox) * Co, acc, sizeof(float) * Co);
+        }
+}
+
+#define PTR(v) ((const float *)(intptr_t)(v))
+
+/* resnet(head, prog, x, forced_layer, forced_mask, gates, L, gate_logits, masks, mask_logits, active, logits)
+
+   head: int64 (RESNET_HEAD,), prog: int64 (blocks, RESNET_FIELDS) (0 = absent part); x: (H, W, 3)
+   float32 pointer. forced_layer: None or float32 (skippable blocks,) of 0/1; forced_mask: None or
+   float32 (sum K,) with NaN where a gate's mask is not forced; gates: run the gates (False: every
+   decision is forced). Outputs (float32 buffers, filled where a decision is made): L, gate_logits,
+   active (blocks,), masks, mask_logits (sum K,), logits (classes,). Returns None. */
+static PyObject *resnet(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "resnet takes 12 arguments");
+        return NULL;
     }
-    long kp = (k + 7) & ~7L;
-    int gather = k < K;
-    float *h = malloc(sizeof(float) * npx * k);
-    float *w1s = gather ? malloc(sizeof(float) * (9 * Ci * kp + kp)) : NULL;
-    float *w2s = gather ? malloc(sizeof(float) * 9 * k * Cop) : NULL;
-    if (!h || (gather && (!w1s || !w2s))) {
-        free(h), free(w1s), free(w2s);
-        return PyErr_NoMemory();
+    Py_buffer hb, pb, bufs[8];
+    int nb = 0, ok = 0;
+    const int roles[8] = {3, 4, 6, 7, 8, 9, 10, 11}; /* optional inputs 3, 4; outputs 6-11 */
+    if (PyObject_GetBuffer(args[0], &hb, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(args[1], &pb, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&hb);
+        return NULL;
     }
-    const float *c1w = w1, *c1b = b1, *c2w = w2;
-    if (gather) {
-        float *b1s = w1s + 9 * Ci * kp;
-        gather_columns(w1, 9 * Ci, Kp, on, k, kp, w1s);
-        for (long j = 0; j < kp; j++) b1s[j] = j < k ? b1[on[j]] : 0.0f;
-        for (long t = 0; t < 9; t++)
-            for (long j = 0; j < k; j++) memcpy(w2s + (t * k + j) * Cop, w2 + (t * K + on[j]) * Cop, sizeof(float) * Cop);
-        c1w = w1s, c1b = b1s, c2w = w2s;
+    const float *ptr[12] = {0};
+    for (; nb < 8; nb++) {
+        PyObject *o = args[roles[nb]];
+        if (o == Py_None && roles[nb] < 6) {
+            bufs[nb].obj = NULL;
+            continue;
+        }
+        if (PyObject_GetBuffer(o, &bufs[nb], roles[nb] < 6 ? PyBUF_C_CONTIGUOUS : PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        ptr[roles[nb]] = (const float *)bufs[nb].buf;
+    }
+    const int64_t *hd = (const int64_t *)hb.buf, *pg = (const int64_t *)pb.buf;
+    const float *x = (const float *)PyLong_AsVoidPtr(args[2]);
+    int gates = PyObject_IsTrue(args[5]);
+    if (PyErr_Occurred()) goto done;
+    if (hb.len < RESNET_HEAD * 8 || pb.len < hd[H_BLOCKS] * RESNET_FIELDS * 8 || hd[H_HIDDEN] * 4 > MAXG) {
+        PyErr_SetString(PyExc_ValueError, "resnet: malformed program");
+        goto done;
+    }
+    const float *Lf = ptr[3], *Mf = ptr[4];
+    float *L = (float *)ptr[6], *gl = (float *)ptr[7], *masks = (float *)ptr[8], *mlog = (float *)ptr[9];
+    float *act = (float *)ptr[10], *logits = (float *)ptr[11];
+    long H = hd[H_H], W = hd[H_W], C = hd[H_STEMC], big = H * W * C, hid = hd[H_HIDDEN];
+    for (long j = 0; j < hd[H_BLOCKS]; j++) {
+        const int64_t *r = pg + j * RESNET_FIELDS;
+        long sz = r[F_H] * r[F_W] * (r[F_CI] > r[F_CO] ? r[F_CI] : r[F_CO]);
+        if (sz > big) big = sz;
+    }
+    float *cur = scratch(1, 3 * big), *nxt = cur + big, *scb = nxt + big;
+    float state[2 * MAXG / 4] = {0};
+    int on[MAXC];
+    if (!cur) {
+        PyErr_NoMemory();
+        goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    conv3x3_run(x, H, W, Ci, s, c1w, c1b, k, h, NULL, 1, NULL);
-    conv3x3_run(h, Ho, Wo, k, 1, c2w, b2, Co, out, res, 1, NULL);
+    conv3x3_run(x, H, W, 3, 1, PTR(hd[H_STEMW]), PTR(hd[H_STEMB]), C, cur, NULL, 1, NULL);
+    for (long j = 0; j < hd[H_BLOCKS]; j++) {
+        const int64_t *r = pg + j * RESNET_FIELDS;
+        long Ci = r[F_CI], Co = r[F_CO], h = r[F_H], w = r[F_W], s = r[F_S];
+        int d = -1; /* layer decision: -1 none, 0 skip, 1 run */
+        if (r[F_SKIP]) {
+            if (r[F_LGW] && gates) {
+                float lg = lstm_step(cur, Ci, h * w, 1, Ci, PTR(r[F_LGW]), PTR(r[F_LGB]), PTR(r[F_LGPW]),
+                                     *PTR(r[F_LGPB]), hid, state);
+                gl[j] = lg;
+                d = lg > 0;
+            } else if (r[F_LGW]) {
+                gl[j] = NAN; /* forced without running the gate */
+            }
+            if (Lf) d = Lf[r[F_JSKIP]] > 0.5f;
+            if (d >= 0) L[j] = (float)d;
+        }
+        if (d == 0) continue; /* skipped: the output is the input */
+        long k = Co;
+        const int *onp = NULL;
+        if (r[F_CGW]) {
+            float *m = masks + r[F_MOFF], *ml = mlog + r[F_MOFF];
+            if (gates) cnn_gate_run(cur, h, w, Ci, PTR(r[F_CGW]), PTR(r[F_CGB]), PTR(r[F_CGFW]), PTR(r[F_CGFB]), Co,
+                                    ml, m);
+            else for (long c = 0; c < Co; c++) ml[c] = NAN;
+            if (Mf && Mf[r[F_MOFF]] == Mf[r[F_MOFF]]) memcpy(m, Mf + r[F_MOFF], sizeof(float) * Co); /* forced */
+            k = 0;
+            for (long c = 0; c < Co; c++)
+                if (m[c] > 0.5f) on[k++] = (int)c;
+            act[j] = (float)k;
+            onp = on;
+        }
+        const float *res = cur;
+        if (r[F_SCW]) {
+            conv1x1_run(cur, h, w, Ci, s, PTR(r[F_SCW]), PTR(r[F_SCB]), Co, scb);
+            res = scb;
+        }
+        if (block_run(cur, h, w, Ci, s, PTR(r[F_W1]), PTR(r[F_B1]), Co, PTR(r[F_W2]), PTR(r[F_B2]), Co,
+                      k < Co ? onp : NULL, k, res, nxt) < 0) {
+            ok = -1;
+            break;
+        }
+        float *t = cur;
+        cur = nxt, nxt = t;
+        H = (h - 1) / s + 1, W = (w - 1) / s + 1, C = Co;
+    }
+    if (ok == 0) { /* global average pool, classifier */
+        float pooled[MAXC];
+        spatial_mean(cur, C, H * W, 1, C, 0, pooled);
+        const float *fw = PTR(hd[H_FCW]), *fb = PTR(hd[H_FCB]);
+        for (long k = 0; k < hd[H_CLASSES]; k++) logits[k] = fb[k];
+        for (long c = 0; c < C; c++)
+            for (long k = 0; k < hd[H_CLASSES]; k++) logits[k] += pooled[c] * fw[c * hd[H_CLASSES] + k];
+    }
     Py_END_ALLOW_THREADS
-    free(h), free(w1s), free(w2s);
-    return PyLong_FromLong(k);
+    if (ok < 0) PyErr_NoMemory();
+    else ok = 1;
+done:
+    for (int i = 0; i < nb; i++)
+        if (bufs[i].obj) PyBuffer_Release(&bufs[i]);
+    PyBuffer_Release(&hb);
+    PyBuffer_Release(&pb);
+    if (ok != 1) return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
@@ -435,6 +623,7 @@ static PyMethodDef methods[] = {
     {"conv3x3", (PyCFunction)(void (*)(void))conv3x3, METH_FASTCALL, "direct 3x3 conv, batch 1, channels-last"},
     {"gate_conv", (PyCFunction)(void (*)(void))gate_conv, METH_FASTCALL, "CNN channel gate, batch 1"},
     {"block", (PyCFunction)(void (*)(void))block, METH_FASTCALL, "basic block (conv-conv-add), batch 1"},
+    {"resnet", (PyCFunction)(void (*)(void))resnet, METH_FASTCALL, "whole CIFAR ResNet, batch 1"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_gatekernels",

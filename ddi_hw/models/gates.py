@@ -37,8 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddi_hw.errors import UserError
-from ddi_hw.models import _gatekernels
-from ddi_hw.models.sparse_ops import FoldCache, module_tensors, pack3x3, pixel_layout
+from ddi_hw.models.sparse_ops import FUSED, FoldCache, _gatekernels, module_tensors, pack3x3, pixel_layout
 
 GATE_HIDDEN = 10
 OPEN_BIAS = 2.0  # gates start open (sigmoid(2) = 0.88): training starts from zero skipping
@@ -105,7 +104,7 @@ class SharedLSTMGate(nn.Module):
         Same math as `embed` + `step` + `logit` (tested against them). `x`: (N, C, H, W) features
         (pooled here) or (N, C) already pooled means. `state`: float32 numpy (N, 2H) = [h | c],
         updated in place, or None (zeros). Returns (logits as numpy (N,), state)."""
-        f = embed.fused.get(lambda: self._fold(embed), lambda: module_tensors(embed.conv, self.lstm, self.proj))
+        f = self.folded(embed)
         n = x.shape[0]
         if state is None:
             state = np.zeros((n, 2 * self.hidden), dtype=np.float32)
@@ -113,6 +112,10 @@ class SharedLSTMGate(nn.Module):
         x, layout = pixel_layout(x)
         _gatekernels.lstm_gate(*layout, f[0], f[1], f[2], f[3], self.hidden, state, out)
         return out, state
+
+    def folded(self, embed: "LayerGateEmbed"):
+        """`_fold(embed)`, cached on the embedding (recomputed when a source tensor changes)."""
+        return embed.fused.get(lambda: self._fold(embed), lambda: module_tensors(embed.conv, self.lstm, self.proj))
 
     def _fold(self, embed: "LayerGateEmbed"):
         """(w ptr, b ptr, proj ptr, proj bias, tensors kept alive): w = [W_ih W_conv ; W_hh]^T."""
@@ -154,7 +157,7 @@ class ChannelGateCNN(nn.Module):
         w, b, fw, fb, keep, (wp, bp), k = self._folded()
         n = x.shape[0]
         logit, mask = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.float32)
-        if n == 1:
+        if n == 1 and FUSED:
             x = x.contiguous(memory_format=torch.channels_last)
             _, c, h, wd = x.shape
             _gatekernels.gate_conv(x.data_ptr(), h, wd, c, wp, bp, fw, fb, k, logit, mask)

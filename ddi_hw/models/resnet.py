@@ -36,13 +36,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddi_hw.errors import UserError
-from ddi_hw.models import _gatekernels
 from ddi_hw.models.base import DynamicNet
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
-from ddi_hw.models.gates import LAYER_GATE, GateKind
+from ddi_hw.models.gates import LAYER_GATE, ChannelGateCNN, GateKind
 from ddi_hw.models.registry import register_model
-from ddi_hw.models.sparse_ops import FoldCache, conv3x3, fold_bn, module_tensors, pack3x3, run_channel_groups
+from ddi_hw.models.sparse_ops import (
+    FUSED,
+    FoldCache,
+    _gatekernels,
+    conv3x3,
+    fold_bn,
+    module_tensors,
+    pack3x3,
+    run_channel_groups,
+)
 
+RESNET_FIELDS = 22  # columns of a block row of the C runner's program (_gatekernels.c, enum F_*)
 CHANNELS_LAST_MIN = 32  # blocks this wide run channels-last (oneDNN direct conv)
 
 
@@ -64,11 +73,16 @@ class Stem(nn.Module):
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
 
+    def folded(self):
+        """(folded weight, bias, packed weight and bias for conv3x3), cached."""
+        def compute():
+            w, b = fold_bn(self.conv.weight, self.bn)
+            return w, b, pack3x3(w, b)
+        return self._fold.get(compute, lambda: module_tensors(self.conv, self.bn))
+
     def sparse(self, x):
-        w, b, packed = self._fold.get(lambda: (*fold_bn(self.conv.weight, self.bn),
-                                               pack3x3(*fold_bn(self.conv.weight, self.bn))),
-                                      lambda: module_tensors(self.conv, self.bn))
-        if x.shape[0] == 1:
+        w, b, packed = self.folded()
+        if x.shape[0] == 1 and FUSED:
             return conv3x3(x, *packed, w.shape[0])
         return F.relu(F.conv2d(x, w, b, 1, 1))
 
@@ -116,7 +130,7 @@ class BasicBlock(nn.Module):
         """Only active channels computed: conv1 output and conv2 input sliced, BN folded."""
         w1, b1, w2, b2, *rest = self._folded()
         src, packed, fmt = rest[-3:]
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and FUSED:
             return self._sparse_one(x, mask, rest[:2], packed)
         x = x.contiguous(memory_format=fmt)  # no-op when the previous block used the same format
         sc = x if self.skippable else F.conv2d(x, rest[0], rest[1], self.stride)
@@ -176,6 +190,7 @@ class CifarResNet(DynamicNet):
             raise UserError(f"CIFAR ResNet depth must be 6n+2 (14, 20, 26, 38, 74, 110), not {depth}")
         n = (depth - 2) // 6
         self.depth, self.max_channel_groups, self.input_size = depth, max_channel_groups, input_size
+        self._fold = FoldCache()  # the batch-1 C runner's program (`_program`)
         self._choose_channel_gate(channel_gates, channel_gate_kind)
         self.stem = Stem(widths[0])
         blocks, sizes, chans, c_in, size = [], [], [], widths[0], self.input_size
@@ -258,7 +273,84 @@ class CifarResNet(DynamicNet):
                                         for j, b in enumerate(self.blocks)]
         return self._sparse_blocks_list
 
+    def _program(self):
+        """The batch-1 network as the C runner's program (`_gatekernels.resnet`): a header and one
+        row per block of sizes and pointers into the folded weights, plus those tensors (kept
+        alive) and each channel gate's slice of the concatenated masks. Cached until any model
+        tensor changes (a version / pointer check of every tensor: ~0.05 ms per forward). None
+        when a part of this model has no C form (an RNN channel gate)."""
+        def compute():
+            if any(b.cgate is not None and not isinstance(b.cgate, ChannelGateCNN) for b in self.blocks):
+                return None
+            keep, rows, offsets, moff, jskip, size = [], [], {}, 0, 0, self.input_size
+            ptr = lambda t: (keep.append(t), t.data_ptr())[1]  # noqa: E731
+            for j, b, skippable, lgate, cgate, name in self._sparse_blocks():
+                folded = b._folded()
+                tensors, w1, b1, w2, b2, _ = folded[-2]  # packed for the batch-1 kernels
+                keep.append(tensors)
+                r = [0] * RESNET_FIELDS
+                r[:6] = [b.conv1.in_channels, b.conv1.out_channels, size, size, b.stride, int(skippable)]
+                r[6:10] = [w1, b1, w2, b2]
+                if not skippable:  # the 1x1 projection as (C_in, C_out rounded up to 8)
+                    w, bias = folded[4:6]
+                    co, ci = w.shape[:2]
+                    wt = w.new_zeros(ci, -(-co // 8) * 8)
+                    wt[:, :co] = w.reshape(co, ci).t()
+                    r[10:12] = [ptr(wt.contiguous()), ptr(bias.contiguous())]
+                if lgate is not None:
+                    f = self.layer_gate.folded(lgate)
+                    keep.append(f[4])
+                    r[12:16] = [f[0], f[1], f[2], ptr(torch.tensor([f[3]], dtype=torch.float32))]
+                if cgate is not None:
+                    _, _, fw, fb, fkeep, (wp, bp), k = cgate._folded()
+                    keep.append(fkeep)
+                    r[16:21] = [wp, bp, fw, fb, moff]
+                    offsets[name] = (j, moff, k)
+                    moff += k
+                r[21] = jskip
+                jskip += int(skippable)
+                rows.append(r)
+                size = (size - 1) // b.stride + 1
+            sw, sb, (swp, sbp) = self.stem.folded()
+            fcw = self.fc.weight.detach().t().contiguous()
+            head = [ptr(swp), ptr(sbp), sw.shape[0], self.input_size, self.input_size, ptr(fcw),
+                    ptr(self.fc.bias.detach().contiguous()), self.fc.out_features, len(rows), self.layer_gate.hidden
+                    if self.layer_gate is not None else 0]
+            return (np.array(head, dtype=np.int64), np.array(rows, dtype=np.int64), offsets, moff, keep)
+        return self._fold.get(compute, lambda: [t for n, t in (*self.named_parameters(), *self.named_buffers())
+                                                if not n.endswith("num_batches_tracked")])
+
+    def _forward_one(self, x, force, run) -> bool:
+        """Batch 1 without a budget: the whole forward as one C call (`_program`). False when the
+        model has no C form (the Python loop then runs)."""
+        prog = self._program()
+        if prog is None:
+            return False
+        head, rows, offsets, total, _ = prog
+        Lf, chf = force.get("layer"), force.get("channel", {})
+        fl = None if Lf is None else (Lf.numpy()[0] > 0.5).astype(np.float32)
+        fm = None
+        if chf:
+            fm = np.full(total, np.nan, dtype=np.float32)
+            for g, m in chf.items():
+                _, off, k = offsets[g]
+                fm[off:off + k] = m.numpy()[0]
+        masks, mlog = np.zeros(total, dtype=np.float32), np.empty(total, dtype=np.float32)
+        logits = np.empty(self.fc.out_features, dtype=np.float32)
+        x = x.float().contiguous(memory_format=torch.channels_last)
+        _gatekernels.resnet(head, rows, x.data_ptr(), fl, fm, not self.fully_forced(force), run._L[0], run._gl[0],
+                            masks, mlog, run._k[0], logits)
+        mt, lt = torch.from_numpy(masks)[None], torch.from_numpy(mlog)[None]
+        ran = run._L[0]
+        for name, (j, off, k) in offsets.items():  # gates of skipped blocks never ran: left out, as in the loop
+            if ran[j]:
+                run.channels[name], run.channel_logits[name] = mt[:, off:off + k], lt[:, off:off + k]
+        run._store(None, torch.from_numpy(logits)[None])
+        return True
+
     def _forward_sparse(self, x, force, run):
+        if x.shape[0] == 1 and run.budget is None and FUSED and self._forward_one(x, force, run):
+            return
         h = self.stem.sparse(x)
         n = x.shape[0]
         lstate = None  # numpy [h | c] of the layer-gate LSTM, created at the first gate

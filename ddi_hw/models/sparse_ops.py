@@ -7,7 +7,11 @@ from typing import Callable
 
 import torch
 
-from ddi_hw.models import _gatekernels
+try:
+    from ddi_hw.models import _gatekernels
+except ImportError:  # installed without a C compiler (the extension is optional): torch ops instead
+    _gatekernels = None
+FUSED = _gatekernels is not None  # the C kernels of the sparse path are installed
 
 
 def fold_bn(weight: torch.Tensor, bn, bias: torch.Tensor | None = None):
