@@ -204,8 +204,9 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
 static const float zeros[MAXC]; /* the zero padding: taps outside the image read from here */
 
 static inline __attribute__((always_inline)) void conv_tile(
-    const float *restrict x, long H, long W, long Ci, long s, const float *restrict wp, long Cp,
-    const float *restrict bias, long oy, long ox, long co0, const int P, const int V, v8 acc[8][4]) {
+    const float *restrict x, long H, long W, long Ci, long s, const float *restrict wp, long Cp, long tap,
+    const long *restrict roff, const float *restrict bias, long oy, long ox, long co0, const int P, const int V,
+    v8 acc[8][4]) {
     for (int p = 0; p < P; p++)
         for (int v = 0; v < V; v++) acc[p][v] = *(const v8 *)(bias + co0 + 8 * v);
     for (int ky = 0; ky < 3; ky++) {
@@ -217,11 +218,11 @@ static inline __attribute__((always_inline)) void conv_tile(
                 long ix = (ox + p) * s + kx - 1;
                 xq[p] = ix >= 0 && ix < W ? x + (iy * W + ix) * Ci : zeros;
             }
-            const float *restrict wk = wp + (ky * 3 + kx) * Ci * Cp + co0;
+            const float *restrict wk = wp + (ky * 3 + kx) * tap + co0;
             for (long ci = 0; ci < Ci; ci++) {
                 v8 wv[4];
 #pragma GCC unroll 4
-                for (int v = 0; v < V; v++) wv[v] = *(const v8 *)(wk + ci * Cp + 8 * v);
+                for (int v = 0; v < V; v++) wv[v] = *(const v8 *)(wk + roff[ci] + 8 * v);
 #pragma GCC unroll 8
                 for (int p = 0; p < P; p++) {
                     const float xv = xq[p][ci];
@@ -233,19 +234,22 @@ static inline __attribute__((always_inline)) void conv_tile(
     }
 }
 
-#define TILE(PP, VV) case PP: conv_tile(x, H, W, Ci, s, wp, Cp, bias, oy, ox, co0, PP, VV, acc); break;
+#define TILE(PP, VV) case PP: conv_tile(x, H, W, Ci, s, wp, Cp, tap, roff, bias, oy, ox, co0, PP, VV, acc); break;
 #define TILES(VV) switch (P) { TILE(8, VV) TILE(7, VV) TILE(6, VV) TILE(5, VV) TILE(4, VV) TILE(3, VV) \
                                TILE(2, VV) TILE(1, VV) }
 
 /* y = conv3x3(x, pad 1, stride s) + bias [+ res] [ReLU], or (pool != NULL) pool[c] = sum over pixels
    of ReLU(y[c]) with y not stored. x: (H, W, Ci) contiguous; wp: (9, Ci, Cp) with Cp = Co rounded up
-   to 8 (zero columns); bias: Cp; out, res: (Ho, Wo, Co) contiguous. Tiles: 4 pixels x 32 channels
+   to 8 (zero columns), or (9, Kw, Cp) of which input channel ci uses row rows[ci] (rows != NULL: x
+   holds a subset of the Kw channels); bias: Cp; out, res: (Ho, Wo, Co) contiguous. Tiles: 4 pixels x 32 channels
    when at least 32 channels are left, else 8 pixels x 8-24 channels (measured best here). */
 VECTORISED
 static void conv3x3_run(const float *restrict x, long H, long W, long Ci, long s, const float *restrict wp,
                         const float *restrict bias, long Co, float *restrict out, const float *restrict res,
-                        int relu, float *restrict pool) {
-    long Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, Cp = (Co + 7) & ~7L;
+                        int relu, float *restrict pool, const int *rows, long Kw) {
+    long Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, Cp = (Co + 7) & ~7L, tap = (rows ? Kw : Ci) * Cp;
+    long roff[MAXC]; /* weight row of each input channel (rows: a subset of the Kw rows per tap) */
+    for (long ci = 0; ci < Ci; ci++) roff[ci] = (rows ? rows[ci] : ci) * Cp;
     if (pool) memset(pool, 0, sizeof(float) * Co);
     v8 acc[8][4];
     for (long oy = 0; oy < Ho; oy++)
@@ -299,7 +303,7 @@ static PyObject *conv3x3(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_ValueError, "conv3x3: unsupported sizes");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS conv3x3_run(x, H, W, Ci, s, wp, b, Co, out, res, relu, NULL);
+    Py_BEGIN_ALLOW_THREADS conv3x3_run(x, H, W, Ci, s, wp, b, Co, out, res, relu, NULL, NULL, 0);
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
@@ -309,7 +313,7 @@ static long cnn_gate_run(const float *x, long H, long W, long Ci, const float *w
                          const float *fb, long K, float *o, float *mask) {
     float pooled[MAXC], inv = 1.0f / (float)(((H - 1) / 2 + 1) * ((W - 1) / 2 + 1));
     long pos = 0;
-    conv3x3_run(x, H, W, Ci, 2, wp, b, Ci, NULL, NULL, 1, pooled);
+    conv3x3_run(x, H, W, Ci, 2, wp, b, Ci, NULL, NULL, 1, pooled, NULL, 0);
     memcpy(o, fb, sizeof(float) * K);
     for (long i = 0; i < Ci; i++) {
         const float v = pooled[i] * inv, *restrict wr = fw + i * K;
@@ -381,12 +385,13 @@ static float *scratch(int slot, size_t n) {
     return buf[slot];
 }
 
-/* One basic block at batch 1 (see `block`): on = the k active conv1 channels (NULL: all K). Returns
-   0, or -1 when out of memory. */
-static int block_run(const float *x, long H, long W, long Ci, long s, const float *w1, const float *b1, long K,
-                     const float *w2, const float *b2, long Co, const int *on, long k, const float *res,
-                     float *out) {
-    long Kp = (K + 7) & ~7L, Cop = (Co + 7) & ~7L;
+/* One basic block at batch 1 (see `block`): on = the k active conv1 channels (NULL: all K); w1t:
+   conv1 as (K, 9 Ci) rows (one per output channel) to gather from, or NULL (gather columns of w1).
+   Returns 0, or -1 when out of memory. */
+static int block_run(const float *x, long H, long W, long Ci, long s, const float *w1, const float *w1t,
+                     const float *b1, long K, const float *w2, const float *b2, long Co, const int *on, long k,
+                     const float *res, float *out) {
+    long Kp = (K + 7) & ~7L;
     long Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, npx = Ho * Wo;
     if (k == 0) { /* conv2 sees zeros: its bias (folded BN shift) + residual, ReLU */
         for (long p = 0; p < npx; p++)
@@ -395,44 +400,52 @@ static int block_run(const float *x, long H, long W, long Ci, long s, const floa
     }
     long kp = (k + 7) & ~7L;
     int gather = k < K;
-    float *h = scratch(0, npx * k + (gather ? 9 * Ci * kp + kp + 9 * k * Cop : 0));
+    float *h = scratch(0, npx * k + (gather ? 9 * Ci * kp + kp : 0));
     if (!h) return -1;
-    float *w1s = h + npx * k, *w2s = w1s + 9 * Ci * kp + kp;
-    const float *c1w = w1, *c1b = b1, *c2w = w2;
-    if (gather) {
-        float *b1s = w1s + 9 * Ci * kp;
-        gather_columns(w1, 9 * Ci, Kp, on, k, kp, w1s);
+    const float *c1w = w1, *c1b = b1;
+    if (gather) { /* conv1's active output channels, packed (9 Ci, kp); conv2 reads its rows in place */
+        float *w1s = h + npx * k, *b1s = w1s + 9 * Ci * kp;
+        if (w1t) {
+            for (long j = 0; j < k; j++) {
+                const float *src = w1t + on[j] * 9 * Ci;
+                for (long r = 0; r < 9 * Ci; r++) w1s[r * kp + j] = src[r];
+            }
+            for (long r = 0; r < 9 * Ci; r++)
+                for (long j = k; j < kp; j++) w1s[r * kp + j] = 0.0f;
+        } else {
+            gather_columns(w1, 9 * Ci, Kp, on, k, kp, w1s);
+        }
         for (long j = 0; j < kp; j++) b1s[j] = j < k ? b1[on[j]] : 0.0f;
-        for (long t = 0; t < 9; t++)
-            for (long j = 0; j < k; j++) memcpy(w2s + (t * k + j) * Cop, w2 + (t * K + on[j]) * Cop, sizeof(float) * Cop);
-        c1w = w1s, c1b = b1s, c2w = w2s;
+        c1w = w1s, c1b = b1s;
     }
-    conv3x3_run(x, H, W, Ci, s, c1w, c1b, k, h, NULL, 1, NULL);
-    conv3x3_run(h, Ho, Wo, k, 1, c2w, b2, Co, out, res, 1, NULL);
+    conv3x3_run(x, H, W, Ci, s, c1w, c1b, k, h, NULL, 1, NULL, NULL, 0);
+    conv3x3_run(h, Ho, Wo, k, 1, w2, b2, Co, out, res, 1, NULL, gather ? on : NULL, K);
     return 0;
 }
 
-/* block(x, H, W, Ci, s, w1, b1, K, w2, b2, Co, mask, res, out) -> active channels
+/* block(x, H, W, Ci, s, w1, w1t, b1, K, w2, b2, Co, mask, res, out) -> active channels
 
    One basic block at batch 1, channels-last: h = ReLU(conv1(x) + b1) over the active output
    channels of conv1 only, out = ReLU(conv2(h) + b2 + res) reading only those channels. w1: (9, Ci,
-   K rounded up to 8) and w2: (9, K, Co rounded up to 8) packed (see conv3x3_run); mask: None (all K
-   on) or a float32 buffer of K 0/1 values. The active columns of w1 and rows of w2 are gathered
-   here on every call (a few us): no per-mask cache, so a mask never seen before costs the same. */
+   K rounded up to 8), w1t: the same as (K, 9 Ci) rows (or 0: gather from w1) and w2: (9, K, Co
+   rounded up to 8) packed (see conv3x3_run); mask: None (all K on) or a float32 buffer of K 0/1
+   values. conv1's active output channels are gathered from w1t on every call (a few us), conv2 reads
+   its active rows in place: no per-mask cache, so a mask never seen before costs the same. */
 static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 14) {
-        PyErr_SetString(PyExc_TypeError, "block takes 14 arguments");
+    if (nargs != 15) {
+        PyErr_SetString(PyExc_TypeError, "block takes 15 arguments");
         return NULL;
     }
     const float *x = (const float *)PyLong_AsVoidPtr(args[0]);
     long H = PyLong_AsLong(args[1]), W = PyLong_AsLong(args[2]), Ci = PyLong_AsLong(args[3]);
     long s = PyLong_AsLong(args[4]);
-    const float *w1 = (const float *)PyLong_AsVoidPtr(args[5]), *b1 = (const float *)PyLong_AsVoidPtr(args[6]);
-    long K = PyLong_AsLong(args[7]);
-    const float *w2 = (const float *)PyLong_AsVoidPtr(args[8]), *b2 = (const float *)PyLong_AsVoidPtr(args[9]);
-    long Co = PyLong_AsLong(args[10]);
-    const float *res = (const float *)PyLong_AsVoidPtr(args[12]);
-    float *out = (float *)PyLong_AsVoidPtr(args[13]);
+    const float *w1 = (const float *)PyLong_AsVoidPtr(args[5]), *w1t = (const float *)PyLong_AsVoidPtr(args[6]);
+    const float *b1 = (const float *)PyLong_AsVoidPtr(args[7]);
+    long K = PyLong_AsLong(args[8]);
+    const float *w2 = (const float *)PyLong_AsVoidPtr(args[9]), *b2 = (const float *)PyLong_AsVoidPtr(args[10]);
+    long Co = PyLong_AsLong(args[11]);
+    const float *res = (const float *)PyLong_AsVoidPtr(args[13]);
+    float *out = (float *)PyLong_AsVoidPtr(args[14]);
     if (PyErr_Occurred()) return NULL;
     if (Ci < 1 || Ci > MAXC || K < 1 || K > MAXC || Co < 1 || H < 1 || W < 1 || s < 1 || !x || !w1 || !b1 ||
         !w2 || !b2 || !res || !out) {
@@ -442,9 +455,9 @@ static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     int on[MAXC];
     long k = 0;
     Py_buffer mb;
-    int have_mask = args[11] != Py_None;
+    int have_mask = args[12] != Py_None;
     if (have_mask) {
-        if (PyObject_GetBuffer(args[11], &mb, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+        if (PyObject_GetBuffer(args[12], &mb, PyBUF_C_CONTIGUOUS) < 0) return NULL;
         if (mb.len < K * (Py_ssize_t)sizeof(float)) {
             PyBuffer_Release(&mb);
             PyErr_SetString(PyExc_ValueError, "block: mask buffer too small");
@@ -458,7 +471,7 @@ static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         k = K;
     }
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = block_run(x, H, W, Ci, s, w1, b1, K, w2, b2, Co, have_mask ? on : NULL, k, res, out);
+    Py_BEGIN_ALLOW_THREADS rc = block_run(x, H, W, Ci, s, w1, w1t, b1, K, w2, b2, Co, have_mask ? on : NULL, k, res, out);
     Py_END_ALLOW_THREADS if (rc < 0) return PyErr_NoMemory();
     return PyLong_FromLong(k);
     return PyLong_FromLong(k);
@@ -472,7 +485,7 @@ static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
    (one row of pointers and sizes per block, `RESNET_FIELDS`) once per weight version and makes
    one call per image. Same decisions and outputs as the Python loop (tests/test_sparse_equivalence.py). */
 enum { F_CI, F_CO, F_H, F_W, F_S, F_SKIP, F_W1, F_B1, F_W2, F_B2, F_SCW, F_SCB, F_LGW, F_LGB, F_LGPW, F_LGPB,
-       F_CGW, F_CGB, F_CGFW, F_CGFB, F_MOFF, F_JSKIP, RESNET_FIELDS };
+       F_CGW, F_CGB, F_CGFW, F_CGFB, F_MOFF, F_JSKIP, F_W1T, RESNET_FIELDS };
 enum { H_STEMW, H_STEMB, H_STEMC, H_H, H_W, H_FCW, H_FCB, H_CLASSES, H_BLOCKS, H_HIDDEN, RESNET_HEAD };
 
 /* 1x1 conv, stride s, + bias (the projection shortcut): x (H, W, Ci), w (Ci, Cp), out (Ho, Wo, Co). */
@@ -551,7 +564,7 @@ static PyObject *resnet(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    conv3x3_run(x, H, W, 3, 1, PTR(hd[H_STEMW]), PTR(hd[H_STEMB]), C, cur, NULL, 1, NULL);
+    conv3x3_run(x, H, W, 3, 1, PTR(hd[H_STEMW]), PTR(hd[H_STEMB]), C, cur, NULL, 1, NULL, NULL, 0);
     for (long j = 0; j < hd[H_BLOCKS]; j++) {
         const int64_t *r = pg + j * RESNET_FIELDS;
         long Ci = r[F_CI], Co = r[F_CO], h = r[F_H], w = r[F_W], s = r[F_S];
@@ -588,7 +601,7 @@ static PyObject *resnet(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             conv1x1_run(cur, h, w, Ci, s, PTR(r[F_SCW]), PTR(r[F_SCB]), Co, scb);
             res = scb;
         }
-        if (block_run(cur, h, w, Ci, s, PTR(r[F_W1]), PTR(r[F_B1]), Co, PTR(r[F_W2]), PTR(r[F_B2]), Co,
+        if (block_run(cur, h, w, Ci, s, PTR(r[F_W1]), PTR(r[F_W1T]), PTR(r[F_B1]), Co, PTR(r[F_W2]), PTR(r[F_B2]), Co,
                       k < Co ? onp : NULL, k, res, nxt) < 0) {
             ok = -1;
             break;

@@ -51,7 +51,7 @@ from ddi_hw.models.sparse_ops import (
     run_channel_groups,
 )
 
-RESNET_FIELDS = 22  # columns of a block row of the C runner's program (_gatekernels.c, enum F_*)
+RESNET_FIELDS = 23  # columns of a block row of the C runner's program (_gatekernels.c, enum F_*)
 CHANNELS_LAST_MIN = 32  # blocks this wide run channels-last (oneDNN direct conv)
 
 
@@ -118,7 +118,8 @@ class BasicBlock(nn.Module):
             if not self.skippable:
                 out += fold_bn(self.sc_conv.weight, self.sc_bn)
             src = (out[0].contiguous(), out[2].transpose(0, 1).contiguous())  # row gathers
-            packed = [*pack3x3(out[0], out[1]), *pack3x3(out[2], out[3])]  # batch 1: block
+            w1t = out[0].permute(0, 2, 3, 1).reshape(out[0].shape[0], -1).contiguous()  # (K, 9 C_in) rows
+            packed = [*pack3x3(out[0], out[1]), *pack3x3(out[2], out[3]), w1t]  # batch 1: block
             packed = (packed, *[t.data_ptr() for t in packed], out[0].shape[0])
             out = [t.contiguous(memory_format=fmt) if t.dim() == 4 else t for t in out]
             return out + [src, packed, fmt]  # slice sources, packed (tensors, pointers, width), format
@@ -145,12 +146,12 @@ class BasicBlock(nn.Module):
         """Batch 1: one C call (`_gatekernels.block`): conv1 on its active output channels, conv2 on
         those input channels, residual add and ReLU fused, channels-last; the active weights are
         gathered inside the call, so a new mask costs the same as a repeated one."""
-        _, w1, b1, w2, b2, k = packed
+        _, w1, b1, w2, b2, w1t, k = packed
         x = x.contiguous(memory_format=torch.channels_last)
         sc = x if self.skippable else F.conv2d(x, *sc_fold, self.stride).contiguous(memory_format=torch.channels_last)
         _, c, h, w = x.shape
         out = torch.empty(sc.shape, memory_format=torch.channels_last)
-        _gatekernels.block(x.data_ptr(), h, w, c, self.stride, w1, b1, k, w2, b2, out.shape[1],
+        _gatekernels.block(x.data_ptr(), h, w, c, self.stride, w1, w1t, b1, k, w2, b2, out.shape[1],
                            None if mask is None else mask.numpy(), sc.data_ptr(), out.data_ptr())
         return out
 
@@ -286,7 +287,7 @@ class CifarResNet(DynamicNet):
             ptr = lambda t: (keep.append(t), t.data_ptr())[1]  # noqa: E731
             for j, b, skippable, lgate, cgate, name in self._sparse_blocks():
                 folded = b._folded()
-                tensors, w1, b1, w2, b2, _ = folded[-2]  # packed for the batch-1 kernels
+                tensors, w1, b1, w2, b2, w1t, _ = folded[-2]  # packed for the batch-1 kernels
                 keep.append(tensors)
                 r = [0] * RESNET_FIELDS
                 r[:6] = [b.conv1.in_channels, b.conv1.out_channels, size, size, b.stride, int(skippable)]
@@ -307,7 +308,7 @@ class CifarResNet(DynamicNet):
                     r[16:21] = [wp, bp, fw, fb, moff]
                     offsets[name] = (j, moff, k)
                     moff += k
-                r[21] = jskip
+                r[21:23] = [jskip, w1t]
                 jskip += int(skippable)
                 rows.append(r)
                 size = (size - 1) // b.stride + 1
