@@ -358,19 +358,6 @@ static PyObject *gate_conv(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return PyLong_FromLong(pos);
 }
 
-/* dst (rows, kp) = the columns `on` (k of them) of src (rows, Kp), zero-padded to kp. Separate
-   and cloned so the x86-64-v3/v4 builds can use vector gathers. */
-VECTORISED
-static void gather_columns(const float *restrict src, long rows, long Kp, const int *restrict on, long k, long kp,
-                           float *restrict dst) {
-    for (long r = 0; r < rows; r++) {
-        const float *restrict a = src + r * Kp;
-        float *restrict d = dst + r * kp;
-        for (long j = 0; j < k; j++) d[j] = a[on[j]];
-        for (long j = k; j < kp; j++) d[j] = 0.0f;
-    }
-}
-
 /* Per-thread scratch buffers that only grow (slot 0: a block's temporaries, slot 1: the network
    runner's activations): no allocation per call (freeing ~100 KB at the heap top can make glibc
    return the pages, and the next call fault fresh zeroed pages in). NULL when out of memory. */
@@ -386,12 +373,11 @@ static float *scratch(int slot, size_t n) {
 }
 
 /* One basic block at batch 1 (see `block`): on = the k active conv1 channels (NULL: all K); w1t:
-   conv1 as (K, 9 Ci) rows (one per output channel) to gather from, or NULL (gather columns of w1).
+   conv1 as (K, 9 Ci) rows (one per output channel), the source of the gather.
    Returns 0, or -1 when out of memory. */
 static int block_run(const float *x, long H, long W, long Ci, long s, const float *w1, const float *w1t,
                      const float *b1, long K, const float *w2, const float *b2, long Co, const int *on, long k,
                      const float *res, float *out) {
-    long Kp = (K + 7) & ~7L;
     long Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, npx = Ho * Wo;
     if (k == 0) { /* conv2 sees zeros: its bias (folded BN shift) + residual, ReLU */
         for (long p = 0; p < npx; p++)
@@ -405,16 +391,12 @@ static int block_run(const float *x, long H, long W, long Ci, long s, const floa
     const float *c1w = w1, *c1b = b1;
     if (gather) { /* conv1's active output channels, packed (9 Ci, kp); conv2 reads its rows in place */
         float *w1s = h + npx * k, *b1s = w1s + 9 * Ci * kp;
-        if (w1t) {
-            for (long j = 0; j < k; j++) {
-                const float *src = w1t + on[j] * 9 * Ci;
-                for (long r = 0; r < 9 * Ci; r++) w1s[r * kp + j] = src[r];
-            }
-            for (long r = 0; r < 9 * Ci; r++)
-                for (long j = k; j < kp; j++) w1s[r * kp + j] = 0.0f;
-        } else {
-            gather_columns(w1, 9 * Ci, Kp, on, k, kp, w1s);
+        for (long j = 0; j < k; j++) {
+            const float *src = w1t + on[j] * 9 * Ci;
+            for (long r = 0; r < 9 * Ci; r++) w1s[r * kp + j] = src[r];
         }
+        for (long r = 0; r < 9 * Ci; r++)
+            for (long j = k; j < kp; j++) w1s[r * kp + j] = 0.0f;
         for (long j = 0; j < kp; j++) b1s[j] = j < k ? b1[on[j]] : 0.0f;
         c1w = w1s, c1b = b1s;
     }
@@ -447,7 +429,7 @@ static PyObject *block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     const float *res = (const float *)PyLong_AsVoidPtr(args[13]);
     float *out = (float *)PyLong_AsVoidPtr(args[14]);
     if (PyErr_Occurred()) return NULL;
-    if (Ci < 1 || Ci > MAXC || K < 1 || K > MAXC || Co < 1 || H < 1 || W < 1 || s < 1 || !x || !w1 || !b1 ||
+    if (Ci < 1 || Ci > MAXC || K < 1 || K > MAXC || Co < 1 || H < 1 || W < 1 || s < 1 || !x || !w1 || !w1t || !b1 ||
         !w2 || !b2 || !res || !out) {
         PyErr_SetString(PyExc_ValueError, "block: unsupported sizes");
         return NULL;
