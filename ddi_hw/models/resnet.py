@@ -21,10 +21,11 @@ The sparse path folds BN into the convs (eval mode), runs the layer gates on eve
 running, then only the samples whose block runs (gather / compute / scatter), and slices conv1's
 output and conv2's input channels; samples with identical channel masks run as one group (when
 the batch has more than `max_channel_groups` distinct masks, one run over the union of their
-active channels with the mask applied). Batch 1 runs each block as one C call (`_gatekernels.block`:
-direct 3x3 convs over exactly the active channels, channels-last, weights gathered per call); larger
-batches run PyTorch convs, channels-last for blocks of >= 32 channels and NCHW for 16-channel blocks
-(see `_conv_format`). When `force`
+active channels with the mask applied). Batch 1 without a budget runs the whole network as one C
+call (`CifarResNet._program`, `_gatekernels.resnet`: gates, direct 3x3 convs over exactly the active
+channels, channels-last, weights gathered per call); with a budget each block is one C call
+(`_gatekernels.block`). Larger batches run PyTorch convs, channels-last for blocks of >= 32 channels
+and NCHW for 16-channel blocks (see `_conv_format`). When `force`
 fixes every decision, no gate runs (`DynamicNet.fully_forced`). Gates run as fused C kernels on
 cached folded weights (`gates.SharedLSTMGate.fused_step`, `gates.ChannelGateCNN.sparse`).
 """
@@ -278,8 +279,9 @@ class CifarResNet(DynamicNet):
         """The batch-1 network as the C runner's program (`_gatekernels.resnet`): a header and one
         row per block of sizes and pointers into the folded weights, plus those tensors (kept
         alive) and each channel gate's slice of the concatenated masks. Cached until any model
-        tensor changes (a version / pointer check of every tensor: ~0.05 ms per forward). None
-        when a part of this model has no C form (an RNN channel gate)."""
+        tensor changes (a version / pointer check of every tensor, ~0.15 ms per forward for the
+        ~600 tensors of a gated ResNet-74: the largest Python cost left at batch 1). None when a
+        part of this model has no C form (an RNN channel gate)."""
         def compute():
             if any(b.cgate is not None and not isinstance(b.cgate, ChannelGateCNN) for b in self.blocks):
                 return None
