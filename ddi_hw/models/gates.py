@@ -16,6 +16,8 @@ Sparse (inference) path: the LSTM layer gate and (at batch 1) the whole CNN chan
 one C call each (`_gatekernels.c`, built at install) on weights folded once and cached (`FoldCache`: recomputed
 when a source tensor changes, cleared on train()/eval(), load_state_dict and .to()); a torch op
 costs 5-10 us at batch 1, which made the module form of a gate cost more than the work it saved.
+Without the extension (`sparse_ops.FUSED` False: installed without a C compiler) the same math runs
+as torch ops (slower at batch 1, same decisions: tests/test_gatekernels_fallback.py).
 
 Decisions are hard 0/1 (logit > 0). In training the straight-through estimator keeps the hard
 value in the forward pass and passes the sigmoid's gradient backwards.
@@ -104,14 +106,26 @@ class SharedLSTMGate(nn.Module):
         Same math as `embed` + `step` + `logit` (tested against them). `x`: (N, C, H, W) features
         (pooled here) or (N, C) already pooled means. `state`: float32 numpy (N, 2H) = [h | c],
         updated in place, or None (zeros). Returns (logits as numpy (N,), state)."""
-        f = self.folded(embed)
         n = x.shape[0]
         if state is None:
             state = np.zeros((n, 2 * self.hidden), dtype=np.float32)
+        if not FUSED:
+            return self._step_torch(x, embed, state), state
+        f = self.folded(embed)
         out = np.empty(n, dtype=np.float32)
         x, layout = pixel_layout(x)
         _gatekernels.lstm_gate(*layout, f[0], f[1], f[2], f[3], self.hidden, state, out)
         return out, state
+
+    def _step_torch(self, x: torch.Tensor, embed: "LayerGateEmbed", state: np.ndarray) -> np.ndarray:
+        """`fused_step` without the C kernels: embed -> LSTM cell -> linear as torch ops, the
+        numpy [h | c] state updated in place as the kernel does. Returns the logits (N,)."""
+        pooled = x.float() if x.dim() == 2 else x.float().mean((2, 3))
+        s, hid = torch.from_numpy(state), self.hidden
+        with torch.no_grad():
+            h, c = self.step(embed.conv(pooled[:, :, None, None]).flatten(1), (s[:, :hid], s[:, hid:]))
+            s[:, :hid], s[:, hid:] = h, c
+            return self.logit(h).numpy()
 
     def folded(self, embed: "LayerGateEmbed"):
         """`_fold(embed)`, cached on the embedding (recomputed when a source tensor changes)."""
@@ -163,6 +177,10 @@ class ChannelGateCNN(nn.Module):
             _gatekernels.gate_conv(x.data_ptr(), h, wd, c, wp, bp, fw, fb, k, logit, mask)
             return torch.from_numpy(logit), state, torch.from_numpy(mask)
         y = F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, 2, 1)
+        if not FUSED:  # no C kernels: the same head as torch ops
+            with torch.no_grad():
+                logit = self.fc(F.relu(y).mean((2, 3)))
+            return logit, state, (logit > 0).float()
         y, layout = pixel_layout(y)
         _gatekernels.pool_fc(*layout, True, fw, fb, k, logit, mask)
         return torch.from_numpy(logit), state, torch.from_numpy(mask)
