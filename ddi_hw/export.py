@@ -431,9 +431,11 @@ Exported by `ddi-hw export RUN --deploy`: everything the ZedBoard runs.
 
 On the board (PYNQ 3.0/3.1 image, Python 3.10; full steps in fpga/README.md of the repository):
 
+    sudo -i                                  # pynq needs root (/dev/mem)
+    source /etc/profile.d/pynq_venv.sh       # the image's Python 3.10 venv (pynq inside)
     pip install ./ddi-hw          # a copy of the repository: the light core only (numpy, PyYAML,
-                                  # safetensors, typer), no torch
-    sudo -E python validate.py    # --backend board (default) needs the .bit/.hwh here
+                                  # safetensors, typer), no torch, no C compiler needed
+    python validate.py            # --backend board (default) needs the .bit/.hwh here
     python validate.py --backend reference   # the same images on the numpy reference, no overlay
     ddi-hw run . --backend board --limit 100 # the CLI equivalent (per-image CSV: run_board.csv)
 """
