@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddi_hw.models import create_model, gates
+from ddi_hw.models import create_model, gates, sparse_ops
 
 HERE = Path(__file__).resolve()
-needs_ext = pytest.mark.skipif(not gates.FUSED, reason="the C gate kernels are not built here")
+needs_ext = pytest.mark.skipif(not sparse_ops.FUSED, reason="the C gate kernels are not built here")
 
 # (arch, kwargs, input size): the LSTM layer gate's kernel (ResNet: feature maps; DenseNet: pooled
 # means) and the CNN channel gate's kernel
