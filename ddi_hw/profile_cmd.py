@@ -27,8 +27,9 @@ FILES = ("cost_table.csv", "cost_table.parquet", "energy_per_layer.png", "energy
 def profile_command(
     arch: str = typer.Option("resnet74", help="Architecture from ddi_hw.models "
                              "(resnet14/20/26/38/74/110, densenet100, densenet201, ...)."),
-    hardware: str = typer.Option(DEFAULT_PRESET, help="Shipped preset (eyeriss-65nm, zedboard) "
-                                 "or a YAML file copied from one."),
+    hardware: str = typer.Option(DEFAULT_PRESET, help="Shipped preset (eyeriss-65nm, zedboard), "
+                                 "a YAML file copied from one, or a SCALE-Sim .cfg with its energy "
+                                 "sidecar <stem>.energy.yaml (docs/SCALESIM.md)."),
     dataflow: Optional[str] = typer.Option(None, help="Systolic dataflow: os, ws or is "
                                            "(default: the preset's)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default "
@@ -44,6 +45,10 @@ def profile_command(
     input_size: Optional[int] = typer.Option(None, callback=number(MIN_INPUT, 4096, integer=True),
                                              help="Input height/width (default: the model's, "
                                              "e.g. 224 for densenet201, 32 for CIFAR nets)."),
+    topology_csv: Optional[Path] = typer.Option(None, "--topology-csv",
+                                                help="Also write the SCALE-Sim topology CSV of the "
+                                                "traced model's simulated layers (inputs padded), "
+                                                "to cross-check with plain scalesim."),
 ) -> None:
     """Profile a network on a systolic-array accelerator: per-layer, per-channel energy table."""
     from energy_models.presets import DATAFLOWS, load_preset
@@ -54,17 +59,27 @@ def profile_command(
     model = _build(arch, layer_gates, channel_gates, exits, input_size)
     out = out or default_out(arch, preset.name)
     _check_writable(out)
+    if topology_csv is not None:
+        if topology_csv.is_dir():
+            raise UserError(f"--topology-csv {topology_csv} is a folder; give a file name such as "
+                            f"{topology_csv / 'topology.csv'}")
+        _check_writable(topology_csv.parent if str(topology_csv.parent) else Path("."), "--topology-csv")
     size = model.input_size
 
     from rich.console import Console
 
-    from energy_models.profile import profile_model
+    from energy_models.profile import profile_specs
+    from energy_models.specs import extract_specs
 
     console = Console()
-    df = profile_model(model, (1, 3, size, size), preset, dataflow=dataflow or preset.dataflow,
-                       cache_dir=cache_dir, jobs=jobs, progress=True)
+    specs = extract_specs(model, (1, 3, size, size))
+    df = profile_specs(specs, preset, dataflow=dataflow or preset.dataflow, cache_dir=cache_dir,
+                       jobs=jobs, progress=True)
     _write_all(df, out, preset)
     _summary(console, df, arch, preset, out)
+    if topology_csv is not None:
+        _write_topology(specs, preset, topology_csv)
+        console.print(f"wrote SCALE-Sim topology {topology_csv}")
 
 
 def _build(arch, layer_gates, channel_gates, exits, input_size):
@@ -82,14 +97,25 @@ def default_out(arch: str, hardware: str) -> Path:
     return Path("profile_out") / safe_name(f"{arch}-{hardware}")  # a preset name is not a path
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path, option: str = "--out") -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".probe"):
             pass
     except OSError as err:
         raise UserError(f"cannot write to output folder {out} ({err.strerror}); "
-                        "choose another with --out") from None
+                        f"choose another with {option}") from None
+
+
+def _write_topology(specs, preset, path: Path) -> None:
+    from energy_models.atomic import atomic_write_text
+    from energy_models.profile import scalesim_layers
+    from energy_models.scalesim_files import topology_csv
+
+    try:
+        atomic_write_text(path, topology_csv(scalesim_layers(specs, preset)))
+    except OSError as err:
+        raise UserError(f"could not write {path} ({err.strerror}); choose another --topology-csv") from None
 
 
 def _write_all(df, out: Path, preset) -> None:

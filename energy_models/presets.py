@@ -68,11 +68,17 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name_or_path) -> Preset:
-    """A shipped preset by name (e.g. "eyeriss-65nm") or a user YAML file, fully validated."""
+    """A shipped preset by name (e.g. "eyeriss-65nm"), a user YAML file, or a SCALE-Sim `.cfg` with
+    its energy sidecar (docs/SCALESIM.md), fully validated."""
     import yaml
 
     if isinstance(name_or_path, Preset):
         return name_or_path
+    if str(name_or_path).lower().endswith(".cfg"):  # a SCALE-Sim config plus its energy sidecar
+        from energy_models.scalesim_files import preset_mapping_from_cfg
+
+        data, label = preset_mapping_from_cfg(name_or_path)
+        return preset_from_mapping(data, label)
     text, label = _read(str(name_or_path))
     try:
         data = yaml.safe_load(text)
@@ -80,6 +86,11 @@ def load_preset(name_or_path) -> Preset:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise UserError(f"preset {label}: not valid YAML{where}; fix the syntax") from None
+    return preset_from_mapping(data, label)
+
+
+def preset_from_mapping(data, label: str) -> Preset:
+    """A validated `Preset` from the preset file's mapping (`label` names the file in errors)."""
     if not isinstance(data, dict):
         raise UserError(f"preset {label}: expected a mapping with 'simulator' and 'energy' sections")
 
@@ -172,7 +183,7 @@ def _read(name: str) -> tuple[str, str]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise UserError(f"preset file {name} not found; give a shipped preset "
-                            f"({', '.join(available_presets())}) or a YAML file")
+                            f"({', '.join(available_presets())}), a YAML file or a SCALE-Sim .cfg")
         try:
             return path.read_bytes().decode("utf-8"), path.name
         except UnicodeDecodeError as err:
@@ -180,5 +191,5 @@ def _read(name: str) -> tuple[str, str]:
     shipped = resources.files("energy_models") / "presets" / f"{name}.yaml"
     if not shipped.is_file():
         raise UserError(f"unknown hardware preset '{name}'; choose one of "
-                        f"{', '.join(available_presets())} or give a YAML file")
+                        f"{', '.join(available_presets())} or give a YAML file or a SCALE-Sim .cfg")
     return shipped.read_text(), f"{name}.yaml"

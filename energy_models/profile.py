@@ -124,8 +124,7 @@ def profile_specs(specs, hardware=DEFAULT_PRESET, dataflow: str | None = None, c
         eng = load_engine(preset.engine)
 
     def simulated(s):
-        p = where[s.name]
-        return p.op in ("conv", "gate_conv") or (p.op == "vector" and not on_proc)
+        return _simulated(where[s.name], on_proc)
 
     def tiled(s):  # an engine launch, simulated tile by tile as the engine runs it
         return eng is not None and s.kind == "conv" and s.groups == 1 and \
@@ -173,6 +172,20 @@ def profile_specs(specs, hardware=DEFAULT_PRESET, dataflow: str | None = None, c
     df["hardware"] = preset.name
     df["dataflow"] = dataflow
     return df
+
+
+def _simulated(p, on_proc: bool) -> bool:
+    return p.op in ("conv", "gate_conv") or (p.op == "vector" and not on_proc)
+
+
+def scalesim_layers(specs, hardware=DEFAULT_PRESET) -> list[tuple[str, SimLayer, int]]:
+    """(name, SimLayer, groups) of every layer the table costs with SCALE-Sim, all channels
+    active: what `energy_models.scalesim_files.topology_csv` writes for plain `scalesim`. (On an
+    engine preset the table sums the engine's tiles of these layers instead.)"""
+    preset = load_preset(hardware)
+    where = place(specs)
+    return [(s.name, sim_layer(s), s.groups) for s in specs
+            if _simulated(where[s.name], preset.proc_macs_per_s is not None)]
 
 
 def _run(requests, sim, cache_dir, jobs, progress):

@@ -1,21 +1,20 @@
 """SCALE-Sim runner: access counts of one conv/linear layer for every number of active channels.
 
 SCALE-Sim 3.x is driven through its Python classes, in memory, with no trace files. Two paths give
-the same numbers (tests/test_scalesim_runner.py checks this on sampled layers, channel counts,
-array sizes and all three dataflows):
+the same numbers (tests/test_scalesim_runner.py and tests/test_scalesim_os.py check this on
+sampled layers, channel counts, array and buffer sizes and all three dataflows):
 
 - `simulate_direct`: SCALE-Sim's own `single_layer_sim.run()` for one layer, as its CLI would.
-- `simulate_fast` (used by `run_sweeps`): the same SCALE-Sim compute classes build the same demand
-  matrices, then the three memories are served separately, because in CALC bandwidth mode
-  (the only mode we use) the ifmap/filter read buffers never stall, so they cannot influence each
-  other or the ofmap buffer. Savings, all exact:
-  * the prefetch matrices (unused in CALC mode, a Python loop per element) are not built, and
-    the output-stationary demand matrices are concatenated once, not once per fold (`FastOS`);
-  * a read buffer's DRAM count depends only on its address stream; the ifmap operand and (os/ws)
-    its stream are the same for every k within one column fold of the array: built once;
-  * `count_estimate_bw_reads` computes `ReadBufferEstimateBw`'s count with numpy (same rule);
-  * `serve_ofmap_writes` replays the ofmap `write_buffer` (fills, drains, stalls) on the number of
-    outputs per demand line instead of element by element.
+- `simulate_fast` (used by `run_sweeps`): the three memories are served separately, because in
+  CALC bandwidth mode (the only mode we use) the ifmap/filter read buffers never stall, so they
+  cannot influence each other or the ofmap buffer; the buffers' bookkeeping is replayed on
+  counts (energy_models/scalesim_memory.py).
+  * output stationary (both shipped presets): every count is derived from the layer's fold
+    structure (energy_models/scalesim_os.py); only layers with overlapping windows read
+    SCALE-Sim's ifmap operand matrix, once per layer, whatever the number of filters;
+  * weight and input stationary: SCALE-Sim's own compute classes build the demand matrices
+    (the prefetch matrices, unused in CALC mode, are not built) and the ifmap counts are kept
+    between the filter counts of one sweep.
 - numpy >= 2.4 no longer converts 1-element arrays to int, which breaks SCALE-Sim 3.0.0's
   `int(max(ofmap_serviced_cycles))`; `_CompatWriteBuffer` returns the same cycles as a flat array.
 
@@ -37,8 +36,13 @@ import numpy as np
 
 from energy_models.atomic import atomic_write_text
 from energy_models.errors import UserError
+from energy_models.scalesim_memory import count_estimate_bw_reads, serve_ofmap_writes, sram_words
+from energy_models.scalesim_os import os_counts
+from energy_models.scalesim_os import supports as os_supports
 
-RUNNER_VERSION = 1  # bump when the meaning of cached counts changes
+__all__ = ["count_estimate_bw_reads", "serve_ofmap_writes"]  # re-exported: the buffer replays
+
+RUNNER_VERSION = 2  # bump when the meaning of cached counts changes (2: SRAM sizes in whole KB)
 # macs: SCALE-Sim's compute count (ofmap pixels x window); cycles: its compute cycles including
 # stalls (`total_cycles`); SRAM and DRAM counts are in words, per operand, as SCALE-Sim reports.
 COUNT_COLUMNS = ("macs", "cycles", "sram_reads_ifmap", "sram_reads_filter", "sram_writes_ofmap",
@@ -118,123 +122,26 @@ def simulate_direct(layer: SimLayer, sim: dict) -> dict:
                 dram_writes_ofmap=int(s.ofmap_dram_writes))
 
 
-def count_estimate_bw_reads(stream: np.ndarray, total_size_bytes: int, word_size: int = 1,
-                            active_buf_frac: float = 0.5) -> int:
-    """DRAM reads SCALE-Sim's `ReadBufferEstimateBw` makes for this address stream.
-
-    Its bookkeeping reduces to epochs: new addresses fill sets of total/100 words; the active
-    window holds the completed sets since the last window move plus the filling set, and it moves
-    (emptying itself, with active fraction 0.5 as `single_layer_sim` uses) each time 50 more sets
-    complete. So an address is a hit iff it was placed since the current epoch began, an epoch
-    ends after 50 x set-size new addresses, and every placed address is fetched once. Each epoch
-    is found with one `np.unique` (first occurrences) instead of a Python loop per address.
-    """
-    assert round(active_buf_frac, 2) == 0.5, "single_layer_sim always uses active_buf_frac=0.5"
-    stream = np.asarray(stream)
-    total = math.floor(total_size_bytes / word_size)
-    per_set = math.floor(total / 100)
-    if per_set == 0:
-        raise ValueError("SCALE-Sim needs buffers of at least 100 words")
-    epoch = 50 * per_set
-    n, pos, count = stream.size, 0, 0
-    while pos < n:
-        span = max(2 * epoch, 4096)
-        while True:
-            seg = stream[pos:pos + span]
-            _, first = np.unique(seg, return_index=True)
-            if first.size >= epoch or pos + span >= n:
-                break
-            span *= 2
-        if first.size < epoch:  # the stream ends inside this epoch
-            return count + int(first.size)
-        first.sort()
-        count += epoch
-        pos += int(first[epoch - 1]) + 1
-    return count
-
-
 def _stream(demand) -> np.ndarray:
     flat = np.asarray(demand).reshape(-1)
     return flat[flat != -1].astype(np.int64)
 
 
-def _fast_os_class():
-    from scalesim.compute.systolic_compute_os import skew_matrix, systolic_compute_os
-
-    class FastOS(systolic_compute_os):
-        """SCALE-Sim's output-stationary compute with each demand matrix concatenated once
-        instead of once per fold (quadratic in the folds: 85% of the time on 224x224 layers).
-        Same per-fold matrices and counters as the original; mapping statistics are skipped."""
-
-        def create_ifmap_demand_mat(self):
-            gap = np.ones((self.arr_col - 1, self.arr_row)) * -1
-            folds = []
-            for _fc in range(self.col_fold):
-                for fr in range(self.row_fold):
-                    r0 = fr * self.arr_row
-                    r1 = min(r0 + self.arr_row, self.Sr)
-                    d = self.ifmap_op_mat_trans[:, r0:r1]
-                    self.ifmap_reads += d.shape[0] * d.shape[1]
-                    if self.arr_row > r1 - r0:
-                        pad = np.ones((self.T, self.arr_row - (r1 - r0))) * -1
-                        d = np.concatenate((d, pad), axis=1)
-                    folds.append(skew_matrix(np.concatenate((d, gap), axis=0)))
-            self.ifmap_demand_matrix = np.concatenate(folds, axis=0)
-
-        def create_filter_demand_mat(self):
-            gap = np.ones((self.arr_row - 1, self.arr_col)) * -1
-            folds = []
-            for fc in range(self.col_fold):
-                c0 = fc * self.arr_col
-                c1 = min(c0 + self.arr_col, self.Sc)
-                d = self.filter_op_mat[:, c0:c1]
-                reads = d.shape[0] * d.shape[1]
-                if self.arr_col > c1 - c0:
-                    pad = np.ones((self.T, self.arr_col - (c1 - c0))) * -1
-                    d = np.concatenate((d, pad), axis=1)
-                fold = skew_matrix(np.concatenate((d, gap), axis=0))
-                for _fr in range(self.row_fold):  # the same fold for every row fold
-                    self.filter_reads += reads
-                    folds.append(fold)
-            self.filter_demand_matrix = np.concatenate(folds, axis=0)
-
-        def create_ofmap_demand_mat(self):
-            prefix = np.ones((self.T - 1, self.arr_col)) * -1
-            folds = []
-            for fc in range(self.col_fold):
-                for fr in range(self.row_fold):
-                    r0 = fr * self.arr_row
-                    r1 = min(r0 + self.arr_row, self.Sr)
-                    c0 = fc * self.arr_col
-                    c1 = min(c0 + self.arr_col, self.Sc)
-                    d = self.ofmap_op_mat[r0:r1, c0:c1]
-                    self.ofmap_writes += d.shape[0] * d.shape[1]
-                    if self.arr_col > c1 - c0:
-                        pad = np.ones((d.shape[0], self.arr_col - (c1 - c0))) * -1
-                        d = np.concatenate((d, pad), axis=1)
-                    if self.arr_row > r1 - r0:
-                        pad = np.ones((self.arr_row - (r1 - r0), self.arr_col)) * -1
-                        d = np.concatenate((d, pad), axis=0)
-                    d = np.flip(d, 0)
-                    self.ofmap_writes += d.shape[0] + d.shape[1]  # SCALE-Sim counts this too
-                    folds.append(skew_matrix(np.concatenate((prefix, d), axis=0)))
-            self.ofmap_demand_matrix = np.concatenate(folds, axis=0)
-
-    return FastOS
-
-
 def simulate_fast(layer: SimLayer, sim: dict, memo: dict | None = None) -> dict:
-    """Same counts as `simulate_direct`, from SCALE-Sim's own operand and demand matrices (see the
-    module docstring). `memo` carries what does not depend on the number of filters between calls
-    of one sweep: the ifmap operand matrix and, for os/ws (whose ifmap demand depends on the
-    filters only through the number of column folds), the ifmap counts."""
+    """Same counts as `simulate_direct` (see the module docstring). `memo` carries what does not
+    depend on the number of filters between calls of one sweep: the ifmap operand matrix and, for
+    os/ws (whose ifmap demand depends on the filters only through the number of column folds), the
+    ifmap counts."""
     from scalesim.compute.operand_matrix import operand_matrix
     from scalesim.compute.systolic_compute_is import systolic_compute_is
+    from scalesim.compute.systolic_compute_os import systolic_compute_os
     from scalesim.compute.systolic_compute_ws import systolic_compute_ws
 
     if layer.filters == 0 or layer.channels == 0:
         return dict.fromkeys(COUNT_COLUMNS, 0)
     memo = {} if memo is None else memo
+    if sim["dataflow"] == "os" and os_supports(layer):
+        return os_counts(layer, sim, memo)
     cfg, topo, lay = _scalesim_objects(layer, sim)
     op = operand_matrix()
     op.set_params(config_obj=cfg, topoutil_obj=topo, layoututil_obj=lay, layer_id=0)
@@ -252,7 +159,7 @@ def simulate_fast(layer: SimLayer, sim: dict, memo: dict | None = None) -> dict:
     _, fil = op.get_filter_matrix()
     _, ofm = op.get_ofmap_matrix()
     df = sim["dataflow"]
-    comp = {"os": _fast_os_class(), "ws": systolic_compute_ws, "is": systolic_compute_is}[df]()
+    comp = {"os": systolic_compute_os, "ws": systolic_compute_ws, "is": systolic_compute_is}[df]()
     if df == "ws":
         comp.set_params(config_obj=cfg, ifmap_op_mat=ifm, filter_op_mat=fil, ofmap_op_mat=ofm,
                         ifmap_op_mat_original=op.ifmap_addr_matrix_original,
@@ -268,90 +175,20 @@ def simulate_fast(layer: SimLayer, sim: dict, memo: dict | None = None) -> dict:
         comp.create_ifmap_demand_mat()
         ifmap_sram = int(comp.ifmap_reads)
         ifmap_dram = count_estimate_bw_reads(_stream(comp.ifmap_demand_matrix),
-                                             1024 * sim["ifmap_sram_kb"])
+                                             sram_words(sim["ifmap_sram_kb"]))
         if dkey is not None:
             memo[dkey] = (ifmap_sram, ifmap_dram)
     ofd = comp.ofmap_demand_matrix
     cycles, dram_writes = serve_ofmap_writes(
-        np.count_nonzero(ofd != -1, axis=1).tolist(), 1024 * sim["ofmap_sram_kb"],
+        np.count_nonzero(ofd != -1, axis=1).tolist(), sram_words(sim["ofmap_sram_kb"]),
         sim["array_cols"])
     return dict(
         macs=int(topo.get_layer_num_ofmap_px(0) * topo.get_layer_window_size(0)), cycles=cycles,
         sram_reads_ifmap=ifmap_sram, sram_reads_filter=int(comp.filter_reads),
         sram_writes_ofmap=int(comp.ofmap_writes), dram_reads_ifmap=ifmap_dram,
         dram_reads_filter=count_estimate_bw_reads(_stream(comp.filter_demand_matrix),
-                                                  1024 * sim["filter_sram_kb"]),
+                                                  sram_words(sim["filter_sram_kb"])),
         dram_writes_ofmap=dram_writes)
-
-
-def serve_ofmap_writes(line_counts, total_size_bytes: int, bandwidth: int) -> tuple[int, int]:
-    """(compute cycles, DRAM writes) of SCALE-Sim's ofmap `write_buffer` for a demand matrix whose
-    line i holds `line_counts[i]` outputs, served in the per-line loop of
-    `double_buffered_scratchpad.service_memory_requests` (CALC mode: only this buffer stalls).
-
-    Same bookkeeping as the original, on counts instead of addresses: outputs fill lines of
-    `bandwidth` words; when the active half is full a drain of ceil(half/bandwidth) lines starts
-    (a partial line is flushed first); a drain counts every word of its lines except the padding
-    of its last line (SCALE-Sim's rule); a store with no free space stalls until the drain ends.
-    """
-    total = math.floor(total_size_bytes)
-    drain_size = total - int(math.ceil(total * 0.5))
-    threshold = total - drain_size
-    lines_per_drain = int(math.ceil(drain_size / bandwidth))
-    st = dict(free=total, n_lines=0, line_idx=0, dstart=0, acc=0)
-    partial: dict[int, int] = {}
-
-    def store(m):
-        st["free"] -= m
-        filled = st["line_idx"] + m
-        st["n_lines"] += filled // bandwidth
-        st["line_idx"] = filled % bandwidth
-
-    def flush():
-        if st["line_idx"]:
-            partial[st["n_lines"]] = st["line_idx"]
-            st["n_lines"] += 1
-            st["line_idx"] = 0
-
-    def drain(start):
-        end = min(st["dstart"] + lines_per_drain, st["n_lines"])
-        num = end - st["dstart"]
-        data = (num - 1) * bandwidth + partial.get(end - 1, bandwidth)
-        st["acc"] += data
-        st["free"] += data
-        st["dstart"] = end
-        return start + num - 1
-
-    drain_end, offset, cur = 0, 0, 0
-    for i, n in enumerate(line_counts):
-        cur = i + offset
-        while n > 0:
-            if cur < drain_end:
-                m = min(n, st["free"] - 1) if st["free"] >= 1 else 0
-                if m > 0:
-                    store(m)
-                    n -= m
-                    continue
-                store(1)
-                n -= 1
-                if not st["free"] > 0:
-                    offset += max(drain_end - cur, 0)
-                    cur = drain_end
-            else:
-                j = max(1, st["free"] - threshold + 1)
-                if j > n:
-                    store(n)
-                    n = 0
-                else:
-                    store(j)
-                    n -= j
-                    flush()
-                    drain_end = drain(cur)
-    flush()
-    cycle = cur
-    while st["dstart"] < st["n_lines"]:
-        cycle = drain(cycle) + 1
-    return cur, st["acc"]
 
 
 # --------------------------------------------------------------------------- sweeps, cache, pool

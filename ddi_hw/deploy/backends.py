@@ -109,8 +109,8 @@ class ImageResult:
     block_run: list[int] = field(default_factory=list)  # 1 = block ran, per block
     channel_masks: dict[str, np.ndarray] = field(default_factory=dict)
     launches: int = 0  # engine launches
-    iterations: int = 0  # summed engine compute-loop iterations (cycle proxy)
-    dense_iterations: int = 0  # the same with every block and channel on (for the saving ratio)
+    iterations: int = 0  # summed engine compute-loop iterations (cycle proxy), gate convs included
+    dense_iterations: int = 0  # the static network's (every block and channel on, no gates, no exits)
     cost: float = 0.0  # executed cost from the model's cost table (manifest cost_plan), exits if budgeted
 
     @property
@@ -212,6 +212,22 @@ class _Budget:
         return (i == 0 or fits), (fits and cum + look <= self.budget)
 
 
+def static_iterations(bundle) -> int:
+    """Engine iterations of the static network: every backbone launch (stem, transitions, every
+    block's convs) with all channels on; no gate convs, no exits. The reference of the iteration
+    saving, the same network the cost table's saving is measured against (`static_cost`)."""
+    return sum(int(st.get("dense_iterations") or 0) for st in bundle.program)
+
+
+def static_cost(plan: dict | None) -> float | None:
+    """The cost plan's static network (`ddi_hw.models.base.CostPlan.dense_cost`): every fixed
+    event and every block with all channels, no gates, no exits."""
+    if not plan:
+        return None
+    return sum(e["cost"] if e["kind"] == "fixed" else e["f"] + e["V"][-1] if e["kind"] == "block" else 0.0
+               for e in plan["events"])
+
+
 def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None = None,
               budget: float | None = None) -> ImageResult:
     """One normalised (3, H, W) float image through the bundle's program.
@@ -222,7 +238,7 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
     `avgpool2` are integer processor ops; `exit` runs an exit branch when `exit_at` names it or a
     `budget` (in the cost plan's metric, FLOPs) calls for it; `head` pools and classifies."""
     proc, env = _Processor(bundle), {}
-    res = ImageResult(logits=np.zeros(0))
+    res = ImageResult(logits=np.zeros(0), dense_iterations=static_iterations(bundle))  # also if it exits early
     masks: dict[str, np.ndarray] = {}
     plan = bundle.manifest.get("cost_plan")
     if budget is not None and (plan is None or not any(e["kind"] == "exit" for e in plan["events"])):
@@ -249,7 +265,6 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
                 res.channel_masks[cg["name"]] = masks[cg["name"]]
                 if bud:
                     bud.k[st["index"]] = int(masks[cg["name"]].sum())
-            res.dense_iterations += st["dense_iterations"]
             if not run:  # skipped block: nothing launched; output = input (ResNet) or a copy of
                 env[st["out"]] = env[st.get("skip_from") or st["in"]]  # the previous layer's (DenseNet)
                 if (st.get("skip_from") or st["in"]) in proc.pooled:
@@ -266,8 +281,6 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
                 proc.pooled[st["out"]] = r.pooled
             res.launches += 1
             res.iterations += r.iterations or 0
-            if st.get("dense_iterations"):  # a conv outside any block (stem, transition)
-                res.dense_iterations += st["dense_iterations"]
         elif op == "concat":  # channel concatenation (same Q format by construction)
             env[st["out"]] = np.concatenate([env[t] for t in st["in"]], axis=0)
             if all(t in proc.pooled for t in st["in"]):  # sums of a concatenation: concatenated
@@ -336,8 +349,11 @@ def rows_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Accuracy, iteration saving (engine cycle proxy) and float agreement of run_images rows."""
+def summarize(rows: list[dict], static: float | None = None) -> dict:
+    """Accuracy, savings and float agreement of run_images rows. Both savings are 1 - executed /
+    static network, gates counted as executed: `engine_iteration_saving` in engine iterations
+    (cycle proxy; gates on the processor cost the engine nothing), `cost_saving` in the cost plan's
+    metric (the table's saving for these images; `static` = `static_cost(plan)`)."""
     n = max(len(rows), 1)
 
     def mean(f):
@@ -347,6 +363,8 @@ def summarize(rows: list[dict]) -> dict:
     out = {"images": len(rows), "accuracy": mean(lambda r: r["prediction"] == r["label"]),
            "mean_blocks_run": mean(lambda r: r["blocks_run"]), "mean_cost": mean(lambda r: r["cost"]),
            "engine_iteration_saving": 1 - sum(r["iterations"] for r in rows) / dense if dense else 0.0}
+    if static:
+        out["cost_saving"] = 1 - out["mean_cost"] / static
     if rows and "float_prediction" in rows[0]:
         out["float_accuracy"] = mean(lambda r: r["float_prediction"] == r["label"])
         out["accuracy_drop"] = out["float_accuracy"] - out["accuracy"]
