@@ -417,6 +417,9 @@ def test_batch1_c_runner_matches_python_loop(kw, monkeypatch):
         assert torch.equal(c.cost["flops"], p.cost["flops"])
         assert torch.allclose(c.logits, p.logits, atol=1e-4, rtol=1e-4)
     assert len(calls) == 4
+    with torch.no_grad():  # another input size than the model's: the Python loop, not the C program's sizes
+        small = torch.randn(1, 3, 16, 16, generator=g)
+        assert torch.allclose(model(small, mode="sparse").logits, model(small).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_fused_gate_caches_follow_training():

@@ -326,6 +326,8 @@ class CifarResNet(DynamicNet):
     def _forward_one(self, x, force, run) -> bool:
         """Batch 1 without a budget: the whole forward as one C call (`_program`). False when the
         model has no C form (the Python loop then runs)."""
+        if x.shape[1:] != (3, self.input_size, self.input_size):  # the program's sizes are the model's
+            return False
         prog = self._program()
         if prog is None:
             return False
