@@ -436,11 +436,14 @@ class DynamicNet(nn.Module):
             out["layer"] = L
         if "channel" in force:
             out["channel"] = {}
+        widths = self.gate_widths
         for g, m in force.get("channel", {}).items():
-            if g not in self.gate_widths:
-                raise UserError(f"force['channel'] names unknown gate {g!r}; gates: {list(self.gate_widths)[:3]}...")
-            m = torch.as_tensor(m, dtype=torch.float32)
-            if tuple(m.shape) != (n, self.gate_widths[g]):
+            K = widths.get(g)
+            if K is None:
+                raise UserError(f"force['channel'] names unknown gate {g!r}; gates: {list(widths)[:3]}...")
+            if type(m) is not torch.Tensor or m.dtype != torch.float32:  # (a float32 tensor is used as it is)
+                m = torch.as_tensor(m, dtype=torch.float32)
+            if m.shape != (n, K):
                 raise UserError(f"force['channel'][{g!r}] must have shape ({n}, {self.gate_widths[g]})")
             out["channel"][g] = m
         return out

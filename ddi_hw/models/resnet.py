@@ -40,6 +40,7 @@ from ddi_hw.errors import UserError
 from ddi_hw.models.base import DynamicNet
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
 from ddi_hw.models.gates import LAYER_GATE, ChannelGateCNN, GateKind
+from ddi_hw.models.output import SliceViews
 from ddi_hw.models.registry import register_model
 from ddi_hw.models.sparse_ops import (
     FUSED,
@@ -319,7 +320,8 @@ class CifarResNet(DynamicNet):
             head = [ptr(swp), ptr(sbp), sw.shape[0], self.input_size, self.input_size, ptr(fcw),
                     ptr(self.fc.bias.detach().contiguous()), self.fc.out_features, len(rows), self.layer_gate.hidden
                     if self.layer_gate is not None else 0]
-            return (np.array(head, dtype=np.int64), np.array(rows, dtype=np.int64), offsets, moff, keep)
+            spans = {g: (off, k) for g, (_, off, k) in offsets.items()}
+            return (np.array(head, dtype=np.int64), np.array(rows, dtype=np.int64), offsets, spans, moff, keep)
         return self._fold.get(compute, lambda: [t for n, t in (*self.named_parameters(), *self.named_buffers())
                                                 if not n.endswith("num_batches_tracked")])
 
@@ -331,11 +333,13 @@ class CifarResNet(DynamicNet):
         prog = self._program()
         if prog is None:
             return False
-        head, rows, offsets, total, _ = prog
+        head, rows, offsets, spans, total, _ = prog
         Lf, chf = force.get("layer"), force.get("channel", {})
         fl = None if Lf is None else (Lf.numpy()[0] > 0.5).astype(np.float32)
         fm = None
-        if chf:
+        if len(chf) == len(offsets) and chf:  # every gate forced: one concatenation in program order
+            fm = np.concatenate([chf[g].numpy()[0] for g in offsets])
+        elif chf:
             fm = np.full(total, np.nan, dtype=np.float32)
             for g, m in chf.items():
                 _, off, k = offsets[g]
@@ -345,11 +349,11 @@ class CifarResNet(DynamicNet):
         x = x.float().contiguous(memory_format=torch.channels_last)
         _gatekernels.resnet(head, rows, x.data_ptr(), fl, fm, not self.fully_forced(force), run._L[0], run._gl[0],
                             masks, mlog, run._k[0], logits)
-        mt, lt = torch.from_numpy(masks)[None], torch.from_numpy(mlog)[None]
-        ran = run._L[0]
-        for name, (j, off, k) in offsets.items():  # gates of skipped blocks never ran: left out, as in the loop
-            if ran[j]:
-                run.channels[name], run.channel_logits[name] = mt[:, off:off + k], lt[:, off:off + k]
+        if offsets:  # sliced per gate on access; skipped blocks' gates: mask 0, no logits (as in the loop)
+            ran = run._L[0]
+            run.channels = SliceViews(torch.from_numpy(masks)[None], spans)
+            run.channel_logits = SliceViews(torch.from_numpy(mlog)[None],
+                                            {g: s for g, s in spans.items() if ran[offsets[g][0]]})
         run._store(None, torch.from_numpy(logits)[None])
         return True
 
