@@ -1,10 +1,12 @@
-"""Training throughput on CPU: the old path (NCHW, plain SGD) vs the new one (channels-last tensors,
-the recipe's Nesterov SGD + label smoothing), interleaved in one run so machine load hits both alike.
+"""Training throughput on CPU: the old path (NCHW, plain SGD) vs the new one (the static recipes' path:
+channels-last tensors, `torch.compile` of the forward, Nesterov SGD + label smoothing), with the
+channels-last eager path beside them, interleaved in one run so machine load hits all alike.
 
     python benchmarks/train_speed.py [--threads 2] [--batch 128] [--rounds 7]
 
 Prints images/s per (model, path) as medians over rounds, a table of ratios, and as its last line a
-JSON object (resnet38_img_s_old/new, resnet38_speedup, resnet20_img_s_old/new, resnet20_speedup).
+JSON object (resnet38_img_s_old/new, resnet38_speedup, resnet20_img_s_old/new, resnet20_speedup, and
+*_img_s_cl for channels-last without compile). Compiling takes a minute or two per model first.
 Synthetic inputs: the data pipeline is batched tensor ops and not what is being timed here.
 """
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch.nn.functional as F
 from ddi_hw.models import create_model
 
 
-def make_step(arch: str, new: bool, batch: int):
-    """One full training step (forward, loss, backward, SGD update) of a static `arch`."""
+def make_step(arch: str, path: str, batch: int):
+    """One full training step (forward, loss, backward, SGD update) of a static `arch` on `path`
+    (old | cl | new, see the module docstring)."""
     torch.manual_seed(0)
+    new = path != "old"
     fmt = torch.channels_last if new else torch.contiguous_format
     model = create_model(arch, num_classes=10, layer_gates=False, channel_gates=False, exits=False)
     model.to(memory_format=fmt).train()
@@ -30,8 +34,10 @@ def make_step(arch: str, new: bool, batch: int):
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
 
+    net = torch.compile(model) if path == "new" else model  # what `compile: true` in a recipe does
+
     def step():
-        loss = F.cross_entropy(model(x, mode="dense").logits, y, label_smoothing=0.1 if new else 0.0)
+        loss = F.cross_entropy(net(x, mode="dense").logits, y, label_smoothing=0.1 if new else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -46,8 +52,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per timed round")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    archs, paths = ("resnet20", "resnet38"), ("old", "new")
-    steps = {(a, p): make_step(a, p == "new", args.batch) for a in archs for p in paths}
+    archs, paths = ("resnet20", "resnet38"), ("old", "cl", "new")
+    steps = {(a, p): make_step(a, p, args.batch) for a in archs for p in paths}
     for fn in steps.values():  # warm-up: allocator, oneDNN primitive caches
         fn()
         fn()
@@ -60,13 +66,15 @@ def main() -> None:
             rates[key].append(args.batch * args.steps / (time.perf_counter() - t))
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"training images/s, batch {args.batch}, {args.threads} threads, median of {args.rounds} rounds")
-    print(f"{'model':10s} {'old':>8s} {'new':>8s} {'new/old':>8s}")
+    print("old = NCHW, plain SGD; cl = channels-last, Nesterov, label smoothing; new = cl + torch.compile")
+    print(f"{'model':10s} {'old':>8s} {'cl':>8s} {'new':>8s} {'cl/old':>8s} {'new/old':>8s}")
     for a in archs:
-        print(f"{a:10s} {med[a, 'old']:8.1f} {med[a, 'new']:8.1f} {med[a, 'new'] / med[a, 'old']:8.2f}")
+        print(f"{a:10s} {med[a, 'old']:8.1f} {med[a, 'cl']:8.1f} {med[a, 'new']:8.1f} "
+              f"{med[a, 'cl'] / med[a, 'old']:8.2f} {med[a, 'new'] / med[a, 'old']:8.2f}")
     out = {}
     for a in archs:
-        out[f"{a}_img_s_old"] = round(med[a, "old"], 1)
-        out[f"{a}_img_s_new"] = round(med[a, "new"], 1)
+        for p in paths:
+            out[f"{a}_img_s_{p}"] = round(med[a, p], 1)
         out[f"{a}_speedup"] = round(med[a, "new"] / med[a, "old"], 3)
     print(json.dumps(out))
 
