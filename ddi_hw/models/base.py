@@ -71,8 +71,10 @@ class CostPlan:
         self.fixed_cols, self.block_cols, self.exit_cols = (torch.tensor(cols[k], dtype=torch.long)
                                                             for k in ("fixed", "block", "exit"))
         self.skippable = torch.tensor(skippable, dtype=torch.bool)
+        self.skip_idx = np.flatnonzero(np.asarray(skippable, dtype=bool))  # == the model's skippable_idx
         parts = [self._split(by_block.get(b, [])) for b in blocks]
         self.K = torch.tensor([p[0] for p in parts], dtype=torch.float64)
+        self.K32 = self.K.numpy().astype(np.float32)  # SparseRun's starting active counts
         kmax = int(max([p[0] for p in parts] + [1]))
         total = lambda names, m: sum(table.dense(n, m) for n in names)  # noqa: E731
         self.V, self.g, self.c, self.f, self.fixed, self.exit = {}, {}, {}, {}, {}, {}
@@ -139,16 +141,17 @@ class CostPlan:
             ev = ev.index_copy(1, self.exit_cols, self.exit[metric].expand(n, -1))
         return ev
 
-    def hard_total(self, L: torch.Tensor, k: torch.Tensor, metric: str) -> torch.Tensor:
-        """(N,) total cost without exits for hard decisions (integer k: the table values
-        themselves, which is what `events_matrix` interpolates to). Few ops: the sparse path's
-        per-forward bookkeeping at batch 1."""
-        if not hasattr(self, "_jidx"):
-            self._jidx = torch.arange(self.J)
-            self._fixed_sum = {m: self.fixed[m].sum() for m in self.metrics}
-            self._fc = {m: self.f[m] + self.c[m] for m in self.metrics}
-        v = self.V[metric][self._jidx, k.long()]  # (N, J)
-        return self._fixed_sum[metric] + (self.g[metric] + L.to(torch.float64) * (self._fc[metric] + v)).sum(1)
+    def hard_total(self, L: np.ndarray, k: np.ndarray, metric: str) -> torch.Tensor:
+        """(N,) total cost without exits for hard decisions L, k ((N, J) numpy, integer k: the table
+        values themselves, which is what `events_matrix` interpolates to). In numpy: the sparse
+        path's per-forward bookkeeping at batch 1, where each torch op costs ~5 us of dispatch."""
+        if not hasattr(self, "_np"):
+            self._jidx = np.arange(self.J)
+            self._np = {m: (float(self.fixed[m].sum()), self.g[m].numpy(), (self.f[m] + self.c[m]).numpy(),
+                            self.V[m].numpy()) for m in self.metrics}
+        fixed, g, fc, V = self._np[metric]
+        v = V[self._jidx, k.astype(np.int64)]  # (N, J)
+        return torch.from_numpy(fixed + (g + L.astype(np.float64) * (fc + v)).sum(1))
 
     def dense_cost(self, metric: str) -> float:
         """Static backbone: every block runs with every channel, no gates, no exits."""
@@ -473,7 +476,7 @@ class SparseRun:
         # ~0.2 us, a torch indexing op ~5 us: at batch 1 the bookkeeping was ~0.3-0.8 ms per
         # forward); the torch tensors below share their memory.
         self._L = np.ones((n, plan.J), dtype=np.float32)
-        self._k = np.repeat(plan.K.numpy().astype(np.float32)[None], n, 0)
+        self._k = np.repeat(plan.K32[None], n, 0)
         self._gl = np.full((n, plan.J), np.inf, dtype=np.float32)
         self.L, self.k, self.gate_logits = (torch.from_numpy(a) for a in (self._L, self._k, self._gl))
         self._has_layer_gate = net.layer_gate is not None
@@ -590,19 +593,18 @@ class SparseRun:
         cost = {}
         for m in plan.metrics:
             if not budget:
-                cost[m] = plan.hard_total(self.L, self.k, m)
+                cost[m] = plan.hard_total(self._L, self._k, m)
                 continue
             ev = plan.events_matrix(self.L, self.k, m, with_exits=bool(budget)).cumsum(1)
             col = torch.where(self.taken < 0, plan.S - 1, plan.exit_cols[self.taken.clamp(min=0)]) \
                 if budget else torch.full((self.n,), plan.S - 1)
             cost[m] = ev.gather(1, col.unsqueeze(1)).squeeze(1)
-        skip = net.skippable_idx
-        probs = torch.sigmoid(self.gate_logits)
+        skip = plan.skip_idx  # (numpy indexing: a torch op per small tensor costs ~5 us at batch 1)
         for g, K in net.gate_widths.items():  # gates never reached (their blocks skipped for all)
             if g not in self.channels:
                 self.channels[g] = torch.zeros(self.n, K)
         return DynamicOutput(
-            logits=self.logits, exit_logits=[], layer_decisions=self.L[:, skip],
-            layer_probs=probs[:, skip], channel_decisions=self.channels, cost=cost,
-            exit_taken=self.taken, channel_probs=SigmoidViews(self.channel_logits), block_run=self.L,
+            logits=self.logits, exit_logits=[], layer_decisions=torch.from_numpy(self._L[:, skip]),
+            layer_probs=torch.sigmoid(torch.from_numpy(self._gl[:, skip])), channel_decisions=self.channels,
+            cost=cost, exit_taken=self.taken, channel_probs=SigmoidViews(self.channel_logits), block_run=self.L,
             block_active=self.k)
