@@ -1,0 +1,40 @@
+"""benchmarks/cifar10_cpu_runs.sh is re-run until everything is done: it must skip finished runs,
+resume interrupted ones and start the rest, in its documented order. `ddi-hw` is replaced on PATH by
+a recorder (the script's control flow is what is tested; training itself is tested elsewhere)."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_cpu_runs.sh"
+
+
+def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
+    bin_dir, out = tmp_path / "bin", tmp_path / "runs"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    fake = bin_dir / "ddi-hw"
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    (out / "resnet38_static").mkdir(parents=True)
+    (out / "resnet38_static" / "model.safetensors").write_bytes(b"")  # finished
+    (out / "resnet20_static").mkdir()
+    (out / "resnet20_static" / "resume.safetensors").write_bytes(b"")  # interrupted
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "D": str(tmp_path / "data"), "OUT": str(out),
+           "THREADS": "1"}
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert f"finished: {out}/resnet38_static" in r.stdout
+    calls = log.read_text().splitlines()
+    trains = [c for c in calls if c.startswith("train ")]
+    outs = [c.split("--out ")[1].split()[0] for c in trains]
+    names = [Path(o).name for o in outs]
+    assert names == ["resnet20_static", "resnet14_static", "resnet26_static", "iadi_flops50", "iadi_energy50",
+                     "iadi_flops30", "iadi_flops40", "iadi_flops60", "iadi_flops70", "iadi_flops80", "ddi"]
+    assert trains[0].endswith("--resume") and not any(c.endswith("--resume") for c in trains[1:])
+    assert all("--threads 1" in c and f"--data-dir {tmp_path / 'data'}" in c for c in trains)
+    energy = trains[names.index("iadi_energy50")]
+    assert "--resource energy --hardware zedboard --target-saving 0.5" in energy
+    assert f"--init {out}/resnet38_static" in energy
+    assert [c.split()[0] for c in calls[len(trains):]] == ["eval", "table1"]
