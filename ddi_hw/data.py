@@ -429,6 +429,23 @@ def train_batch(ds: Dataset, step: int, batch_size: int, seed: int, rank: int = 
     return normalize(x, ds), y
 
 
+def center_view(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The evaluation view of uint8 images: as stored, or the center crop when stored larger."""
+    if x.shape[-1] == size:
+        return x
+    off = (x.shape[-1] - size) // 2
+    return x[..., off:off + size, off:off + size]
+
+
+def clean_train_batch(ds: Dataset, i: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The i-th batch of training images in the evaluation view (no crop padding, no flip), from a
+    fixed seeded order: what test images look like, for the training loop's saving calibration."""
+    perm = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(seed * 100_003 + 7_919))
+    start = (i * batch_size) % max(len(ds.train) - batch_size + 1, 1)
+    x, y = ds.train.load(perm[start:start + batch_size])
+    return normalize(center_view(x, ds.image_size), ds), y
+
+
 def test_batches(ds: Dataset, batch_size: int, limit: int | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(normalised images, labels, uint8 images) over the test split in order, center view."""
@@ -436,9 +453,7 @@ def test_batches(ds: Dataset, batch_size: int, limit: int | None = None
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
         x, y = ds.test.load(idx)
-        if x.shape[-1] != ds.image_size:  # stored larger than the input: center crop
-            off = (x.shape[-1] - ds.image_size) // 2
-            x = x[..., off:off + ds.image_size, off:off + ds.image_size]
+        x = center_view(x, ds.image_size)
         yield normalize(x, ds), y, x
 
 
@@ -448,7 +463,4 @@ def test_images(dataset: str, data_dir, limit: int | None, split: str = "test"):
     src = ds.test if split == "test" else ds.train
     n = len(src) if limit is None else min(limit, len(src))
     x, y = src.load(torch.arange(n))
-    if x.shape[-1] != ds.image_size:
-        off = (x.shape[-1] - ds.image_size) // 2
-        x = x[..., off:off + ds.image_size, off:off + ds.image_size]
-    return normalize(x, ds).numpy(), y.numpy()
+    return normalize(center_view(x, ds.image_size), ds).numpy(), y.numpy()

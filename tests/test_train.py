@@ -63,7 +63,8 @@ def _weights(run):
 def test_resume_is_bit_exact_across_iadi_phase_switch(tmp_path):
     static = tmp_path / "static"
     train(cfg(steps=4), static, show_progress=False)
-    iadi = cfg(stage="iadi", init=str(static), steps=4, gate_steps=2, alpha=0.5, target_saving=0.3)
+    iadi = cfg(stage="iadi", init=str(static), steps=4, gate_steps=2, alpha=0.5, target_saving=0.3,
+               calibrate_every=1)  # a saving calibration pass after every main-phase step: resumed too
     train(iadi, tmp_path / "full", show_progress=False)
     # interrupted after 1 step (inside step 1, gates only) and again after 3 (inside step 2)
     assert train(iadi, tmp_path / "cut", stop_after=1, show_progress=False) == {"stopped_at": 1}
@@ -256,6 +257,41 @@ def test_dual_rule_holds_targets_the_sign_rule_cannot_reach():
     for target in (0.1, 0.25, 0.4):  # the same default setting (bound 5, default gain) for every target
         late = _plant("dual", target, bound=5.0)[-500:]
         assert abs(sum(late) / len(late) - target) < 0.03, target
+
+
+def test_calibration_holds_the_target_on_clean_images():
+    """The gates save 0.05 less on un-augmented images than on augmented training batches (a
+    stand-in plant with that bias): without calibration the dual rule holds the training batches at
+    the target and clean images miss it by the bias; with it, clean images land on the target."""
+    import numpy as np
+
+    from ddi_hw.train import calibrate, calibrated_goal
+
+    assert calibrated_goal({}, 0.5) == 0.5  # before the first pass: the target itself
+    st = {}
+    calibrate(st, 0.50, 0.45)
+    calibrate(st, 0.52, 0.47)
+    assert st["calib_aug"] == pytest.approx(0.504, abs=1e-12) and st["calib_clean"] == pytest.approx(0.454, abs=1e-12)
+    assert abs(calibrated_goal(st, 0.5) - 0.55) < 1e-12
+    assert calibrated_goal({"calib_aug": 0.9, "calib_clean": 0.1}, 0.5) == 0.5 + 0.2  # bounded correction
+    rng = np.random.default_rng(1)
+    thresholds = np.linspace(-1, 1, 1000)
+    c = cfg(steps=1, alpha=5.0, alpha_rule="dual")
+    for on in (False, True):
+        st, b, clean, window = {}, -1.5, [], []
+        for step in range(1, 3001):
+            aug = 0.6 * float((b > rng.choice(thresholds, 64)).mean()) - 0.1
+            window.append(aug)
+            goal = calibrated_goal(st, 0.4) if on else 0.4
+            b += 0.01 * (next_alpha(c, st, aug, goal, "main") - 1.0)
+            if step % 20 == 0:
+                cl = 0.6 * float((b > rng.choice(thresholds, 64)).mean()) - 0.1 - 0.05
+                clean.append(cl)
+                if on:
+                    calibrate(st, sum(window) / len(window), cl)
+                window = []
+        late = sum(clean[-50:]) / 50
+        assert (abs(late - 0.4) < 0.02) if on else (abs(late - 0.35) < 0.02), (on, late)
 
 
 def test_dual_rule_moves_the_real_gates_towards_the_target(tmp_path):
