@@ -400,7 +400,7 @@ class CifarResNet(DynamicNet):
                 if cgate is not None:
                     mask, cstate = self._sparse_channel_mask(cgate, name, j, hx, ex, idx, cstate, chf, gates, run)
                 y = b.sparse(hx, mask, self.max_channel_groups)
-                h = y if ex is None else h.index_copy(0, ex, y)
+                h = y if ex is None else h.index_copy_(0, ex, y)  # h is this forward's own map: in place
             if j in exit_at:
                 keep = run.at_exit(exit_at[j], h, self.exits[exit_at[j]])
                 if keep is not None and len(keep) < h.shape[0]:
