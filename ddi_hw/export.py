@@ -197,7 +197,8 @@ def _gate_taps(model, gate, tag: str) -> dict[str, tuple]:
     """Calibration taps of a channel gate's engine convs (their ReLU outputs: `tag`.0, .1, ...)."""
     if gate is None:
         return {}
-    return {f"{tag}.{i}": (getattr(gate, c), True) for i, c in enumerate(GATE_OPS[model.channel_gate.deploy].engine_convs)}
+    convs = GATE_OPS[model.channel_gate.deploy].engine_convs
+    return {f"{tag}.{i}": (getattr(gate, c), True) for i, c in enumerate(convs)}
 
 
 def _launch_flags(model) -> dict[str, dict]:

@@ -17,8 +17,11 @@ Placement of every spec (`place`), in execution order:
                   the gates' pools over a concatenation or a transition's output) and the backbone's
                   non-global pools (the transitions' 2x2 average pools; the engine has no pooling
                   unit). The ARM reads the map once from DRAM and writes a result map back (a
-                  global pool's vector stays in its cache); time = ops / `proc_macs_per_s`. On a
-                  preset without a processor: an analytic row on the array, as `other`.
+                  global pool's vector stays in its cache); time = ops / `proc_macs_per_s`. A gate's
+                  pool over a concatenation keeps the channel sums it already has (`reuse`: those of
+                  the previous gate pool over a map of the same size, a prefix of the same dense
+                  block's features) and reads only the channels added since. On a preset without a
+                  processor: an analytic row on the array, as `other`.
 - `vector`        a layer on a pooled vector (gate 1x1 embeddings, LSTM cells, gate FCs, the
                   classifier): on the host processor when the preset has one (time only: its power
                   is the preset's board power), else on the array (SCALE-Sim).
@@ -40,6 +43,7 @@ class Placement:
     op: str  # conv | gate_conv | residual_add | global_pool | processor_map | vector | other
     fused_into: str = ""  # the engine launch this op happens inside (residual_add, global_pool)
     store: bool = True  # gate_conv: False when only its pooled sums are used
+    reuse: int = 0  # processor_map of a gate pool: leading channels whose sums the processor has
 
 
 def _is_vector(s) -> bool:
@@ -63,7 +67,7 @@ def place(specs) -> dict[str, Placement]:
         elif s.kind == "pool" and s.out_h * s.out_w == 1 and s.role != "exit":
             prod = _pool_producer(specs, i)
             if prod is None:
-                out[s.name] = Placement("processor_map")
+                out[s.name] = Placement("processor_map", reuse=_reused_sums(specs, i, out))
             else:
                 out[s.name] = Placement("global_pool", prod)
                 pooled_producers.add(prod)
@@ -95,6 +99,29 @@ def _pool_producer(specs, i) -> str | None:
     return prod.name
 
 
+def _reused_sums(specs, i, placed) -> int:
+    """Channels of a gate pool's input whose sums the processor already holds: the input of the
+    previous gate pool over features of the same size (pooled by the processor or fused into a
+    backbone conv; not a gate's pool of its own conv), if this input extends it (a DenseNet
+    concatenation grows by appending channels). 0 for a backbone pool (the DenseNet head pools
+    after BN + ReLU, per element: no sums to reuse)."""
+    s = specs[i]
+    if s.role != "gate":
+        return 0
+    for p in reversed(specs[:i]):
+        q = placed.get(p.name)
+        if p.kind != "pool" or p.role != "gate" or p.out_h * p.out_w != 1 or (p.in_h, p.in_w) != (s.in_h, s.in_w):
+            continue
+        if q.op == "global_pool" and not _backbone_producer(specs, q.fused_into):
+            continue  # a gate's pool of its own conv (the light gate's), not of the features
+        return p.in_ch if p.in_ch <= s.in_ch else 0
+    return 0
+
+
+def _backbone_producer(specs, name: str) -> bool:
+    return any(p.name == name and p.role == "backbone" for p in specs)
+
+
 def fused_counts(spec, p: Placement, active: int) -> dict:
     """Counts of a fused op with `active` channels (words are 16-bit)."""
     from energy_models.scalesim_runner import COUNT_COLUMNS
@@ -113,15 +140,16 @@ def fused_counts(spec, p: Placement, active: int) -> dict:
     return c
 
 
-def processor_counts(spec, active: int) -> dict:
-    """Counts of a `processor_map` op with `active` channels: one op per element read (`macs`,
-    the spec's own count, so FLOPs stay the traced ones), the map read once from DRAM, a pooled
-    map written back for the engine (a global pool's vector stays in the processor's cache)."""
+def processor_counts(spec, p: Placement, active: int) -> dict:
+    """Counts of a `processor_map` op with `active` channels: one op per element read, the map
+    read once from DRAM (only the channels past `p.reuse`), a pooled map written back for the
+    engine (a global pool's vector stays in the processor's cache). `macs` stays the traced count,
+    so FLOPs are the same on every preset; the processor's time is charged for the elements read."""
     from energy_models.scalesim_runner import COUNT_COLUMNS
 
     c = dict.fromkeys(COUNT_COLUMNS, 0)
     out_words = spec.out_h * spec.out_w * active if spec.out_h * spec.out_w > 1 else 0
-    c.update(macs=spec.macs_at(active, active), dram_reads_ifmap=spec.in_h * spec.in_w * active,
+    c.update(macs=spec.macs_at(active, active), dram_reads_ifmap=spec.in_h * spec.in_w * max(0, active - p.reuse),
              dram_writes_ofmap=out_words)
     return c
 

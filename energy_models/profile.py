@@ -167,8 +167,8 @@ def profile_specs(specs, hardware=DEFAULT_PRESET, dataflow: str | None = None, c
                 elif p.op in ("residual_add", "global_pool"):
                     c = fused_counts(s, p, active)
                 elif p.op == "processor_map" and on_proc:
-                    c = processor_counts(s, active)
-                    proc_s = c["macs"] / preset.proc_macs_per_s
+                    c = processor_counts(s, p, active)
+                    proc_s = c["dram_reads_ifmap"] / preset.proc_macs_per_s  # one op per element read
                 else:
                     c = analytic_counts(s, axis, active, preset.array_cols)
                 rows.append({**spec_cols, "axis": axis, "active": active, **c, "proc_s": proc_s,

@@ -220,18 +220,26 @@ def test_densenet_launches_are_the_tables_engine_rows(dense_case):
 
 
 def test_densenet_processor_rows_are_the_runners_map_ops(dense_case):
-    """The table's processor rows on maps are exactly the ops the runner does on maps in DRAM (same
-    input and output shapes): head pool over the last concatenation, the transitions' 2x2 average
-    pools, the gates' pools over concatenations / transition outputs."""
+    """The table's processor rows on maps are the ops the runner does on maps in DRAM: the head's
+    pool over the last concatenation and the transitions' 2x2 average pools (same shapes), and the
+    gates' pools (the same DRAM words in total: each feature map summed once, when a gate first
+    needs it)."""
     from ddi_hw.deploy.backends import run_image
 
     m, specs, table, b, x = dense_case
     dense = table[(table.axis == "out") & (table.active == table.out_ch)]
     rows = dense[(dense.source == "processor") & (dense.kind == "pool")]
-    want = sorted(((r.in_ch, r.in_h, r.in_w), (r.out_ch, r.out_h, r.out_w)) for r in rows.itertuples())
     r = run_image(b, x[1].numpy(), ReferenceBackend())
-    got = sorted((tuple(i), tuple(o)) for _, i, o in r.processor_maps)
-    assert got == want
+    assert all(r.block_run)
+
+    def shapes(ops):
+        return sorted((tuple(i), tuple(o)) for i, o in ops)
+    backbone = rows[rows.role == "backbone"]
+    assert shapes(((t.in_ch, t.in_h, t.in_w), (t.out_ch, t.out_h, t.out_w)) for t in backbone.itertuples()) == \
+        shapes((i, o) for op, i, o in r.processor_maps if op == "avgpool2" or i[0] == m.fc.in_features)
+    words_read = sum(int(np.prod(i)) for _, i, _ in r.processor_maps)
+    words_written = sum(int(np.prod(o)) for op, _, o in r.processor_maps if op == "avgpool2")
+    assert (words_read, words_written) == (rows.dram_reads_ifmap.sum(), rows.dram_writes_ofmap.sum())
     head = dense[dense.layer == "model.pool"].iloc[0]
     assert head.source == "processor" and head.fused_into == ""
     assert set(dense[dense.layer.str.startswith("transitions.") & (dense.kind == "pool")].source) == {"processor"}
@@ -240,7 +248,7 @@ def test_densenet_processor_rows_are_the_runners_map_ops(dense_case):
 def test_densenet_processor_rows_by_hand(dense_case):
     """Hand counts of the processor's map ops on `zedboard`: one op per element read, the map read
     once, a 2x2 pool's result map written back, processor time only (no cycles, no MAC energy)."""
-    _, specs, table, _, _ = dense_case
+    m, specs, table, _, _ = dense_case
     pre = load_preset("zedboard")
     head = table[(table.layer == "model.pool") & (table.active == 23)].iloc[0]  # 11 + 3 x 4 channels, 4x4
     assert (head.macs, head.dram_reads_ifmap, head.dram_writes_ofmap, head.cycles) == (23 * 16, 23 * 16, 0, 0)
@@ -249,6 +257,14 @@ def test_densenet_processor_rows_by_hand(dense_case):
     tr = table[(table.layer == "transitions.0.pool") & (table.active == 10)].iloc[0]  # 10 x 16x16 -> 8x8
     assert (tr.macs, tr.dram_reads_ifmap, tr.dram_writes_ofmap) == (10 * 64 * 4, 10 * 256, 10 * 64)
     assert tr.source == "processor" and tr.latency_s == pytest.approx(10 * 256 / pre.proc_macs_per_s)
+    # the third layer's gate pools 16 channels (stem 8 + two layers x 4) but reads only the 4 the
+    # second layer added: the others' sums are on the processor since the second layer's gate
+    g = table[(table.layer == "dense_blocks.0.2.lgate.pool") & (table.active == 16)].iloc[0]
+    assert (g.source, g.macs, g.dram_reads_ifmap, g.dram_writes_ofmap) == ("processor", 16 * 256, 4 * 256, 0)
+    assert g.proc_s == pytest.approx(4 * 256 / pre.proc_macs_per_s)
+    g1 = table[(table.layer == "dense_blocks.0.1.lgate.pool") & (table.active == 12)].iloc[0]
+    rnn = m.channel_gate.name == "rnn"  # RNN gates: layer 0's channel gate pooled the stem (fused into it)
+    assert g1.dram_reads_ifmap == (4 if rnn else 12) * 256
 
 
 def test_densenet_decisions_equal_the_float_model_on_reference_and_csim(dense_case):

@@ -125,22 +125,32 @@ class ImageResult:
 class _Processor:
     """State and float ops of the processor side while one image runs."""
 
-    def __init__(self, bundle, maps: list):
-        self.b, self.p, self.maps = bundle, bundle.processor, maps
+    def __init__(self, bundle, maps: list, layout: "_BlockBuffers"):
+        self.b, self.p, self.maps, self.layout = bundle, bundle.processor, maps, layout
         self.state: dict[str, tuple] = {}  # shared recurrent prefix -> LSTM (h, c) of this image
         self.pooled: dict[str, np.ndarray] = {}  # tensor -> int32 channel sums from the engine
+        self.sums: dict[str, np.ndarray] = {}  # tensor -> channel sums the processor computed
 
     def f(self, env, t):
         return dequantize(env[t], self.b.tensor_frac(t)).astype(np.float32)
 
     def mean(self, env, t) -> np.ndarray:
-        """Global average pool of tensor t: from the engine's pooled sums (FLAG_POOL) when it wrote
-        them, else from the map (the processor reads the whole tensor)."""
+        """Global average pool of tensor t from its channel sums; a concatenation's sums are its
+        parts' sums (`channel_sums`), so features already summed are not read again."""
         x = env[t]
+        sums = np.concatenate([self.channel_sums(env, part) for part in self.layout.parts.get(t, [t])])
+        return (dequantize(sums, self.b.tensor_frac(t)) / (x.shape[1] * x.shape[2])).astype(np.float32)
+
+    def channel_sums(self, env, t) -> np.ndarray:
+        """Channel sums of tensor t: the engine's (FLAG_POOL) when it wrote them, else computed
+        once by the processor from the map (read from DRAM)."""
         if t in self.pooled:
-            return (dequantize(self.pooled[t], self.b.tensor_frac(t)) / (x.shape[1] * x.shape[2])).astype(np.float32)
-        self.maps.append(("pool", x.shape, (x.shape[0], 1, 1)))
-        return self.f(env, t).mean(axis=(1, 2))
+            return self.pooled[t]
+        if t not in self.sums:
+            x = env[t]
+            self.maps.append(("pool", x.shape, (x.shape[0], 1, 1)))
+            self.sums[t] = x.astype(np.int64).sum(axis=(1, 2))
+        return self.sums[t]
 
     def gate(self, gate: dict, env, t, backend, res) -> np.ndarray:
         """0/1 decisions of a layer or channel gate on tensor t. A gate kind with engine convs
@@ -202,8 +212,9 @@ class _BlockBuffers:
                 n = sum(shapes[t][0] for t in st["in"])
                 self.size[st["in"][0]] = max(self.size.get(st["in"][0], 0), n)
         self.bufs: dict[str, tuple[np.ndarray, list[str]]] = {}
+        self.parts: dict[str, list[str]] = {}  # concatenation -> the tensors it is made of
 
-    def concat(self, env, names: list[str]) -> np.ndarray:
+    def concat(self, env, names: list[str], out: str) -> np.ndarray:
         first = env[names[0]]
         if names[0] not in self.bufs:
             self.bufs[names[0]] = (np.empty((self.size[names[0]], *first.shape[1:]), np.int16), [])
@@ -216,6 +227,7 @@ class _BlockBuffers:
             buf[c:c + env[t].shape[0]] = env[t]
             c += env[t].shape[0]
             placed.append(t)
+        self.parts[out] = list(names)
         return buf[:sum(env[t].shape[0] for t in names)]
 
 
@@ -281,7 +293,8 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
     `avgpool2` are integer processor ops; `exit` runs an exit branch when `exit_at` names it or a
     `budget` (in the cost plan's metric, FLOPs) calls for it; `head` pools and classifies."""
     res = ImageResult(logits=np.zeros(0), dense_iterations=static_iterations(bundle))  # also if it exits early
-    proc, env, layout = _Processor(bundle, res.processor_maps), {}, _BlockBuffers(bundle)
+    layout = _BlockBuffers(bundle)
+    proc, env = _Processor(bundle, res.processor_maps, layout), {}
     masks: dict[str, np.ndarray] = {}
     plan = bundle.manifest.get("cost_plan")
     if budget is not None and (plan is None or not any(e["kind"] == "exit" for e in plan["events"])):
@@ -325,7 +338,7 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
             res.launches += 1
             res.iterations += r.iterations or 0
         elif op == "concat":  # channel concatenation (same Q format by construction)
-            env[st["out"]] = layout.concat(env, st["in"])
+            env[st["out"]] = layout.concat(env, st["in"], st["out"])
         elif op == "avgpool2":  # 2x2 average pool in integers: (sum + 2) >> 2, round half up
             a = env[st["in"]].astype(np.int32)
             c, h, w = a.shape
