@@ -11,6 +11,7 @@ import typer
 
 from ddi_hw.deploy.bundle import ENGINE_BLOB, load_bundle, write_bundle
 from ddi_hw.deploy.fixedpoint import LayerParams
+from ddi_hw.deploy.processor import GATE_OPS
 from ddi_hw.deploy.regmap import load_regmap
 from ddi_hw.errors import UserError
 from ddi_hw.validate import number
@@ -141,9 +142,11 @@ class _Builder:
                                  "residual": residual, **step})
         return expected_iterations(conv.in_channels, conv.out_channels, oh, oh, k)
 
-    def add_proc(self, prefix: str, module) -> None:
+    def add_proc(self, prefix: str, module, keys=None) -> None:
+        """The module's tensors under `prefix` (only `keys` if given: what the processor reads)."""
         for k, v in module.state_dict().items():
-            self.proc[f"{prefix}.{k}"] = v.detach().float().numpy()
+            if keys is None or f"{prefix}.{k}" in keys:
+                self.proc[f"{prefix}.{k}"] = v.detach().float().numpy()
 
     def exit(self, model, i: int, t_in: str) -> None:
         from ddi_hw.models.sparse_ops import fold_bn
@@ -175,8 +178,27 @@ class _Builder:
         if block.cgate is not None:
             name = f"{prefix}.cgate"
             cg = {"name": name, "prefix": name, "kind": model.channel_gate.deploy}
-            self.add_proc(name, block.cgate)
+            self.add_proc(name, block.cgate, GATE_OPS[cg["kind"]].keys(name))
         return lg, cg
+
+    def gate_convs(self, cg: dict | None, gate, t_in: str, tag: str) -> None:
+        """A channel gate's convs that run on the engine (`GateOp.engine_convs`, the dataflow's
+        `gate_conv` rows: the flags come by name): one launch each from `t_in`, ReLU, calibrated Q
+        formats `{tag}.0`, `{tag}.1`, ... for their outputs; the gate entry's `layer` is the first."""
+        convs = GATE_OPS[cg["kind"]].engine_convs if cg else ()
+        for i, conv in enumerate(convs):
+            src = t_in if i == 0 else f"{tag}.{i - 1}"
+            self.conv(f"{cg['prefix']}.{conv}", getattr(gate, conv), src, f"{tag}.{i}", relu=True, launch=False)
+            if i == 0:
+                cg["layer"] = len(self.layers) - 1
+
+
+def _gate_taps(model, gate, tag: str) -> dict[str, tuple]:
+    """Calibration taps of a channel gate's engine convs (their ReLU outputs: `tag`.0, .1, ...)."""
+    if gate is None:
+        return {}
+    convs = GATE_OPS[model.channel_gate.deploy].engine_convs
+    return {f"{tag}.{i}": (getattr(gate, c), True) for i, c in enumerate(convs)}
 
 
 def _launch_flags(model) -> dict[str, dict]:
@@ -193,8 +215,7 @@ def _export_resnet(model, calib):
         taps[f"b{j}.mid"], taps[f"b{j}.out"] = (b.bn1, True), (b, False)
         if not b.skippable:
             taps[f"b{j}.sc"] = (b.sc_bn, False)
-        if b.cgate is not None and model.channel_gate.deploy == "cnn":
-            taps[f"b{j}.cg"] = (b.cgate.conv, True)  # the gate conv's ReLU output (pooled on the engine)
+        taps |= _gate_taps(model, b.cgate, f"b{j}.cg")
     fm = _Formats(_calibrate(model, calib, taps))
     prev = "stem"
     for j, b in enumerate(model.blocks):
@@ -210,9 +231,7 @@ def _export_resnet(model, calib):
         lg, cg = bd.gate_steps(model, f"blocks.{j}", b)
         gate = cg["name"] if cg else None
         blk = {"op": "block", "index": j, "in": h, "out": f"b{j}.out", "layer_gate": lg, "channel_gate": cg}
-        if cg and cg["kind"] == "cnn":  # its conv is an engine launch (dataflow: gate_conv)
-            bd.conv(f"{gate}.conv", b.cgate.conv, h, f"b{j}.cg", relu=True, launch=False)
-            cg["layer"] = len(bd.layers) - 1
+        bd.gate_convs(cg, b.cgate, h, f"b{j}.cg")  # engine launches (dataflow: gate_conv)
         bd.program.append(blk)
         dense, res = 0, h
         if not b.skippable:
@@ -236,15 +255,18 @@ def _bn_affine(bn):
 
 
 def _export_densenet(model, calib):
-    """CIFAR DenseNet-BC: per dense layer conv1 (BN1+ReLU as the engine's input affine, BN2 folded,
-    gated outputs) and conv2 (gated inputs); concatenation and the transitions' 2x2 average pool
-    on the processor in integer arithmetic; one Q format per dense block's features."""
+    """CIFAR DenseNet-BC: per dense layer the light channel gate's 1x1/2 and 3x3 convs (engine
+    launches, the second writing only pooled sums), conv1 (BN1+ReLU as the engine's input affine,
+    BN2 folded, gated outputs) and conv2 (gated inputs); concatenation (a channel-offset layout,
+    nothing copied) and the transitions' 2x2 average pool on the processor in integer arithmetic;
+    one Q format per dense block's features."""
     if model.stem.imagenet:
         raise UserError("export supports CIFAR DenseNets; the ImageNet stem (7x7, max pool) and 56-pixel "
                         "feature maps exceed the engine")
     taps = {"stem": (model.stem, False)}
     for j, layer in enumerate(model.layers):
         taps[f"d{j}.act"], taps[f"d{j}.mid"], taps[f"d{j}.y"] = (layer.bn1, True), (layer.bn2, True), (layer, False)
+        taps |= _gate_taps(model, layer.cgate, f"d{j}.cg")
     for t, tr in enumerate(model.transitions):
         taps[f"t{t}.act"], taps[f"t{t}.conv"] = (tr.bn, True), (tr.conv, False)
     stats = _calibrate(model, calib, taps)
@@ -281,6 +303,7 @@ def _export_densenet(model, calib):
             gate = cg["name"] if cg else None
             step = {"op": "block", "index": j, "in": t_in, "out": f"d{j}.y", "skip_from": prev_y,
                     "layer_gate": lg, "channel_gate": cg}
+            bd.gate_convs(cg, layer.cgate, t_in, f"d{j}.cg")  # the light gate's two convs: engine launches
             bd.program.append(step)
             dense = bd.conv(f"{name}.conv1", layer.conv1, t_in, f"d{j}.mid", bn=layer.bn2, relu=True,
                             pre=_bn_affine(layer.bn1), t_act=f"d{j}.act", out_gate=gate)

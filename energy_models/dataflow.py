@@ -4,18 +4,31 @@ engine and driver perform, not one pass per traced op.
 
 Placement of every spec (`place`), in execution order:
 - `conv`          a backbone / exit conv or linear on a feature map: one engine launch, SCALE-Sim.
-- `gate_conv`     a gate's conv on a feature map (CNN channel gate): an engine launch; if its only
-                  consumer is a global pool, its ofmap is never written (FLAG_NO_STORE).
+- `gate_conv`     a gate's conv on a feature map (the CNN channel gate's conv, the DenseNet light
+                  gate's two convs): an engine launch; if its only consumer is a global pool, its
+                  ofmap is never written (FLAG_NO_STORE).
 - `residual_add`  fused into the conv that ran just before it in its block (FLAG_RESIDUAL): the
                   residual is read once per output word in that conv's STORE loop, nothing else.
-- `global_pool`   fused into the conv that produced its input (FLAG_POOL): sums accumulated in
-                  STORE, one int32 per channel written after the ofmap and read once by the
-                  processor; the feature map is not read again.
+- `global_pool`   fused into the conv that produced exactly its input (same channels and size:
+                  FLAG_POOL): sums accumulated in STORE, one int32 per channel written after the
+                  ofmap and read once by the processor; the feature map is not read again.
+- `processor_map` a pool the processor runs on a map in DRAM: a global pool whose input no single
+                  conv produced (DenseNet: the head's BN + ReLU + pool over the last concatenation,
+                  the gates' pools over a concatenation or a transition's output) and the backbone's
+                  non-global pools (the transitions' 2x2 average pools; the engine has no pooling
+                  unit). The ARM reads the map once from DRAM and writes a result map back (a
+                  global pool's vector stays in its cache); time = ops / `proc_macs_per_s`. A gate's
+                  pool over a concatenation keeps the channel sums it already has (`reuse`: those of
+                  the previous gate pool over a map of the same size, a prefix of the same dense
+                  block's features) and reads only the channels added since. On a preset without a
+                  processor: an analytic row on the array, as `other`.
 - `vector`        a layer on a pooled vector (gate 1x1 embeddings, LSTM cells, gate FCs, the
                   classifier): on the host processor when the preset has one (time only: its power
                   is the preset's board power), else on the array (SCALE-Sim).
-- `other`         everything else as traced (exit-branch pools, DenseNet transition pools):
-                  analytic pool/add rows.
+- `other`         everything else as traced (the exit branches' pools): analytic pool/add rows.
+Concatenation has no row: a dense block's features are one DRAM buffer in CHW layout, each
+producer writes its channels at their offset and a consumer reads a prefix, so nothing is copied
+(the runner does the same: `ddi_hw.deploy.backends`, `concat`).
 The `source` column of the table says which rule costed a row.
 """
 from __future__ import annotations
@@ -27,9 +40,10 @@ WORDS_PER_POOLED = 2  # one int32 per channel = two 16-bit words
 
 @dataclass(frozen=True)
 class Placement:
-    op: str  # conv | gate_conv | residual_add | global_pool | vector | other
+    op: str  # conv | gate_conv | residual_add | global_pool | processor_map | vector | other
     fused_into: str = ""  # the engine launch this op happens inside (residual_add, global_pool)
     store: bool = True  # gate_conv: False when only its pooled sums are used
+    reuse: int = 0  # processor_map of a gate pool: leading channels whose sums the processor has
 
 
 def _is_vector(s) -> bool:
@@ -53,10 +67,12 @@ def place(specs) -> dict[str, Placement]:
         elif s.kind == "pool" and s.out_h * s.out_w == 1 and s.role != "exit":
             prod = _pool_producer(specs, i)
             if prod is None:
-                out[s.name] = Placement("other")
+                out[s.name] = Placement("processor_map", reuse=_reused_sums(specs, i, out))
             else:
                 out[s.name] = Placement("global_pool", prod)
                 pooled_producers.add(prod)
+        elif s.kind == "pool" and s.role == "backbone":
+            out[s.name] = Placement("processor_map")
         else:
             out[s.name] = Placement("other")
     for name, p in out.items():
@@ -67,17 +83,43 @@ def place(specs) -> dict[str, Placement]:
 
 
 def _pool_producer(specs, i) -> str | None:
-    """The conv whose output a global pool reads: a conv of the same gate module (a CNN channel
-    gate pools its own conv), else the last feature-map conv of the backbone before it."""
+    """The conv whose output a global pool reads: a conv of the same gate module (a channel gate
+    pools its own last conv), else the last feature-map conv of the backbone before it -- only if
+    that conv's output is exactly the pooled tensor (same channels and size). Otherwise (a
+    concatenation, a map pooled or normalised after the conv) no launch can write the sums."""
     s = specs[i]
     owner = s.name.rsplit(".pool", 1)[0]
+    prod = next((p for p in reversed(specs[:i]) if p.kind == "conv" and not _is_vector(p)
+                 and p.name.startswith(owner + ".")), None)
+    if prod is None:
+        prod = next((p for p in reversed(specs[:i]) if p.kind == "conv" and not _is_vector(p)
+                     and p.role == "backbone"), None)
+    if prod is None or (prod.out_ch, prod.out_h, prod.out_w) != (s.in_ch, s.in_h, s.in_w):
+        return None
+    return prod.name
+
+
+def _reused_sums(specs, i, placed) -> int:
+    """Channels of a gate pool's input whose sums the processor already holds: the input of the
+    previous gate pool over features of the same size (pooled by the processor or fused into a
+    backbone conv; not a gate's pool of its own conv), if this input extends it (a DenseNet
+    concatenation grows by appending channels). 0 for a backbone pool (the DenseNet head pools
+    after BN + ReLU, per element: no sums to reuse)."""
+    s = specs[i]
+    if s.role != "gate":
+        return 0
     for p in reversed(specs[:i]):
-        if p.kind == "conv" and not _is_vector(p) and p.name.startswith(owner + "."):
-            return p.name
-    for p in reversed(specs[:i]):
-        if p.kind == "conv" and not _is_vector(p) and p.role == "backbone":
-            return p.name
-    return None
+        q = placed.get(p.name)
+        if p.kind != "pool" or p.role != "gate" or p.out_h * p.out_w != 1 or (p.in_h, p.in_w) != (s.in_h, s.in_w):
+            continue
+        if q.op == "global_pool" and not _backbone_producer(specs, q.fused_into):
+            continue  # a gate's pool of its own conv (the light gate's), not of the features
+        return p.in_ch if p.in_ch <= s.in_ch else 0
+    return 0
+
+
+def _backbone_producer(specs, name: str) -> bool:
+    return any(p.name == name and p.role == "backbone" for p in specs)
 
 
 def fused_counts(spec, p: Placement, active: int) -> dict:
@@ -98,14 +140,28 @@ def fused_counts(spec, p: Placement, active: int) -> dict:
     return c
 
 
+def processor_counts(spec, p: Placement, active: int) -> dict:
+    """Counts of a `processor_map` op with `active` channels: one op per element read, the map
+    read once from DRAM (only the channels past `p.reuse`), a pooled map written back for the
+    engine (a global pool's vector stays in the processor's cache). `macs` stays the traced count,
+    so FLOPs are the same on every preset; the processor's time is charged for the elements read."""
+    from energy_models.scalesim_runner import COUNT_COLUMNS
+
+    c = dict.fromkeys(COUNT_COLUMNS, 0)
+    out_words = spec.out_h * spec.out_w * active if spec.out_h * spec.out_w > 1 else 0
+    c.update(macs=spec.macs_at(active, active), dram_reads_ifmap=spec.in_h * spec.in_w * max(0, active - p.reuse),
+             dram_writes_ofmap=out_words)
+    return c
+
+
 def source_label(p: Placement, on_processor: bool) -> str:
     if p.op in ("residual_add", "global_pool"):
         return f"fused into {p.fused_into}"
     if p.op == "gate_conv" and not p.store:
         return "scalesim, ofmap not stored"
-    if p.op == "vector" and on_processor:
+    if p.op in ("vector", "processor_map") and on_processor:
         return "processor"
-    if p.op == "other":
+    if p.op in ("other", "processor_map"):
         return "analytic"
     return "scalesim"
 

@@ -6,14 +6,14 @@ whose input channels are gated (`in_gate`). What each row costs follows the engi
 (energy_models/dataflow.py): conv rows are simulated by SCALE-Sim (`source` "scalesim", or
 "scalesim, ofmap not stored" for a gate conv whose only consumer is its pool); residual adds and
 global pools are fused into the conv that produces their input ("fused into <layer>", named in
-`fused_into`); layers on pooled vectors run on the preset's processor if it has one
-("processor"); other pools are analytic ("analytic").
+`fused_into`); layers on pooled vectors and pools of maps the engine cannot fuse run on the
+preset's processor if it has one ("processor"); other pools are analytic ("analytic").
 """
 from __future__ import annotations
 
 import pandas as pd
 
-from energy_models.dataflow import fused_counts, place, source_label
+from energy_models.dataflow import fused_counts, place, processor_counts, source_label
 from energy_models.energy import add_energy, analytic_counts
 from energy_models.errors import UserError
 from energy_models.presets import DATAFLOWS, DEFAULT_PRESET, load_preset
@@ -44,13 +44,19 @@ def tile_requests(spec: LayerSpec, eng) -> list:
             if axis == "out":
                 reqs.append((layer, "out", list(range(1, min(to, n) + 1)), 1))
                 cpad = -(-spec.in_ch // ti) * ti
-                if cpad != spec.in_ch:  # the idle lanes of a partial input tile
-                    reqs.append((layer.with_active("in", cpad).with_active("out", to), "out", [to], 1))
+                if cpad != spec.in_ch or spec.out_ch < to:  # the idle lanes of a partial tile
+                    reqs.append((_lane_padded(layer, cpad, to), "out", [to], 1))
             else:
                 for f in {min(to, spec.out_ch), spec.out_ch % to, to} - {0}:
                     reqs.append((layer.with_active("out", f), "in",
                                  list(range(1, -(-n // ti) * ti + 1)), 1))
     return reqs
+
+
+def _lane_padded(layer, cpad: int, to: int):
+    """The tile the engine's loops iterate over: TILE_IN-padded input channels, TILE_OUT filter
+    slots (also when the layer has fewer output channels than one tile)."""
+    return layer.with_active("in", cpad).with_active("out", to)
 
 
 def _tile_layers(spec, eng):
@@ -89,8 +95,7 @@ def tiled_counts(spec: LayerSpec, eng, axis: str, active: int, counts: dict) -> 
             for col in COUNT_COLUMNS:
                 tot[col] += mult * n * (r[col] * valid if col == "dram_reads_ifmap" else r[col])
             if ax == "out":  # lane-padded: TILE_OUT filter slots, input channels up to TILE_IN lanes
-                key = (lay, "out", 1) if cpad == spec.in_ch else (lay.with_active("in", cpad), "out", 1)
-                rp = counts[key][pad_act]
+                rp = counts[(_lane_padded(lay, cpad, to), "out", 1)][pad_act]
             else:  # lane-padded input channels, TILE_OUT filter slots
                 rp = counts[(lay.with_active("out", to), "in", 1)][pad_act]
             lanes["cycles"] += mult * n * rp["cycles"]
@@ -161,6 +166,9 @@ def profile_specs(specs, hardware=DEFAULT_PRESET, dataflow: str | None = None, c
                     proc_s = c["macs"] / preset.proc_macs_per_s
                 elif p.op in ("residual_add", "global_pool"):
                     c = fused_counts(s, p, active)
+                elif p.op == "processor_map" and on_proc:
+                    c = processor_counts(s, p, active)
+                    proc_s = c["dram_reads_ifmap"] / preset.proc_macs_per_s  # one op per element read
                 else:
                     c = analytic_counts(s, axis, active, preset.array_cols)
                 rows.append({**spec_cols, "axis": axis, "active": active, **c, "proc_s": proc_s,

@@ -6,15 +6,17 @@
 
 What runs where follows the engine's dataflow (energy_models/engines/ddi_engine.yaml; the cost
 table costs the same): the engine writes the global-average-pool sums of a tensor while it
-writes the tensor (FLAG_POOL, set by the exporter from the dataflow), and runs the CNN channel
-gate's 3x3/2 conv + ReLU with only its pooled sums written (FLAG_NO_STORE). The processor, in
-numpy float32/float64, runs the gates' vector layers from those pooled vectors (layer gate: 1x1
-embedding, shared LSTM cell, linear; channel gate: its FC, or the RNN variant), DenseNet's light
-gate, exit branches (max pools, two 3x3 conv+BN+ReLU, pool, linear), the classifier on the pooled
-last tensor, and the budgeted-exit decisions (RADI) from the exported cost plan. A tensor with no
-pooled vector (a DenseNet transition's pooled output) is pooled by the processor from the map. The
-gates' numpy forwards are `ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. DenseNet concatenation and
-2x2 average pooling also run there, in integer arithmetic. Layer skipping = the processor does not
+writes the tensor (FLAG_POOL, set by the exporter from the dataflow), and runs the channel gates'
+convs (the CNN gate's 3x3/2 conv, the DenseNet light gate's 1x1/2 and 3x3 convs, each + ReLU)
+with only the last one's pooled sums written (FLAG_NO_STORE). The processor, in numpy
+float32/float64, runs the gates' vector layers from those pooled vectors (layer gate: 1x1
+embedding, shared LSTM cell, linear; channel gate: its FC, or the RNN variant), exit branches
+(max pools, two 3x3 conv+BN+ReLU, pool, linear), the classifier on the pooled last tensor, and
+the budgeted-exit decisions (RADI) from the exported cost plan. A tensor no launch wrote pooled
+sums for (a DenseNet concatenation or transition output, the DenseNet head's BN + ReLU output)
+is pooled by the processor from the map; DenseNet's 2x2 average pools also run there, in integer
+arithmetic; a concatenation copies nothing (`_BlockBuffers`). The gates' numpy forwards are
+`ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. Layer skipping = the processor does not
 launch the engine; channel skipping = the engine's output/input channel masks.
 
 Implementing a backend (the contract `ddi_hw.deploy.board.BoardBackend` follows):
@@ -112,6 +114,8 @@ class ImageResult:
     iterations: int = 0  # summed engine compute-loop iterations (cycle proxy), gate convs included
     dense_iterations: int = 0  # the static network's (every block and channel on, no gates, no exits)
     cost: float = 0.0  # executed cost from the model's cost table (manifest cost_plan), exits if budgeted
+    processor_maps: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (op, input shape,
+    #   output shape) of every op the processor ran on a map in DRAM (pools, exit branches)
 
     @property
     def prediction(self) -> int:
@@ -121,38 +125,54 @@ class ImageResult:
 class _Processor:
     """State and float ops of the processor side while one image runs."""
 
-    def __init__(self, bundle):
-        self.b, self.p = bundle, bundle.processor
+    def __init__(self, bundle, maps: list, layout: "_BlockBuffers"):
+        self.b, self.p, self.maps, self.layout = bundle, bundle.processor, maps, layout
         self.state: dict[str, tuple] = {}  # shared recurrent prefix -> LSTM (h, c) of this image
         self.pooled: dict[str, np.ndarray] = {}  # tensor -> int32 channel sums from the engine
+        self.sums: dict[str, np.ndarray] = {}  # tensor -> channel sums the processor computed
 
     def f(self, env, t):
         return dequantize(env[t], self.b.tensor_frac(t)).astype(np.float32)
 
     def mean(self, env, t) -> np.ndarray:
-        """Global average pool of tensor t: from the engine's pooled sums (FLAG_POOL) when it wrote
-        them, else from the map (the processor reads the whole tensor)."""
+        """Global average pool of tensor t from its channel sums; a concatenation's sums are its
+        parts' sums (`channel_sums`), so features already summed are not read again."""
         x = env[t]
+        sums = np.concatenate([self.channel_sums(env, part) for part in self.layout.parts.get(t, [t])])
+        return (dequantize(sums, self.b.tensor_frac(t)) / (x.shape[1] * x.shape[2])).astype(np.float32)
+
+    def channel_sums(self, env, t) -> np.ndarray:
+        """Channel sums of tensor t: the engine's (FLAG_POOL) when it wrote them, else computed
+        once by the processor from the map (read from DRAM)."""
         if t in self.pooled:
-            return (dequantize(self.pooled[t], self.b.tensor_frac(t)) / (x.shape[1] * x.shape[2])).astype(np.float32)
-        return self.f(env, t).mean(axis=(1, 2))
+            return self.pooled[t]
+        if t not in self.sums:
+            x = env[t]
+            self.maps.append(("pool", x.shape, (x.shape[0], 1, 1)))
+            self.sums[t] = x.astype(np.int64).sum(axis=(1, 2))
+        return self.sums[t]
 
     def gate(self, gate: dict, env, t, backend, res) -> np.ndarray:
-        """0/1 decisions of a layer or channel gate on tensor t. A CNN channel gate exported with an
-        engine layer runs its conv on the engine (only pooled sums written) and its FC here; every
-        other gate is its kind's numpy forward (`ddi_hw.deploy.processor.GATE_OPS`), fed the pooled vector
-        when the kind needs no more (`GateOp.pooled`), else the map."""
+        """0/1 decisions of a layer or channel gate on tensor t. A gate kind with engine convs
+        (`GateOp.engine_convs`: the CNN channel gate, DenseNet's light gate) launches them on the
+        engine from t (consecutive bundle layers from `gate["layer"]`; the last writes only its
+        pooled sums) and runs its FC here on their means; every other gate is its kind's numpy
+        forward (`ddi_hw.deploy.processor.GATE_OPS`), fed the pooled vector when the kind needs no
+        more (`GateOp.pooled`), else the map."""
         p, pre = self.p, gate["prefix"]
-        if gate["kind"] == "cnn" and gate.get("layer") is not None:
-            layer = self.b.layers[gate["layer"]]
-            r = backend.run_layer(layer, env[t])
-            res.launches += 1
-            res.iterations += r.iterations or 0
-            oh, ow = layer.params.out_hw(*env[t].shape[1:])
-            h = dequantize(r.pooled, layer.f_out) / (oh * ow)
-            logit = p[f"{pre}.fc.weight"] @ h.astype(np.float32) + p[f"{pre}.fc.bias"]
-            return (logit > 0).astype(np.uint8)
         op = GATE_OPS[gate["kind"]]
+        if op.engine_convs:
+            h = env[t]
+            for i in range(len(op.engine_convs)):
+                layer = self.b.layers[gate["layer"] + i]
+                r = backend.run_layer(layer, h)
+                res.launches += 1
+                res.iterations += r.iterations or 0
+                oh, ow = layer.params.out_hw(*h.shape[1:])
+                h = r.output
+            mean = dequantize(r.pooled, layer.f_out) / (oh * ow)
+            logit = p[f"{pre}.fc.weight"] @ mean.astype(np.float32) + p[f"{pre}.fc.bias"]
+            return (logit > 0).astype(np.uint8)
         x = self.mean(env, t) if op.pooled else self.f(env, t)
         logit, new = op.forward(p, pre, op.shared, x, self.state.get(op.shared))
         if op.shared:
@@ -161,6 +181,7 @@ class _Processor:
 
     def exit_branch(self, step, x) -> np.ndarray:
         p, pre = self.p, step["prefix"]
+        self.maps.append(("exit", x.shape, (len(p[f"{pre}.fc.bias"]),)))
         for _ in range(step["pools"]):
             x = maxpool2_ceil(x)
         x = np.maximum(conv2d_f(x, p[f"{pre}.conv1.weight"], p[f"{pre}.conv1.bias"], 1, 1), 0)
@@ -171,9 +192,43 @@ class _Processor:
         p = self.p
         if step.get("norm"):  # DenseNet: final BN + ReLU before the pool (not linear: from the map)
             x = self.f(env, t)
+            self.maps.append(("pool", x.shape, (x.shape[0], 1, 1)))
             x = np.maximum(x * p[f"{step['norm']}.scale"][:, None, None] + p[f"{step['norm']}.shift"][:, None, None], 0)
             return p[f"{step['prefix']}.weight"] @ x.mean(axis=(1, 2)) + p[f"{step['prefix']}.bias"]
         return p[f"{step['prefix']}.weight"] @ self.mean(env, t) + p[f"{step['prefix']}.bias"]
+
+
+class _BlockBuffers:
+    """Concatenation without copies (the dataflow's layout, energy_models/engines/ddi_engine.yaml):
+    the features of a dense block live in one CHW buffer, each written once at its channel offset
+    when first concatenated; a concatenation is a view of the buffer's first channels. Buffers are
+    keyed by the first tensor of the chain (the block input) and sized from the manifest."""
+
+    def __init__(self, bundle):
+        shapes = {n: t.get("shape") for n, t in bundle.manifest["tensors"].items()}
+        self.size: dict[str, int] = {}
+        for st in bundle.program:
+            if st["op"] == "concat":
+                n = sum(shapes[t][0] for t in st["in"])
+                self.size[st["in"][0]] = max(self.size.get(st["in"][0], 0), n)
+        self.bufs: dict[str, tuple[np.ndarray, list[str]]] = {}
+        self.parts: dict[str, list[str]] = {}  # concatenation -> the tensors it is made of
+
+    def concat(self, env, names: list[str], out: str) -> np.ndarray:
+        first = env[names[0]]
+        if names[0] not in self.bufs:
+            self.bufs[names[0]] = (np.empty((self.size[names[0]], *first.shape[1:]), np.int16), [])
+        buf, placed = self.bufs[names[0]]
+        if names[:len(placed)] != placed[:len(names)]:
+            raise UserError(f"concatenation of {names} does not extend its block's features {placed}; "
+                            "re-export the bundle")
+        c = sum(env[t].shape[0] for t in placed)
+        for t in names[len(placed):]:  # the features not yet in the buffer, written once
+            buf[c:c + env[t].shape[0]] = env[t]
+            c += env[t].shape[0]
+            placed.append(t)
+        self.parts[out] = list(names)
+        return buf[:sum(env[t].shape[0] for t in names)]
 
 
 class _Budget:
@@ -237,8 +292,9 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
     the previous layer's features); `channel_gate` sets the masks of the block's convs; `concat` /
     `avgpool2` are integer processor ops; `exit` runs an exit branch when `exit_at` names it or a
     `budget` (in the cost plan's metric, FLOPs) calls for it; `head` pools and classifies."""
-    proc, env = _Processor(bundle), {}
     res = ImageResult(logits=np.zeros(0), dense_iterations=static_iterations(bundle))  # also if it exits early
+    layout = _BlockBuffers(bundle)
+    proc, env = _Processor(bundle, res.processor_maps, layout), {}
     masks: dict[str, np.ndarray] = {}
     plan = bundle.manifest.get("cost_plan")
     if budget is not None and (plan is None or not any(e["kind"] == "exit" for e in plan["events"])):
@@ -282,14 +338,13 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
             res.launches += 1
             res.iterations += r.iterations or 0
         elif op == "concat":  # channel concatenation (same Q format by construction)
-            env[st["out"]] = np.concatenate([env[t] for t in st["in"]], axis=0)
-            if all(t in proc.pooled for t in st["in"]):  # sums of a concatenation: concatenated
-                proc.pooled[st["out"]] = np.concatenate([proc.pooled[t] for t in st["in"]])
+            env[st["out"]] = layout.concat(env, st["in"], st["out"])
         elif op == "avgpool2":  # 2x2 average pool in integers: (sum + 2) >> 2, round half up
             a = env[st["in"]].astype(np.int32)
             c, h, w = a.shape
             a = a[:, : h // 2 * 2, : w // 2 * 2].reshape(c, h // 2, 2, w // 2, 2).sum(axis=(2, 4))
             env[st["out"]] = ((a + 2) >> 2).astype(np.int16)
+            res.processor_maps.append(("avgpool2", (c, h, w), env[st["out"]].shape))
         elif op == "exit":
             if exit_at is not None and st["index"] == exit_at:
                 res.logits, res.exit_taken = proc.exit_branch(st, proc.f(env, st["in"])), st["index"]

@@ -36,7 +36,8 @@ from ddi_hw.deploy.regmap import load_regmap
 from ddi_hw.errors import UserError
 from ddi_hw.validate import fields, read_json
 
-FORMAT = "ddi-hw-bundle/2"  # /2: manifest digest, non-overlapping blob ranges
+FORMAT = "ddi-hw-bundle/3"  # /2: manifest digest, non-overlapping blob ranges; /3: every gate kind with
+#   engine convs (CNN channel gate, DenseNet light gate) has them as engine layers (`layer`)
 MANIFEST, ENGINE_BLOB, PROC_BLOB = "manifest.json", "engine.bin", "processor.safetensors"
 ALIGN = 64
 DIGEST_KEY = "manifest_sha256"
@@ -258,8 +259,8 @@ def _check_cost_plan(path: Path, plan) -> None:
 # What a program step may be (the interpreter, `ddi_hw.deploy.backends.run_image`, runs these):
 #   input     quantise the image into tensor `out`
 #   block     a residual block / dense layer: optional `layer_gate` (skip to step `end`) and
-#             `channel_gate` (masks of the convs that name it in `out_gate` / `in_gate`; a CNN
-#             channel gate with a `layer` runs its conv on the engine)
+#             `channel_gate` (masks of the convs that name it in `out_gate` / `in_gate`; a gate
+#             kind with engine convs runs them as the engine layers `layer`, `layer` + 1, ...)
 #   conv      one engine launch of `layer` from `in` (+ `residual`) to `out`
 #   concat    channel concatenation of `in` (a list) into `out` (integer, processor)
 #   avgpool2  2x2 average pool of `in` into `out` (integer, processor)
@@ -301,8 +302,8 @@ def executed_layers(bundle: Bundle, block_run: list[int], channel_masks: dict, e
                 i = st["end"]
                 continue
             cg = st.get("channel_gate") or {}
-            if cg.get("layer") is not None:  # the CNN channel gate's conv, an engine launch
-                gl = bundle.layers[cg["layer"]]
+            for n in range(len(GATE_OPS[cg["kind"]].engine_convs) if cg else 0):  # the gate's convs
+                gl = bundle.layers[cg["layer"] + n]
                 out.append((gl.name, "out", int(gl.out_ch)))
         elif st["op"] == "conv":
             layer = bundle.layers[st["layer"]]
@@ -318,6 +319,24 @@ def executed_layers(bundle: Bundle, block_run: list[int], channel_masks: dict, e
     return out
 
 
+def _check_gate_layers(b: Bundle, i: int, gate: dict) -> None:
+    """A gate kind with engine convs names its first engine layer (`layer`); the next ones follow
+    it, each named `<prefix>.<conv>` (the cost table's row, whose engine flags it carries)."""
+    convs = GATE_OPS[gate["kind"]].engine_convs
+    first = gate.get("layer")
+    if not convs:
+        return
+    if not _int(first):
+        raise _bad(b.path, f"program step {i}: its {gate['kind']} gate names no engine layer")
+    for n, conv in enumerate(convs):
+        if not 0 <= first + n < len(b.layers):
+            raise _bad(b.path, f"program step {i}: its gate's engine layer {first + n} does not exist "
+                       f"(have {len(b.layers)})")
+        if b.layers[first + n].name != f"{gate.get('prefix')}.{conv}":
+            raise _bad(b.path, f"program step {i}: its gate's engine layer {first + n} is "
+                       f"{b.layers[first + n].name!r}, not {gate.get('prefix')}.{conv}")
+
+
 def check_program(b: Bundle) -> None:
     """Every step names known layers, tensors and processor parameters."""
     tensors = b.manifest.get("tensors", {})
@@ -330,9 +349,8 @@ def check_program(b: Bundle) -> None:
             if gate and gate.get("kind") not in GATE_OPS:
                 raise _bad(b.path, f"program step {i} uses gate kind {gate.get('kind')!r}, unknown to this version "
                            f"(known: {', '.join(GATE_OPS)})")
-            if gate and gate.get("layer") is not None and not (0 <= gate["layer"] < len(b.layers)):
-                raise _bad(b.path, f"program step {i}: its gate's engine layer {gate['layer']} does not exist "
-                           f"(have {len(b.layers)})")
+            if gate:
+                _check_gate_layers(b, i, gate)
         if op == "block" and not (isinstance(step.get("end"), int) and i < step["end"] <= len(b.program)):
             raise _bad(b.path, f"program step {i} jumps to {step.get('end')!r} (must lie after it)")
         if op == "exit" and not (isinstance(step.get("pools"), int) and 0 <= step["pools"] <= 8):

@@ -109,18 +109,23 @@ class GateOp:
     shared: str | None = None  # prefix of the shared recurrent part it steps
     shared_tensors: tuple[str, ...] = ()
     pooled: bool = False  # reads only the input's global average pool (the engine writes it: FLAG_POOL)
+    engine_convs: tuple[str, ...] = ()  # in a bundle: these convs (under the prefix) run on the engine
+    #   in this order, the last one writing only its pooled sums; then `fc` here (`forward` is the
+    #   same math in float: the reference the torch gate is tested against)
 
     def keys(self, prefix: str) -> list[str]:
-        """processor.safetensors entries this gate reads."""
-        return [f"{prefix}.{t}" for t in self.tensors] + [f"{self.shared}.{t}" for t in self.shared_tensors]
+        """processor.safetensors entries this gate reads in a bundle (its engine convs' weights are
+        in engine.bin)."""
+        own = [t for t in self.tensors if t.rsplit(".", 1)[0] not in self.engine_convs]
+        return [f"{prefix}.{t}" for t in own] + [f"{self.shared}.{t}" for t in self.shared_tensors]
 
 
 GATE_OPS: dict[str, GateOp] = {
     "lstm": GateOp(_layer_lstm, ("conv.weight", "conv.bias"), "layer_gate",
                    LSTM_TENSORS + ("proj.weight", "proj.bias"), pooled=True),
-    "cnn": GateOp(_channel_cnn, ("conv.weight", "conv.bias", "fc.weight", "fc.bias")),
+    "cnn": GateOp(_channel_cnn, ("conv.weight", "conv.bias", "fc.weight", "fc.bias"), engine_convs=("conv",)),
     "dense_light": GateOp(_channel_dense_light, ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
-                                                 "fc.weight", "fc.bias")),
+                                                 "fc.weight", "fc.bias"), engine_convs=("conv1", "conv2")),
     "rnn": GateOp(_channel_rnn, ("conv.weight", "conv.bias", "fc.weight", "fc.bias"), "channel_rnn", LSTM_TENSORS,
                   pooled=True),
 }
