@@ -296,7 +296,11 @@ def test_energy_of_a_known_trace_from_the_log(tmp_path, teardown):
     logger = make_logger(out, meter="um25c", port=str(tmp_path / "meter"), batch_s=0.1,
                          min_interval_s=0.02)
     th, res = _start(logger, teardown)
-    time.sleep(max(0.0, t0 + 2.4 - time.monotonic()))
+    # stop once the meter has answered past t0 + 2.4 s (not at a fixed wall time: on a loaded machine
+    # the logger can start late, and a fixed stop left it too short a window)
+    deadline = t0 + 30.0
+    while time.monotonic() < deadline and not (sim.answers and sim.answers[-1]["t"] >= t0 + 2.4):
+        time.sleep(0.05)
     logger.stop.set()
     th.join(5)
     sim.unplug()
