@@ -448,3 +448,56 @@ def test_fused_gate_caches_follow_training():
         assert torch.equal(s.channel_decisions[gname], d.channel_decisions[gname])
     assert torch.equal(s.layer_decisions, d.layer_decisions)
     assert torch.allclose(d.logits, s.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("rows", [None, [0, 2, 5], [4], [1, 0, 3, 2, 5, 4]])
+def test_add_relu_into_map_rows(fmt, rows):
+    """`add_relu_` (batch > 1, one C pass) equals ReLU(out + res) computed by torch, written into the
+    map's rows when given; rows not listed stay untouched; layouts the kernel does not take (mixed
+    formats) go through the torch fallback with the same result."""
+    from ddi_hw.models.sparse_ops import add_relu_
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(6, 16, 5, 7, generator=g).contiguous(memory_format=fmt)
+    idx = torch.arange(6) if rows is None else torch.tensor(rows)
+    out = torch.randn(len(idx), 16, 5, 7, generator=g).contiguous(memory_format=fmt)
+    want_rows = F.relu(out + m[idx])
+    if rows is None:
+        res = m[idx].contiguous(memory_format=fmt)
+        got = add_relu_(out.clone(), res)
+        assert torch.allclose(got, want_rows, atol=0, rtol=0)
+        mixed = out.clone().contiguous(memory_format=torch.channels_last if fmt == torch.contiguous_format
+                                       else torch.contiguous_format)
+        assert torch.equal(add_relu_(mixed, res), want_rows)
+        return
+    want = m.clone()
+    want[idx] = want_rows
+    got = add_relu_(out.clone(), m[idx], (m.clone(), idx))
+    assert torch.equal(got, want)
+    other = torch.channels_last if fmt == torch.contiguous_format else torch.contiguous_format
+    fb = add_relu_(out.clone().contiguous(memory_format=other), m[idx], (m.clone(), idx))
+    assert torch.equal(fb, want)
+
+
+@pytest.mark.parametrize("n_run", [1, 3])
+def test_block_writes_running_rows_into_the_map(n_run):
+    """A skippable block run by some samples of a batch (the layer-skipping path) writes exactly its
+    dense result into those rows of the stage map, in place, and leaves the others as they were."""
+    from ddi_hw.models.resnet import BasicBlock
+    from ddi_hw.models.sparse_ops import take_samples
+    torch.manual_seed(7)
+    blk = BasicBlock(32, 32, 1, layer_gate=False, channel_gate=None).eval()
+    for bn in (blk.bn1, blk.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+    h = torch.randn(5, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    ex = torch.tensor([4, 1, 2][:n_run])
+    with torch.no_grad():
+        want = h.clone()
+        want[ex] = blk(h[ex])
+        hx = take_samples(h, ex)
+        assert hx.is_contiguous(memory_format=torch.channels_last) and torch.equal(hx, h[ex])
+        got = blk.sparse(hx, None, into=(h, ex))
+    assert got is h
+    assert torch.allclose(h, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(h[[i for i in range(5) if i not in ex.tolist()]],
+                       want[[i for i in range(5) if i not in ex.tolist()]])

@@ -612,12 +612,47 @@ done:
     Py_RETURN_NONE;
 }
 
+/* add_relu(out, res, rows, n, m): the residual add and ReLU of n samples of m floats in one pass
+   (batch > 1). rows None: out[i] = ReLU(out[i] + res[i]). rows (int64, n): res[rows[i]] =
+   ReLU(out[i] + res[rows[i]]), i.e. the block's result written straight into the running samples'
+   rows of the stage map whose rows were its input. Why: add_, relu_ and index_copy_ were three passes
+   over the map, ~0.85 ms of a ~6 ms stage-1 block at batch 32. Pointers as ints; the caller keeps
+   the tensors alive and checks the layouts (same per-sample layout, dense). */
+VECTORISED
+static void add_relu_run(float *out, float *res, const int64_t *rows, long n, long m) {
+    for (long i = 0; i < n; i++) {
+        float *restrict q = res + (rows ? rows[i] : i) * m;
+        const float *restrict p = out + i * m;
+        float *restrict d = rows ? q : out + i * m;
+        if (rows)
+            for (long j = 0; j < m; j++) q[j] = RELU(p[j] + q[j]);
+        else
+            for (long j = 0; j < m; j++) d[j] = RELU(p[j] + q[j]);
+    }
+}
+
+static PyObject *add_relu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "add_relu takes 5 arguments");
+        return NULL;
+    }
+    float *out = (float *)PyLong_AsVoidPtr(args[0]), *res = (float *)PyLong_AsVoidPtr(args[1]);
+    const int64_t *rows = args[2] == Py_None ? NULL : (const int64_t *)PyLong_AsVoidPtr(args[2]);
+    long n = PyLong_AsLong(args[3]), m = PyLong_AsLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    add_relu_run(out, res, rows, n, m);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"lstm_gate", (PyCFunction)(void (*)(void))lstm_gate, METH_FASTCALL, "fused LSTM layer-gate step"},
     {"pool_fc", (PyCFunction)(void (*)(void))pool_fc, METH_FASTCALL, "ReLU, spatial mean and linear"},
     {"conv3x3", (PyCFunction)(void (*)(void))conv3x3, METH_FASTCALL, "direct 3x3 conv, batch 1, channels-last"},
     {"gate_conv", (PyCFunction)(void (*)(void))gate_conv, METH_FASTCALL, "CNN channel gate, batch 1"},
     {"block", (PyCFunction)(void (*)(void))block, METH_FASTCALL, "basic block (conv-conv-add), batch 1"},
+    {"add_relu", (PyCFunction)(void (*)(void))add_relu, METH_FASTCALL, "residual add + ReLU (+ row scatter), batch > 1"},
     {"resnet", (PyCFunction)(void (*)(void))resnet, METH_FASTCALL, "whole CIFAR ResNet, batch 1"},
     {NULL, NULL, 0, NULL}};
 

@@ -46,11 +46,13 @@ from ddi_hw.models.sparse_ops import (
     FUSED,
     FoldCache,
     _gatekernels,
+    add_relu_,
     conv3x3,
     fold_bn,
     module_tensors,
     pack3x3,
     run_channel_groups,
+    take_samples,
 )
 
 RESNET_FIELDS = 23  # columns of a block row of the C runner's program (_gatekernels.c, enum F_*)
@@ -129,12 +131,15 @@ class BasicBlock(nn.Module):
             self.conv1, self.bn1, self.conv2, self.bn2, getattr(self, "sc_conv", None),
             getattr(self, "sc_bn", None)))
 
-    def sparse(self, x, mask=None, max_groups: int = 8):
-        """Only active channels computed: conv1 output and conv2 input sliced, BN folded."""
+    def sparse(self, x, mask=None, max_groups: int = 8, into: tuple | None = None):
+        """Only active channels computed: conv1 output and conv2 input sliced, BN folded.
+        into = (map, rows) with x == map[rows] (a skippable block run by some of the samples):
+        the result is written into those rows of map, which is returned (batch > 1)."""
         w1, b1, w2, b2, *rest = self._folded()
         src, packed, fmt = rest[-3:]
         if x.shape[0] == 1 and FUSED:
-            return self._sparse_one(x, mask, rest[:2], packed)
+            y = self._sparse_one(x, mask, rest[:2], packed)
+            return y if into is None else into[0].index_copy_(0, into[1], y)
         x = x.contiguous(memory_format=fmt)  # no-op when the previous block used the same format
         sc = x if self.skippable else F.conv2d(x, rest[0], rest[1], self.stride)
         if mask is None:
@@ -142,7 +147,9 @@ class BasicBlock(nn.Module):
         else:
             out = run_channel_groups(x, mask, lambda xs, ch, m: self._sliced(xs, ch, m, w1, b1, w2, b2, src, fmt),
                                      max_groups)
-        return F.relu_(out.add_(sc))
+        if into is not None and not self.skippable:  # the residual is not the map's rows
+            return into[0].index_copy_(0, into[1], add_relu_(out, sc))
+        return add_relu_(out, sc, into)
 
     def _sparse_one(self, x, mask, sc_fold, packed):
         """Batch 1: one C call (`_gatekernels.block`): conv1 on its active output channels, conv2 on
@@ -394,13 +401,13 @@ class CifarResNet(DynamicNet):
                         if 0 < len(on) < len(d):
                             ex = torch.from_numpy(on)
             if not skip:
-                hx = h if ex is None else h.index_select(0, ex)
+                hx = h if ex is None else take_samples(h, ex)
                 idx = run.sub(ex)
                 mask = None
                 if cgate is not None:
                     mask, cstate = self._sparse_channel_mask(cgate, name, j, hx, ex, idx, cstate, chf, gates, run)
-                y = b.sparse(hx, mask, self.max_channel_groups)
-                h = y if ex is None else h.index_copy_(0, ex, y)  # h is this forward's own map: in place
+                # h is this forward's own map: the running samples' rows are updated in place
+                h = b.sparse(hx, mask, self.max_channel_groups, None if ex is None else (h, ex))
             if j in exit_at:
                 keep = run.at_exit(exit_at[j], h, self.exits[exit_at[j]])
                 if keep is not None and len(keep) < h.shape[0]:

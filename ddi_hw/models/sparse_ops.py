@@ -40,6 +40,41 @@ def pixel_layout(x: torch.Tensor):
     return x, (x.data_ptr(), n, c, h * w, st[0], st[1], st[3])
 
 
+def take_samples(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] along the batch, in x's memory format. Why not x.index_select(0, idx): on a
+    channels-last map it returns NCHW, and converting back cost 5-9x the gather itself
+    (0.54 vs 0.08 ms for 32 of 64 samples at 32x16x16); the NHWC view gathers in place."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
+    return x.index_select(0, idx)
+
+
+def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both float32, dense, with the same per-sample layout (NCHW or channels-last)."""
+    if a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[1:] != b.shape[1:]:
+        return False
+    return any(a.is_contiguous(memory_format=f) and b.is_contiguous(memory_format=f)
+               for f in (torch.contiguous_format, torch.channels_last))
+
+
+def add_relu_(out: torch.Tensor, res: torch.Tensor, into: tuple | None = None) -> torch.Tensor:
+    """ReLU(out + res) in place on out; or, with into = (map, rows) where res == map[rows], written
+    straight into those rows of map (returned). One pass (`_gatekernels.add_relu`) instead of add_,
+    relu_ and index_copy_: the copy back into the map was the largest part of layer skipping's
+    batch-64 overhead. Falls back to torch ops for layouts the kernel does not take."""
+    if into is None:
+        if FUSED and _same_dense_layout(out, res):
+            _gatekernels.add_relu(out.data_ptr(), res.data_ptr(), None, out.shape[0], out[0].numel())
+            return out
+        return torch.relu_(out.add_(res))
+    m, rows = into
+    if FUSED and _same_dense_layout(out, m) and rows.dtype == torch.int64:
+        rows = rows.contiguous()
+        _gatekernels.add_relu(out.data_ptr(), m.data_ptr(), rows.data_ptr(), out.shape[0], out[0].numel())
+        return m
+    return m.index_copy_(0, rows, torch.relu_(out.add_(res)))
+
+
 def pack3x3(weight: torch.Tensor, bias: torch.Tensor):
     """(9, C_in, Cp) weights and Cp bias of a 3x3 conv for `conv3x3`: tap-major, output channels
     innermost, zero-padded to Cp = C_out rounded up to 8 (the kernel's vector width)."""
