@@ -314,7 +314,8 @@ def test_fused_cnn_gate_matches_module(channels_last, n):
 
 
 @pytest.mark.parametrize("c_in,c_out,size,stride", [(16, 16, 32, 1), (16, 5, 32, 1), (5, 16, 32, 1), (3, 16, 32, 1),
-                                                    (64, 64, 8, 1), (32, 32, 16, 2), (13, 11, 7, 2), (24, 1, 9, 1)])
+                                                    (64, 64, 8, 1), (32, 32, 16, 2), (13, 11, 7, 2), (24, 1, 9, 1),
+                                                    (16, 12, 33, 1), (7, 9, 70, 1)])
 def test_direct_conv3x3_matches_conv2d(c_in, c_out, size, stride):
     """The batch-1 C convolution (packed weights, channel counts not multiples of 8, odd sizes,
     both strides, fused residual and ReLU) against F.conv2d."""
@@ -329,9 +330,12 @@ def test_direct_conv3x3_matches_conv2d(c_in, c_out, size, stride):
     assert torch.allclose(conv3x3(x, wp, bp, c_out, stride, residual=res, relu=False), want + res, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("c_in,width,stride,active", [(16, 16, 1, 8), (16, 16, 1, 16), (16, 16, 1, 0), (16, 32, 2, 5),
-                                                       (64, 64, 1, 63), (32, 32, 1, 1)])
-def test_block_kernel_matches_masked_dense_block(c_in, width, stride, active):
+@pytest.mark.parametrize("c_in,width,stride,active,size", [
+    (16, 16, 1, 8, 16), (16, 16, 1, 16, 16), (16, 16, 1, 0, 16), (16, 32, 2, 5, 16), (64, 64, 1, 63, 16),
+    (32, 32, 1, 1, 16),
+    # rows of >= 32 pixels, <= 16 channels: the row kernel chain on AVX-512 CPUs (conv1 -> padded planes -> conv2)
+    (16, 16, 1, 8, 32), (16, 16, 1, 16, 32), (16, 16, 1, 3, 32), (16, 16, 1, 0, 32), (16, 16, 1, 11, 40)])
+def test_block_kernel_matches_masked_dense_block(c_in, width, stride, active, size):
     """`_gatekernels.block` (batch 1, active weights gathered in the call) against the training
     path's masked block, for a few active counts including none and all."""
     from ddi_hw.models.resnet import BasicBlock
@@ -341,7 +345,7 @@ def test_block_kernel_matches_masked_dense_block(c_in, width, stride, active):
         if bn is not None:
             bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.uniform_(0.5, 1.5)
     blk.eval()
-    x = torch.randn(1, c_in, 16, 16)
+    x = torch.randn(1, c_in, size, size)
     mask = torch.zeros(1, width)
     mask[0, torch.randperm(width)[:active]] = 1.0
     with torch.no_grad():
