@@ -294,15 +294,18 @@ def test_fused_lstm_gate_matches_modules(layout):
         assert torch.allclose(torch.from_numpy(fused_state[:, 10:]), state[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("channels_last,n", [(False, 4), (True, 4), (False, 1), (True, 1)])
-def test_fused_cnn_gate_matches_module(channels_last, n):
+@pytest.mark.parametrize("channels_last,n,c,size", [
+    (False, 4, 16, 9), (True, 4, 16, 9), (False, 1, 16, 9), (True, 1, 16, 9),
+    # >= 32-pixel rows, <= 16 channels: the even/odd-column row kernel on AVX-512 CPUs
+    (True, 1, 16, 32), (True, 1, 16, 33), (False, 1, 12, 40), (True, 1, 8, 64)])
+def test_fused_cnn_gate_matches_module(channels_last, n, c, size):
     """`ChannelGateCNN.sparse` (batch > 1: channels-last conv + C ReLU/pool/FC head; batch 1: one
     `gate_conv` call) gives the module's logits, and its mask is exactly logit > 0."""
     from ddi_hw.models.gates import ChannelGateCNN
     torch.manual_seed(1)
-    gate = ChannelGateCNN(16, 12)
+    gate = ChannelGateCNN(c, 12)
     torch.nn.init.zeros_(gate.fc.bias)
-    x = torch.randn(n, 16, 9, 9)
+    x = torch.randn(n, c, size, size)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
