@@ -506,12 +506,15 @@ static int block_run(const float *x, long H, long W, long Ci, long s, const floa
     const float *c1w = w1, *c1b = b1;
     if (gather) { /* conv1's active output channels, packed (9 Ci, kp); conv2 reads its rows in place */
         float *w1s = h + npx * k, *b1s = w1s + 9 * Ci * kp;
-        for (long j = 0; j < k; j++) {
-            const float *src = w1t + on[j] * 9 * Ci;
-            for (long r = 0; r < 9 * Ci; r++) w1s[r * kp + j] = src[r];
+        /* row by row of the packed weights: contiguous writes. Channel by channel (writes kp floats
+           apart) was 4x slower at 64 channels: ~36 us of a ~80 us half block. */
+        long R = 9 * Ci, src[MAXC];
+        for (long j = 0; j < k; j++) src[j] = on[j] * R;
+        for (long r = 0; r < R; r++) {
+            float *restrict dst = w1s + r * kp;
+            for (long j = 0; j < k; j++) dst[j] = w1t[src[j] + r];
+            for (long j = k; j < kp; j++) dst[j] = 0.0f;
         }
-        for (long r = 0; r < 9 * Ci; r++)
-            for (long j = k; j < kp; j++) w1s[r * kp + j] = 0.0f;
         for (long j = 0; j < kp; j++) b1s[j] = j < k ? b1[on[j]] : 0.0f;
         c1w = w1s, c1b = b1s;
     }
