@@ -476,6 +476,9 @@ def test_add_relu_into_map_rows(fmt, rows):
         res = m[idx].contiguous(memory_format=fmt)
         got = add_relu_(out.clone(), res)
         assert torch.allclose(got, want_rows, atol=0, rtol=0)
+        pool = torch.empty(6, 16)
+        add_relu_(out.clone(), res, None, pool)
+        assert torch.allclose(pool, want_rows.mean((2, 3)), atol=1e-6, rtol=1e-5)
         mixed = out.clone().contiguous(memory_format=torch.channels_last if fmt == torch.contiguous_format
                                        else torch.contiguous_format)
         assert torch.equal(add_relu_(mixed, res), want_rows)
@@ -484,6 +487,11 @@ def test_add_relu_into_map_rows(fmt, rows):
     want[idx] = want_rows
     got = add_relu_(out.clone(), m[idx], (m.clone(), idx))
     assert torch.equal(got, want)
+    pool = torch.full((6, 16), 7.0)  # the written rows' spatial means; the other rows untouched
+    add_relu_(out.clone(), m[idx], (m.clone(), idx), pool)
+    want_pool = torch.full((6, 16), 7.0)
+    want_pool[idx] = want_rows.mean((2, 3))
+    assert torch.allclose(pool, want_pool, atol=1e-6, rtol=1e-5)
     other = torch.channels_last if fmt == torch.contiguous_format else torch.contiguous_format
     fb = add_relu_(out.clone().contiguous(memory_format=other), m[idx], (m.clone(), idx))
     assert torch.equal(fb, want)

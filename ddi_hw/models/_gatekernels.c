@@ -769,36 +769,50 @@ done:
     Py_RETURN_NONE;
 }
 
-/* add_relu(out, res, rows, n, m): the residual add and ReLU of n samples of m floats in one pass
-   (batch > 1). rows None: out[i] = ReLU(out[i] + res[i]). rows (int64, n): res[rows[i]] =
-   ReLU(out[i] + res[rows[i]]), i.e. the block's result written straight into the running samples'
-   rows of the stage map whose rows were its input. Why: add_, relu_ and index_copy_ were three passes
-   over the map, ~0.85 ms of a ~6 ms stage-1 block at batch 32. Pointers as ints; the caller keeps
-   the tensors alive and checks the layouts (same per-sample layout, dense). */
+/* add_relu(out, res, rows, n, m, pool, C, channels_last): the residual add and ReLU of n samples of
+   m floats in one pass (batch > 1). rows None: out[i] = ReLU(out[i] + res[i]). rows (int64, n):
+   res[rows[i]] = ReLU(out[i] + res[rows[i]]), i.e. the block's result written straight into the
+   running samples' rows of the stage map whose rows were its input. pool (float32 (N, C), or None):
+   row t of it (t = rows[i], or i) = the spatial mean of the result, computed while it is written
+   (C channels of m / C pixels, channels-last or channel-major): the next layer gate's input without
+   another pass over the map. Why: add_, relu_ and index_copy_ were three passes over the map, ~0.85
+   ms of a ~6 ms stage-1 block at batch 32, and the gate's own pooling one more (~0.4 ms). Pointers
+   as ints; the caller keeps the tensors alive and checks the layouts (same per-sample layout, dense). */
 VECTORISED
-static void add_relu_run(float *out, float *res, const int64_t *rows, long n, long m) {
+static void add_relu_run(float *out, float *res, const int64_t *rows, long n, long m, float *pool, long C, int cl) {
+    long HW = C > 0 ? m / C : 0;
     for (long i = 0; i < n; i++) {
-        float *restrict q = res + (rows ? rows[i] : i) * m;
+        long t = rows ? rows[i] : i;
+        float *restrict q = res + t * m;
         const float *restrict p = out + i * m;
         float *restrict d = rows ? q : out + i * m;
         if (rows)
             for (long j = 0; j < m; j++) q[j] = RELU(p[j] + q[j]);
         else
             for (long j = 0; j < m; j++) d[j] = RELU(p[j] + q[j]);
+        if (pool) /* d is hot in cache: the mean costs no memory pass */
+            spatial_mean(d, C, HW, cl ? 1 : HW, cl ? C : 1, 0, pool + t * C);
     }
 }
 
 static PyObject *add_relu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "add_relu takes 5 arguments");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "add_relu takes 8 arguments");
         return NULL;
     }
     float *out = (float *)PyLong_AsVoidPtr(args[0]), *res = (float *)PyLong_AsVoidPtr(args[1]);
     const int64_t *rows = args[2] == Py_None ? NULL : (const int64_t *)PyLong_AsVoidPtr(args[2]);
     long n = PyLong_AsLong(args[3]), m = PyLong_AsLong(args[4]);
+    float *pool = args[5] == Py_None ? NULL : (float *)PyLong_AsVoidPtr(args[5]);
+    long C = PyLong_AsLong(args[6]);
+    int cl = PyObject_IsTrue(args[7]);
     if (PyErr_Occurred()) return NULL;
+    if (pool && (C < 1 || m % C)) {
+        PyErr_SetString(PyExc_ValueError, "add_relu: m must be a multiple of C");
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
-    add_relu_run(out, res, rows, n, m);
+    add_relu_run(out, res, rows, n, m, pool, C, cl);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

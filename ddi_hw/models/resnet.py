@@ -46,6 +46,7 @@ from ddi_hw.models.sparse_ops import (
     FUSED,
     FoldCache,
     _gatekernels,
+    _pool_rows,
     add_relu_,
     conv3x3,
     fold_bn,
@@ -131,15 +132,19 @@ class BasicBlock(nn.Module):
             self.conv1, self.bn1, self.conv2, self.bn2, getattr(self, "sc_conv", None),
             getattr(self, "sc_bn", None)))
 
-    def sparse(self, x, mask=None, max_groups: int = 8, into: tuple | None = None):
+    def sparse(self, x, mask=None, max_groups: int = 8, into: tuple | None = None, pool=None):
         """Only active channels computed: conv1 output and conv2 input sliced, BN folded.
         into = (map, rows) with x == map[rows] (a skippable block run by some of the samples):
-        the result is written into those rows of map, which is returned (batch > 1)."""
+        the result is written into those rows of map, which is returned (batch > 1).
+        pool: an (N, C) tensor whose rows of the written samples get their spatial means."""
         w1, b1, w2, b2, *rest = self._folded()
         src, packed, fmt = rest[-3:]
         if x.shape[0] == 1 and FUSED:
             y = self._sparse_one(x, mask, rest[:2], packed)
-            return y if into is None else into[0].index_copy_(0, into[1], y)
+            y = y if into is None else into[0].index_copy_(0, into[1], y)
+            if pool is not None:
+                _pool_rows(pool, y, None if into is None else into[1])
+            return y
         x = x.contiguous(memory_format=fmt)  # no-op when the previous block used the same format
         sc = x if self.skippable else F.conv2d(x, rest[0], rest[1], self.stride)
         if mask is None:
@@ -148,8 +153,11 @@ class BasicBlock(nn.Module):
             out = run_channel_groups(x, mask, lambda xs, ch, m: self._sliced(xs, ch, m, w1, b1, w2, b2, src, fmt),
                                      max_groups)
         if into is not None and not self.skippable:  # the residual is not the map's rows
-            return into[0].index_copy_(0, into[1], add_relu_(out, sc))
-        return add_relu_(out, sc, into)
+            y = into[0].index_copy_(0, into[1], add_relu_(out, sc))
+            if pool is not None:
+                _pool_rows(pool, y, into[1])
+            return y
+        return add_relu_(out, sc, into, pool)
 
     def _sparse_one(self, x, mask, sc_fold, packed):
         """Batch 1: one C call (`_gatekernels.block`): conv1 on its active output channels, conv2 on
@@ -380,12 +388,16 @@ class CifarResNet(DynamicNet):
         if bulk:
             run.forced_layers(force["layer"])
         jb = 0
+        # the layer gates' input: spatial means of h, written by each block while it writes its rows
+        # (no extra pass over the map); None until a block has run on every sample
+        pooled = None
+        keep_pool = layer_gate is not None and gates
         for j, b, skippable, lgate, cgate, name in self._sparse_blocks():
             ex, skip = None, False  # ex: local indices of the running samples that run the block
             if skippable:
                 d = logit = None
                 if lgate is not None and gates:
-                    logit, lstate = layer_gate.fused_step(h, lgate, lstate)
+                    logit, lstate = layer_gate.fused_step(h if pooled is None else pooled, lgate, lstate)
                     d = logit > 0
                 if Lf is not None:
                     d = Lf[:, jb] if run.active is None else Lf[run.active.numpy(), jb]
@@ -406,14 +418,17 @@ class CifarResNet(DynamicNet):
                 mask = None
                 if cgate is not None:
                     mask, cstate = self._sparse_channel_mask(cgate, name, j, hx, ex, idx, cstate, chf, gates, run)
+                if keep_pool and ex is None:
+                    pooled = torch.empty(h.shape[0], b.conv2.out_channels)
                 # h is this forward's own map: the running samples' rows are updated in place
-                h = b.sparse(hx, mask, self.max_channel_groups, None if ex is None else (h, ex))
+                h = b.sparse(hx, mask, self.max_channel_groups, None if ex is None else (h, ex), pooled)
             if j in exit_at:
                 keep = run.at_exit(exit_at[j], h, self.exits[exit_at[j]])
                 if keep is not None and len(keep) < h.shape[0]:
                     if not len(keep):
                         return
                     h = h[keep]
+                    pooled = None if pooled is None else pooled[keep]
                     lstate = None if lstate is None else lstate[keep.numpy()]
                     cstate = None if cstate is None else tuple(s[keep] for s in cstate)
         run.at_end(self.fc(h.mean((2, 3))))

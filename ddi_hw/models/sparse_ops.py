@@ -57,22 +57,39 @@ def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
                for f in (torch.contiguous_format, torch.channels_last))
 
 
-def add_relu_(out: torch.Tensor, res: torch.Tensor, into: tuple | None = None) -> torch.Tensor:
+def add_relu_(out: torch.Tensor, res: torch.Tensor, into: tuple | None = None,
+              pool: torch.Tensor | None = None) -> torch.Tensor:
     """ReLU(out + res) in place on out; or, with into = (map, rows) where res == map[rows], written
-    straight into those rows of map (returned). One pass (`_gatekernels.add_relu`) instead of add_,
-    relu_ and index_copy_: the copy back into the map was the largest part of layer skipping's
-    batch-64 overhead. Falls back to torch ops for layouts the kernel does not take."""
-    if into is None:
-        if FUSED and _same_dense_layout(out, res):
-            _gatekernels.add_relu(out.data_ptr(), res.data_ptr(), None, out.shape[0], out[0].numel())
-            return out
-        return torch.relu_(out.add_(res))
-    m, rows = into
-    if FUSED and _same_dense_layout(out, m) and rows.dtype == torch.int64:
-        rows = rows.contiguous()
-        _gatekernels.add_relu(out.data_ptr(), m.data_ptr(), rows.data_ptr(), out.shape[0], out[0].numel())
+    straight into those rows of map (returned). pool ((N, C) float32, optional): the written rows'
+    spatial means go into the same rows of it, for the next layer gate. One pass
+    (`_gatekernels.add_relu`) instead of add_, relu_, index_copy_ and the gate's pooling: the copy
+    back into the map and the pooling were layer skipping's batch-64 overhead. Falls back to torch
+    ops for layouts the kernel does not take."""
+    m, rows = into if into is not None else (out, None)
+    if FUSED and _same_dense_layout(out, m) and (rows is None and _same_dense_layout(out, res)
+                                                 or rows is not None and rows.dtype == torch.int64):
+        rows = None if rows is None else rows.contiguous()
+        usable = pool is not None and pool.dtype == torch.float32 and pool.is_contiguous()
+        cl = not out.is_contiguous()  # dense but not NCHW: channels-last
+        _gatekernels.add_relu(out.data_ptr(), (m if rows is not None else res).data_ptr(),
+                              None if rows is None else rows.data_ptr(), out.shape[0], out[0].numel(),
+                              pool.data_ptr() if usable else None, out.shape[1], cl)
+        if pool is not None and not usable:
+            _pool_rows(pool, m, rows)
         return m
-    return m.index_copy_(0, rows, torch.relu_(out.add_(res)))
+    y = torch.relu_(out.add_(res))
+    y = y if rows is None else m.index_copy_(0, rows, y)
+    if pool is not None:
+        _pool_rows(pool, m, rows)
+    return y
+
+
+def _pool_rows(pool: torch.Tensor, m: torch.Tensor, rows: torch.Tensor | None) -> None:
+    """pool[rows] = spatial means of m[rows] (all rows when None)."""
+    if rows is None:
+        pool.copy_(m.mean((2, 3)))
+    else:
+        pool.index_copy_(0, rows, m.index_select(0, rows).mean((2, 3)))
 
 
 def pack3x3(weight: torch.Tensor, bias: torch.Tensor):
