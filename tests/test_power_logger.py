@@ -93,7 +93,8 @@ def test_streamed_trace_gives_known_energy_per_window(tmp_path):
     rec.idle(0.4)
     time.sleep(0.1)
     logger.stop.set()
-    th_log.join(5)
+    th_log.join(60)  # a starved logger thread can take seconds to write its last batch
+    assert not th_log.is_alive(), "the logger did not stop within 60 s"
     stop.set()
     th_meter.join(5)
     pty.close()
@@ -168,7 +169,8 @@ def test_garbage_disconnect_and_clock_jump_are_counted_and_nothing_is_lost(tmp_p
     burst(40, 80)
     _wait(lambda: logger.counters.samples == 120)
     logger.stop.set()
-    th_log.join(5)
+    th_log.join(60)  # a starved logger thread can take seconds to write its last batch
+    assert not th_log.is_alive(), "the logger did not stop within 60 s"
     pty.close()
 
     c = res["c"]
@@ -196,7 +198,8 @@ def test_resume_appends_after_a_crash_cut_row(tmp_path):
             pty.write(f"{session * 10 + i},{float(i)}\n")
         _wait(lambda: logger.counters.samples == 10 * (session + 1))
         logger.stop.set()
-        th.join(5)
+        th.join(60)
+        assert not th.is_alive(), "the logger did not stop within 60 s"
         if session == 0:
             before = out.read_bytes()
             with open(out, "a") as f:  # what a power cut in the middle of a write leaves
