@@ -149,11 +149,13 @@ def test_zedboard_preset_is_the_engine(tmp_path):
 # ----------------------------------------------------------------------------- DenseNet
 
 
-def _densenet(kind="cnn"):
+def _densenet(kind="cnn", exit_positions=None):
     """Tiny DenseNet-BC with layer gates (all open: every layer runs, so every launch is made) and
-    channel gates (light gate, or RNN) that close some channels; BN statistics not at defaults."""
+    channel gates (light gate, or RNN) that close some channels; BN statistics not at defaults;
+    exit branches after the dense layers `exit_positions`, if given."""
     torch.manual_seed(2)
-    m = create_model("densenet_tiny", layer_gates=True, channel_gates=True, channel_gate_kind=kind)
+    m = create_model("densenet_tiny", layer_gates=True, channel_gates=True, channel_gate_kind=kind,
+                     exits=exit_positions is not None, exit_positions=exit_positions)
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
@@ -337,17 +339,30 @@ def _resnet_with_exits():
     return m.eval()
 
 
-@pytest.fixture(scope="module")
-def exit_case(tmp_path_factory):
+def _exit_case(m, tmp_path_factory):
+    """Model, specs, `zedboard` table, exported bundle, images."""
     from ddi_hw.deploy.bundle import load_bundle
     from ddi_hw.export import export_model
 
-    m = _resnet_with_exits()
     specs = m.specs()
     table = profile_specs(specs, "zedboard", cache_dir=tmp_path_factory.mktemp("cache"), jobs=1, progress=False)
-    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(6, 3, m.input_size, m.input_size, generator=torch.Generator().manual_seed(8))
     b = load_bundle(export_model(m, tmp_path_factory.mktemp("bundle"), x))
     return m, specs, table, b, x
+
+
+@pytest.fixture(scope="module")
+def resnet_exit_case(tmp_path_factory):
+    return _exit_case(_resnet_with_exits(), tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["resnet", "densenet"])
+def exit_case(request, tmp_path_factory):
+    """The ResNet-14 with exits at 32/16/8 pixels, or a DenseNet (light gates) with exits on
+    concatenations at 16/8/4 pixels."""
+    if request.param == "resnet":
+        return request.getfixturevalue("resnet_exit_case")
+    return _exit_case(_densenet("cnn", exit_positions=[1, 4, 7]), tmp_path_factory)
 
 
 def test_exit_launches_are_the_tables_engine_rows(exit_case):
@@ -386,26 +401,29 @@ def test_exit_processor_rows_are_the_runners_map_ops(exit_case):
     m, specs, table, b, x = exit_case
     dense = table[(table.axis == "out") & (table.active == table.out_ch)]
     proc_maps = dense[(dense.source == "processor") & (dense.kind == "pool")]
-    assert set(proc_maps.role) == {"exit"}
+    if m.family == "resnet":  # DenseNet: also its head's, transitions' and gates' pools (tested above)
+        assert set(proc_maps.role) == {"exit"}
     for i in range(3):
         rows = proc_maps[proc_maps.block == f"exits.{i}"]
         rec = _Recording()
         r = run_image(b, x[1].numpy(), rec, exit_at=i)
+        ops = [(op, tuple(a), tuple(o)) for op, a, o in r.processor_maps if op == "maxpool2"]
+        if m.family == "resnet":
+            assert len(ops) == len(r.processor_maps)  # no other map op on the processor
         assert r.exit_taken == i and len(rows) == m.exits[i].pools
-        assert [(op, tuple(a), tuple(o)) for op, a, o in r.processor_maps] == \
-            [("maxpool2", (t.in_ch, t.in_h, t.in_w), (t.out_ch, t.out_h, t.out_w)) for t in rows.itertuples()]
-        assert sum(int(np.prod(a)) for _, a, _ in r.processor_maps) == rows.dram_reads_ifmap.sum()
-        assert sum(int(np.prod(o)) for _, _, o in r.processor_maps) == rows.dram_writes_ofmap.sum()
+        assert ops == [("maxpool2", (t.in_ch, t.in_h, t.in_w), (t.out_ch, t.out_h, t.out_w)) for t in rows.itertuples()]
+        assert sum(int(np.prod(a)) for _, a, _ in ops) == rows.dram_reads_ifmap.sum()
+        assert sum(int(np.prod(o)) for _, _, o in ops) == rows.dram_writes_ofmap.sum()
         replay = executed_layers(b, r.block_run, r.channel_masks, r.exit_taken)
         assert [n for n, *_ in replay] == [n for n, *_ in rec.launched]
         assert replay[-2:] == [(f"exits.{i}.conv1", "out", 64), (f"exits.{i}.conv2", "out", 64)]
 
 
-def test_exit_rows_by_hand(exit_case):
+def test_exit_rows_by_hand(resnet_exit_case):
     """Hand counts on `zedboard` of exit 0 (16 x 32x32 input): each 2x2 max pool reads its map once
     and writes its result (processor time for the elements read, no cycles), conv2 writes no ofmap,
     its global pool is 2 words per channel written and read, the FC is processor time only."""
-    _, _, table, _, _ = exit_case
+    _, _, table, _, _ = resnet_exit_case
     pre = load_preset("zedboard")
 
     def row(name):

@@ -14,9 +14,9 @@ those pooled vectors (layer gate: 1x1 embedding, shared LSTM cell, linear; chann
 or the RNN variant), the exits' and the final classifier on the pooled last tensor, and the
 budgeted-exit decisions (RADI) from the exported cost plan. A tensor no launch wrote pooled sums
 for (a DenseNet concatenation or transition output, the DenseNet head's BN + ReLU output) is
-pooled by the processor from the map; DenseNet's 2x2 average pools and the exit branches' 2x2 max
-pools also run there, in integer arithmetic; a concatenation copies nothing (`_BlockBuffers`). The gates' numpy forwards are
-`ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. Layer skipping = the processor does not
+pooled by the processor from the map; DenseNet's 2x2 average pools and the exit branches' 2x2
+max pools also run there, in integer arithmetic; a concatenation copies nothing (`_BlockBuffers`).
+The gates' numpy forwards are `ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. Layer skipping = the processor does not
 launch the engine; channel skipping = the engine's output/input channel masks.
 
 Implementing a backend (the contract `ddi_hw.deploy.board.BoardBackend` follows):
