@@ -16,8 +16,9 @@ budgeted-exit decisions (RADI) from the exported cost plan. A tensor no launch w
 for (a DenseNet concatenation or transition output, the DenseNet head's BN + ReLU output) is
 pooled by the processor from the map; DenseNet's 2x2 average pools and the exit branches' 2x2
 max pools also run there, in integer arithmetic; a concatenation copies nothing (`_BlockBuffers`).
-The gates' numpy forwards are `ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. Layer skipping = the processor does not
-launch the engine; channel skipping = the engine's output/input channel masks.
+The gates' numpy forwards are `ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. Layer
+skipping = the processor does not launch the engine; channel skipping = the engine's output/input
+channel masks.
 
 Implementing a backend (the contract `ddi_hw.deploy.board.BoardBackend` follows):
 
