@@ -6,8 +6,8 @@ next to the static backbone.
     python benchmarks/exit_energy.py [--arch resnet38] [--hardware zedboard] [--jobs 1]
 
 Writes benchmarks/out/exit_energy/<arch>_<preset>.csv (one row per exit-branch row of the table).
-Last line: JSON with `exit_share` (all exits / whole DDI network), `exit_vs_static` (all exits /
-static backbone) and per-source energies in microjoules. Simulated counts, not a measurement.
+Last line: JSON with `exit_share` (all exits / whole DDI network), `exit_flop_share` (the same in
+MACs), `exit_vs_static` (all exits / static backbone) and per-source energies in microjoules. Simulated counts, not a measurement.
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     src = (ex.groupby("source").energy_pj.sum() / 1e6).round(3).to_dict()
     print(json.dumps({"arch": a.arch, "hardware": a.hardware, "exits": len(model.exits),
                       "exit_share": round(float(ex.energy_pj.sum()) / total, 4),
+                      "exit_flop_share": round(float(ex.macs.sum()) / float(dense.macs.sum()), 4),
                       "exit_vs_static": round(float(ex.energy_pj.sum()) / static, 4),
                       "exit_uj": round(float(ex.energy_pj.sum()) / 1e6, 3), "by_source_uj": src}))
 
