@@ -11,7 +11,7 @@ import typer
 
 from ddi_hw.deploy.bundle import ENGINE_BLOB, load_bundle, write_bundle
 from ddi_hw.deploy.fixedpoint import LayerParams
-from ddi_hw.deploy.processor import GATE_OPS
+from ddi_hw.deploy.processor import EXIT_ENGINE_CONVS, GATE_OPS
 from ddi_hw.deploy.regmap import load_regmap
 from ddi_hw.errors import UserError
 from ddi_hw.validate import number
@@ -149,14 +149,24 @@ class _Builder:
                 self.proc[f"{prefix}.{k}"] = v.detach().float().numpy()
 
     def exit(self, model, i: int, t_in: str) -> None:
-        from ddi_hw.models.sparse_ops import fold_bn
+        """Exit branch i on tensor `t_in` as the dataflow places it: its 2x2 max pools on the
+        processor, in integers in `t_in`'s Q format (tensor `e{i}.in`); conv1 and conv2 (BN folded,
+        ReLU) as engine launches named like their table rows (flags by name: conv2 writes only its
+        pooled sums), outputs `e{i}.0`, `e{i}.1`; the classifier `fc` on the processor."""
         e = model.exits[i]
-        for cname, bname in (("conv1", "bn1"), ("conv2", "bn2")):
-            w, bias = fold_bn(getattr(e, cname).weight, getattr(e, bname))
-            self.proc[f"exits.{i}.{cname}.weight"] = w.float().numpy()
-            self.proc[f"exits.{i}.{cname}.bias"] = bias.float().numpy()
+        c, h, w = self.shapes[t_in]
+        for _ in range(e.pools):
+            h, w = -(-h // 2), -(-w // 2)
+        pooled = f"e{i}.in"
+        self.frac[pooled], self.shapes[pooled] = self.frac[t_in], [c, h, w]
+        step = {"op": "exit", "index": i, "in": t_in, "pooled": pooled, "prefix": f"exits.{i}", "pools": e.pools}
+        for n, conv in enumerate(EXIT_ENGINE_CONVS):
+            self.conv(f"exits.{i}.{conv}", getattr(e, conv), pooled if n == 0 else f"e{i}.{n - 1}", f"e{i}.{n}",
+                      bn=getattr(e, _EXIT_BN[conv]), relu=True, launch=False)
+            if n == 0:
+                step["layer"] = len(self.layers) - 1
         self.add_proc(f"exits.{i}.fc", e.fc)
-        self.program.append({"op": "exit", "index": i, "in": t_in, "prefix": f"exits.{i}", "pools": e.pools})
+        self.program.append(step)
 
     def shared_gates(self, model) -> None:
         """The recurrent parts shared by all gates of a kind, once each under the kind's name."""
@@ -201,6 +211,15 @@ def _gate_taps(model, gate, tag: str) -> dict[str, tuple]:
     return {f"{tag}.{i}": (getattr(gate, c), True) for i, c in enumerate(convs)}
 
 
+_EXIT_BN = {"conv1": "bn1", "conv2": "bn2"}  # ExitBranch: the BN folded into each engine conv
+
+
+def _exit_taps(model) -> dict[str, tuple]:
+    """Calibration taps of the exit branches' engine convs (their ReLU outputs: `e{i}.0`, `e{i}.1`)."""
+    return {f"e{i}.{n}": (getattr(e, _EXIT_BN[conv]), True)
+            for i, e in enumerate(getattr(model, "exits", [])) for n, conv in enumerate(EXIT_ENGINE_CONVS)}
+
+
 def _launch_flags(model) -> dict[str, dict]:
     """Engine flags per conv from the dataflow the cost table also costs (one description)."""
     from energy_models.dataflow import launch_flags
@@ -209,13 +228,15 @@ def _launch_flags(model) -> dict[str, dict]:
 
 def _export_resnet(model, calib):
     """CIFAR ResNet: stem conv; per block [projection], conv1 (channel-gated outputs), conv2
-    (gated inputs, residual add, ReLU); processor: gates, exits, pool + fc."""
+    (gated inputs, residual add, ReLU); exit branches (`_Builder.exit`); processor: gates' vector
+    layers, exits' pools and fc, the classifier on the pooled last tensor."""
     taps = {"stem": (model.stem, False)}
     for j, b in enumerate(model.blocks):
         taps[f"b{j}.mid"], taps[f"b{j}.out"] = (b.bn1, True), (b, False)
         if not b.skippable:
             taps[f"b{j}.sc"] = (b.sc_bn, False)
         taps |= _gate_taps(model, b.cgate, f"b{j}.cg")
+    taps |= _exit_taps(model)
     fm = _Formats(_calibrate(model, calib, taps))
     prev = "stem"
     for j, b in enumerate(model.blocks):
@@ -269,6 +290,7 @@ def _export_densenet(model, calib):
         taps |= _gate_taps(model, layer.cgate, f"d{j}.cg")
     for t, tr in enumerate(model.transitions):
         taps[f"t{t}.act"], taps[f"t{t}.conv"] = (tr.bn, True), (tr.conv, False)
+    taps |= _exit_taps(model)
     stats = _calibrate(model, calib, taps)
     j = 0
     for b, blk in enumerate(model.dense_blocks):  # concatenations share the block's format
@@ -314,6 +336,7 @@ def _export_densenet(model, calib):
             if j in exit_at:
                 cat = f"d{j}.cat"
                 bd.frac[cat] = bd.frac[feats[0]]
+                bd.shapes[cat] = [sum(bd.shapes[f][0] for f in feats)] + bd.shapes[feats[0]][1:]
                 bd.program.append({"op": "concat", "in": list(feats), "out": cat})
                 bd.exit(model, exit_at[j], cat)
             j += 1
@@ -368,8 +391,9 @@ def export_model(model, out_dir: str | Path, calib_images, source: str = "", dat
     """Quantise a gated CIFAR ResNet or DenseNet (`ddi_hw.models`) into a bundle directory.
 
     BN is folded into every engine conv (pre-activation BN becomes the engine's input affine);
-    conv weights go to engine.bin in the engine's layout; gates, exit branches (BN folded,
-    float32) and the classifier go to processor.safetensors."""
+    conv weights (backbone, the gates' and exit branches' engine convs) go to engine.bin in the
+    engine's layout; the gates' vector layers, the exits' and the final classifier (float32) go to
+    processor.safetensors."""
     model.eval()
     mc = load_regmap().constants
     if getattr(model, "input_size", 10 ** 6) > mc["MAX_W"]:

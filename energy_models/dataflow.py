@@ -3,7 +3,9 @@ traced layer specs, so the cost table costs the operations and memory traffic th
 engine and driver perform, not one pass per traced op.
 
 Placement of every spec (`place`), in execution order:
-- `conv`          a backbone / exit conv or linear on a feature map: one engine launch, SCALE-Sim.
+- `conv`          a backbone or exit-branch conv on a feature map: one engine launch, SCALE-Sim. An
+                  exit branch's last conv, whose only consumer is its global pool, never writes
+                  its ofmap (FLAG_NO_STORE), like a gate's.
 - `gate_conv`     a gate's conv on a feature map (the CNN channel gate's conv, the DenseNet light
                   gate's two convs): an engine launch; if its only consumer is a global pool, its
                   ofmap is never written (FLAG_NO_STORE).
@@ -14,18 +16,19 @@ Placement of every spec (`place`), in execution order:
                   ofmap and read once by the processor; the feature map is not read again.
 - `processor_map` a pool the processor runs on a map in DRAM: a global pool whose input no single
                   conv produced (DenseNet: the head's BN + ReLU + pool over the last concatenation,
-                  the gates' pools over a concatenation or a transition's output) and the backbone's
-                  non-global pools (the transitions' 2x2 average pools; the engine has no pooling
-                  unit). The ARM reads the map once from DRAM and writes a result map back (a
-                  global pool's vector stays in its cache); time = ops / `proc_macs_per_s`. A gate's
+                  the gates' pools over a concatenation or a transition's output) and every non-global
+                  pool (DenseNet transitions' 2x2 average pools, the exit branches' 2x2 max pools; the
+                  engine has no pooling unit). The ARM reads the map once from DRAM and writes a
+                  result map back (a global pool's vector stays in its cache); time = ops /
+                  `proc_macs_per_s`. A gate's
                   pool over a concatenation keeps the channel sums it already has (`reuse`: those of
                   the previous gate pool over a map of the same size, a prefix of the same dense
                   block's features) and reads only the channels added since. On a preset without a
                   processor: an analytic row on the array, as `other`.
-- `vector`        a layer on a pooled vector (gate 1x1 embeddings, LSTM cells, gate FCs, the
-                  classifier): on the host processor when the preset has one (time only: its power
-                  is the preset's board power), else on the array (SCALE-Sim).
-- `other`         everything else as traced (the exit branches' pools): analytic pool/add rows.
+- `vector`        a layer on a pooled vector (gate 1x1 embeddings, LSTM cells, gate FCs, the exit
+                  branches' and the head's classifiers): on the host processor when the preset has
+                  one (time only: its power is the preset's board power), else on the array (SCALE-Sim).
+- `other`         everything else as traced (an add no conv can take): analytic rows.
 Concatenation has no row: a dense block's features are one DRAM buffer in CHW layout, each
 producer writes its channels at their offset and a consumer reads a prefix, so nothing is copied
 (the runner does the same: `ddi_hw.deploy.backends`, `concat`).
@@ -42,7 +45,7 @@ WORDS_PER_POOLED = 2  # one int32 per channel = two 16-bit words
 class Placement:
     op: str  # conv | gate_conv | residual_add | global_pool | processor_map | vector | other
     fused_into: str = ""  # the engine launch this op happens inside (residual_add, global_pool)
-    store: bool = True  # gate_conv: False when only its pooled sums are used
+    store: bool = True  # a gate / exit conv: False when only its pooled sums are used
     reuse: int = 0  # processor_map of a gate pool: leading channels whose sums the processor has
 
 
@@ -56,7 +59,7 @@ def place(specs) -> dict[str, Placement]:
     pooled_producers = set()
     for i, s in enumerate(specs):
         if s.kind in ("conv", "linear"):
-            if _is_vector(s) and s.role != "exit":
+            if _is_vector(s):
                 out[s.name] = Placement("vector")
             else:
                 out[s.name] = Placement("gate_conv" if s.role == "gate" else "conv")
@@ -64,27 +67,28 @@ def place(specs) -> dict[str, Placement]:
             prod = next((p.name for p in reversed(specs[:i]) if p.kind == "conv"
                          and p.role == "backbone" and p.block == s.block and not _is_vector(p)), None)
             out[s.name] = Placement("residual_add", prod) if prod else Placement("other")
-        elif s.kind == "pool" and s.out_h * s.out_w == 1 and s.role != "exit":
+        elif s.kind == "pool" and s.out_h * s.out_w == 1:
             prod = _pool_producer(specs, i)
             if prod is None:
                 out[s.name] = Placement("processor_map", reuse=_reused_sums(specs, i, out))
             else:
                 out[s.name] = Placement("global_pool", prod)
                 pooled_producers.add(prod)
-        elif s.kind == "pool" and s.role == "backbone":
+        elif s.kind == "pool":  # a 2x2 pool of the backbone or an exit branch
             out[s.name] = Placement("processor_map")
         else:
             out[s.name] = Placement("other")
+    branch = {s.name for s in specs if s.role in ("gate", "exit")}
     for name, p in out.items():
-        if p.op == "gate_conv" and name in pooled_producers:
-            # its ofmap has no consumer but its pool: never written (FLAG_NO_STORE)
-            out[name] = Placement("gate_conv", store=False)
+        if p.op in ("conv", "gate_conv") and name in pooled_producers and name in branch:
+            # a gate's / exit's last conv: no consumer but its pool, never written (FLAG_NO_STORE)
+            out[name] = Placement(p.op, store=False)
     return out
 
 
 def _pool_producer(specs, i) -> str | None:
-    """The conv whose output a global pool reads: a conv of the same gate module (a channel gate
-    pools its own last conv), else the last feature-map conv of the backbone before it -- only if
+    """The conv whose output a global pool reads: a conv of the same gate or exit module (a channel
+    gate or an exit branch pools its own last conv), else the last feature-map conv of the backbone before it -- only if
     that conv's output is exactly the pooled tensor (same channels and size). Otherwise (a
     concatenation, a map pooled or normalised after the conv) no launch can write the sums."""
     s = specs[i]
@@ -157,7 +161,7 @@ def processor_counts(spec, p: Placement, active: int) -> dict:
 def source_label(p: Placement, on_processor: bool) -> str:
     if p.op in ("residual_add", "global_pool"):
         return f"fused into {p.fused_into}"
-    if p.op == "gate_conv" and not p.store:
+    if p.op in ("conv", "gate_conv") and not p.store:
         return "scalesim, ofmap not stored"
     if p.op in ("vector", "processor_map") and on_processor:
         return "processor"
@@ -169,7 +173,7 @@ def source_label(p: Placement, on_processor: bool) -> str:
 def launch_flags(specs) -> dict[str, dict]:
     """Engine flags of every engine launch (conv spec name -> LayerParams fields), from the same
     placement the cost table uses, for the exporter: `pool` (FLAG_POOL) on the producer of a
-    global pool, `store=False` (FLAG_NO_STORE) on a gate conv only its pool reads, and
+    global pool, `store=False` (FLAG_NO_STORE) on a gate / exit conv only its pool reads, and
     `zero_masked=False` (FLAG_NO_ZERO) on an output-gated conv whose consumer reads the same
     channels through its input mask (the zeros would never be read)."""
     where = place(specs)

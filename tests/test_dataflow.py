@@ -149,11 +149,13 @@ def test_zedboard_preset_is_the_engine(tmp_path):
 # ----------------------------------------------------------------------------- DenseNet
 
 
-def _densenet(kind="cnn"):
+def _densenet(kind="cnn", exit_positions=None):
     """Tiny DenseNet-BC with layer gates (all open: every layer runs, so every launch is made) and
-    channel gates (light gate, or RNN) that close some channels; BN statistics not at defaults."""
+    channel gates (light gate, or RNN) that close some channels; BN statistics not at defaults;
+    exit branches after the dense layers `exit_positions`, if given."""
     torch.manual_seed(2)
-    m = create_model("densenet_tiny", layer_gates=True, channel_gates=True, channel_gate_kind=kind)
+    m = create_model("densenet_tiny", layer_gates=True, channel_gates=True, channel_gate_kind=kind,
+                     exits=exit_positions is not None, exit_positions=exit_positions)
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
@@ -310,3 +312,171 @@ def test_densenet_table_agrees_with_the_c_simulated_engine(dense_case):
             tab = launch_counts(table, s.name, axis, a)
             assert tab["dram_words"] == pytest.approx(eng.dram_words, rel=0.10), (s.name, axis, a)
             assert tab["cycles"] == pytest.approx(eng.counters["cycles"], rel=0.08), (s.name, axis, a)
+
+
+# ----------------------------------------------------------------------------- exit branches
+
+
+def _resnet_with_exits():
+    """Tiny gated ResNet-14 with exit branches after blocks 1, 3, 5 (32x32 input: two max pools;
+    16x16: one; 8x8: one, to 4x4); layer gates all open (every block runs, so every launch is
+    made), CNN channel gates that close some channels; BN statistics not at defaults."""
+    torch.manual_seed(3)
+    m = create_model("resnet14", layer_gates=True, channel_gates=True, channel_gate_kind="cnn", exits=True,
+                     exit_positions=[1, 3, 5])
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 2)
+                mod.weight.normal_(1, 0.2)
+                mod.bias.normal_(0, 0.1)
+        m.layer_gate.proj.weight.zero_()
+        m.layer_gate.proj.bias.fill_(50.0)
+        for b in m.blocks:
+            if b.cgate is not None:
+                b.cgate.fc.bias.normal_(0, 1.0)
+    return m.eval()
+
+
+def _exit_case(m, tmp_path_factory):
+    """Model, specs, `zedboard` table, exported bundle, images."""
+    from ddi_hw.deploy.bundle import load_bundle
+    from ddi_hw.export import export_model
+
+    specs = m.specs()
+    table = profile_specs(specs, "zedboard", cache_dir=tmp_path_factory.mktemp("cache"), jobs=1, progress=False)
+    x = torch.randn(6, 3, m.input_size, m.input_size, generator=torch.Generator().manual_seed(8))
+    b = load_bundle(export_model(m, tmp_path_factory.mktemp("bundle"), x))
+    return m, specs, table, b, x
+
+
+@pytest.fixture(scope="module")
+def resnet_exit_case(tmp_path_factory):
+    return _exit_case(_resnet_with_exits(), tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["resnet", "densenet"])
+def exit_case(request, tmp_path_factory):
+    """The ResNet-14 with exits at 32/16/8 pixels, or a DenseNet (light gates) with exits on
+    concatenations at 16/8/4 pixels."""
+    if request.param == "resnet":
+        return request.getfixturevalue("resnet_exit_case")
+    return _exit_case(_densenet("cnn", exit_positions=[1, 4, 7]), tmp_path_factory)
+
+
+def test_exit_launches_are_the_tables_engine_rows(exit_case):
+    """An image that runs every exit branch (an unlimited budget: each branch runs as a fallback)
+    makes exactly the table's engine launches, with its store / pool flags: each exit's conv1
+    stored, its conv2 writing only the pooled sums its global pool reads (that pool fused into it),
+    the exits' FC and the exits' max pools no engine launch."""
+    from ddi_hw.deploy.backends import run_image
+
+    m, specs, table, b, x = exit_case
+    dense = table[(table.axis == "out") & (table.active == table.out_ch)]
+    engine = dense[dense.source.str.startswith("scalesim")]
+    pooled = set(dense[dense.kind == "pool"].fused_into) - {""}
+    want = {(r.layer, r.source != "scalesim, ofmap not stored", r.layer in pooled) for r in engine.itertuples()}
+    rec = _Recording()
+    r = run_image(b, x[0].numpy(), rec, budget=1e30)
+    assert all(r.block_run) and r.exit_taken == -1
+    assert len(rec.launched) == len(set(rec.launched)) == r.launches
+    assert set(rec.launched) == want
+    exits = {(n, s, p) for n, s, p in rec.launched if n.startswith("exits.")}
+    assert exits == {(f"exits.{i}.conv{k}", k == 1, k == 2) for i in range(3) for k in (1, 2)}
+    ex = dense[dense.role == "exit"]
+    assert set(ex[ex.kind == "linear"].source) == {"processor"}
+    assert set(ex[(ex.kind == "pool") & (ex.out_h > 1)].source) == {"processor"}
+    assert list(ex[(ex.kind == "pool") & (ex.out_h == 1)].fused_into) == [f"exits.{i}.conv2" for i in range(3)]
+
+
+def test_exit_processor_rows_are_the_runners_map_ops(exit_case):
+    """The table's processor rows of exit i are the map ops the runner makes when an image takes
+    exit i (its max pools, same shapes, same DRAM words read and written), and nothing else reads a
+    map on the processor (every other pool is fused); the replay the calibration uses
+    (`executed_layers`) names the launches the image made."""
+    from ddi_hw.deploy.backends import run_image
+    from ddi_hw.deploy.bundle import executed_layers
+
+    m, specs, table, b, x = exit_case
+    dense = table[(table.axis == "out") & (table.active == table.out_ch)]
+    proc_maps = dense[(dense.source == "processor") & (dense.kind == "pool")]
+    if m.family == "resnet":  # DenseNet: also its head's, transitions' and gates' pools (tested above)
+        assert set(proc_maps.role) == {"exit"}
+    for i in range(3):
+        rows = proc_maps[proc_maps.block == f"exits.{i}"]
+        rec = _Recording()
+        r = run_image(b, x[1].numpy(), rec, exit_at=i)
+        ops = [(op, tuple(a), tuple(o)) for op, a, o in r.processor_maps if op == "maxpool2"]
+        if m.family == "resnet":
+            assert len(ops) == len(r.processor_maps)  # no other map op on the processor
+        assert r.exit_taken == i and len(rows) == m.exits[i].pools
+        assert ops == [("maxpool2", (t.in_ch, t.in_h, t.in_w), (t.out_ch, t.out_h, t.out_w)) for t in rows.itertuples()]
+        assert sum(int(np.prod(a)) for _, a, _ in ops) == rows.dram_reads_ifmap.sum()
+        assert sum(int(np.prod(o)) for _, _, o in ops) == rows.dram_writes_ofmap.sum()
+        replay = executed_layers(b, r.block_run, r.channel_masks, r.exit_taken)
+        assert [n for n, *_ in replay] == [n for n, *_ in rec.launched]
+        assert replay[-2:] == [(f"exits.{i}.conv1", "out", 64), (f"exits.{i}.conv2", "out", 64)]
+
+
+def test_exit_rows_by_hand(resnet_exit_case):
+    """Hand counts on `zedboard` of exit 0 (16 x 32x32 input): each 2x2 max pool reads its map once
+    and writes its result (processor time for the elements read, no cycles), conv2 writes no ofmap,
+    its global pool is 2 words per channel written and read, the FC is processor time only."""
+    _, _, table, _, _ = resnet_exit_case
+    pre = load_preset("zedboard")
+
+    def row(name):
+        return table[(table.layer == name) & (table.axis == "out") & (table.active == table.out_ch)].iloc[0]
+    p0, p1 = row("exits.0.pool#0"), row("exits.0.pool#1")
+    assert (p0.macs, p0.dram_reads_ifmap, p0.dram_writes_ofmap, p0.cycles) == (16 * 256 * 4, 16 * 1024, 16 * 256, 0)
+    assert (p1.macs, p1.dram_reads_ifmap, p1.dram_writes_ofmap) == (16 * 64 * 4, 16 * 256, 16 * 64)
+    assert p0.proc_s == pytest.approx(16 * 1024 / pre.proc_macs_per_s) and p0.e_mac_pj == 0
+    c2 = row("exits.0.conv2")
+    assert c2.source == "scalesim, ofmap not stored" and c2.dram_writes_ofmap == 0 and c2.dram_reads_ifmap > 0
+    gp = row("exits.0.pool#2")
+    assert gp.source == "fused into exits.0.conv2"
+    assert (gp.dram_reads_ifmap, gp.dram_writes_ofmap, gp.cycles) == (128, 128, 128)
+    fc = row("exits.0.fc")
+    assert (fc.source, fc.macs, fc.cycles) == ("processor", 640, 0)
+    assert fc.energy_pj == pytest.approx(pre.board_power_w * 640 / pre.proc_macs_per_s * 1e12)
+
+
+def test_exit_logits_equal_the_float_model_and_csim_the_reference(exit_case):
+    """Every exit's logits from the deployed path (integer max pools, engine convs, FC on the pooled
+    sums) equal the float model's exit logits to fixed-point tolerance, and the C-simulated engine
+    gives the reference's logits, launches and iterations bit for bit."""
+    from ddi_hw.deploy.backends import CsimBackend, run_image
+
+    m, _, _, b, x = exit_case
+    with torch.no_grad():
+        ref = m(x, mode="dense").exit_logits
+    for i in range(3):
+        for n in range(3):
+            r = run_image(b, x[n].numpy(), ReferenceBackend(), exit_at=i)
+            f = ref[i][n].numpy()
+            assert np.abs(r.logits - f).max() <= 2e-3 * max(1.0, float(np.abs(f).max())), (i, n)
+            if n == 0 and csim.toolchain_missing() is None:
+                c = run_image(b, x[n].numpy(), CsimBackend(), exit_at=i)
+                assert (c.launches, c.iterations, c.block_run) == (r.launches, r.iterations, r.block_run)
+                np.testing.assert_array_equal(c.logits, r.logits)
+
+
+@needs_csim
+def test_exit_table_agrees_with_the_c_simulated_engine(exit_case):
+    """The exit branches' launches (3x3 convs on 8x8 / 4x4 maps; conv2 pooled only): table vs the
+    engine's own counters, with the DenseNet test's bands (small maps: bias words and loop overheads
+    are a larger share)."""
+    _, specs, table, _, _ = exit_case
+    where, flags = place(specs), launch_flags(specs)
+    checked = 0
+    rng = np.random.default_rng(2)
+    for s in specs:
+        if s.role != "exit" or where[s.name].op != "conv":
+            continue
+        eng = csim.run_spec(s, rng, **flags.get(s.name, {}))
+        tab = launch_counts(table, s.name, "out", s.out_ch)
+        assert tab["dram_words"] == pytest.approx(eng.dram_words, rel=0.10), s.name
+        assert tab["cycles"] == pytest.approx(eng.counters["cycles"], rel=0.08), s.name
+        checked += 1
+    assert checked == 6

@@ -57,9 +57,12 @@ def test_round_trip_layers_are_folded_quantised_weights(exported):
     m, _, path = exported
     b = load_bundle(path)
     names = [l.name for l in b.layers]
-    backbone = [n for n in names if ".cgate." not in n]  # CNN channel-gate convs run on the engine too
+    # CNN channel-gate convs and exit-branch convs run on the engine too
+    backbone = [n for n in names if ".cgate." not in n and not n.startswith("exits.")]
     assert names[0] == "stem.conv" and names.count("blocks.2.sc_conv") == 1 and len(backbone) == 1 + 6 * 2 + 2
     assert [n for n in names if ".cgate." in n] == [f"blocks.{j}.cgate.conv" for j in range(6)]
+    assert [n for n in names if n.startswith("exits.")] == \
+        [f"exits.{i}.conv{k}" for i in range(len(m.exits)) for k in (1, 2)]
     l = b.layers[names.index("blocks.3.conv1")]
     w, bias = fold_bn(m.blocks[3].conv1.weight, m.blocks[3].bn1)
     np.testing.assert_array_equal(l.weights, quantize(w.double().numpy(), l.f_w))
@@ -70,7 +73,8 @@ def test_round_trip_layers_are_folded_quantised_weights(exported):
     # a skippable block's output keeps its input's Q format (identity when skipped)
     assert man["tensors"]["b1.out"]["frac"] == man["tensors"]["b0.out"]["frac"] == man["tensors"]["stem"]["frac"]
     assert all(e["weights"]["offset"] % 64 == 0 for e in man["layers"])
-    assert set(b.processor) >= {"layer_gate.lstm.weight_ih", "fc.weight", "exits.0.conv1.weight"}
+    assert set(b.processor) >= {"layer_gate.lstm.weight_ih", "fc.weight", "exits.0.fc.weight"}
+    assert "exits.0.conv1.weight" not in b.processor  # in engine.bin (the exit's conv1 launch)
 
 
 def test_reference_agrees_with_float_model(exported):
@@ -173,6 +177,10 @@ def bundle_copy(exported, tmp_path):
     return dst
 
 
+def _exit_step(man):
+    return next(st for st in man["program"] if st["op"] == "exit")
+
+
 def _edit_manifest(path, fn):
     """Edit and re-seal the manifest (recomputed digest), so the checks behind the digest are tested."""
     man = json.loads((path / MANIFEST).read_text())
@@ -191,6 +199,12 @@ def _edit_manifest(path, fn):
     (lambda m: m["program"][1].__setitem__("layer", 99), "layer 99"),
     (lambda m: m["program"][2].__setitem__("end", 1), "jumps"),  # a loop back would never end
     (lambda m: m["processor_shapes"].__setitem__("fc.weight", [3, 3]), "fc.weight"),
+    # a bundle of the previous format (exit branches on the processor in float) is refused by name
+    (lambda m: m.__setitem__("format", "ddi-hw-bundle/3"),
+     r"format 'ddi-hw-bundle/3', expected 'ddi-hw-bundle/4'; re-export"),
+    (lambda m: _exit_step(m).__setitem__("layer", 0),
+     r"exit branch's engine layer 0 is 'stem.conv', not exits.0.conv1"),
+    (lambda m: _exit_step(m).pop("pooled"), "no declared `pooled` tensor"),
 ])
 def test_manifest_validation(bundle_copy, edit, match):
     _edit_manifest(bundle_copy, edit)

@@ -8,16 +8,17 @@ What runs where follows the engine's dataflow (energy_models/engines/ddi_engine.
 table costs the same): the engine writes the global-average-pool sums of a tensor while it
 writes the tensor (FLAG_POOL, set by the exporter from the dataflow), and runs the channel gates'
 convs (the CNN gate's 3x3/2 conv, the DenseNet light gate's 1x1/2 and 3x3 convs, each + ReLU)
-with only the last one's pooled sums written (FLAG_NO_STORE). The processor, in numpy
-float32/float64, runs the gates' vector layers from those pooled vectors (layer gate: 1x1
-embedding, shared LSTM cell, linear; channel gate: its FC, or the RNN variant), exit branches
-(max pools, two 3x3 conv+BN+ReLU, pool, linear), the classifier on the pooled last tensor, and
-the budgeted-exit decisions (RADI) from the exported cost plan. A tensor no launch wrote pooled
-sums for (a DenseNet concatenation or transition output, the DenseNet head's BN + ReLU output)
-is pooled by the processor from the map; DenseNet's 2x2 average pools also run there, in integer
-arithmetic; a concatenation copies nothing (`_BlockBuffers`). The gates' numpy forwards are
-`ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. Layer skipping = the processor does not
-launch the engine; channel skipping = the engine's output/input channel masks.
+and the exit branches' two 3x3 convs (+ BN + ReLU), with only the last one's pooled sums written
+(FLAG_NO_STORE). The processor, in numpy float32/float64, runs the gates' vector layers from
+those pooled vectors (layer gate: 1x1 embedding, shared LSTM cell, linear; channel gate: its FC,
+or the RNN variant), the exits' and the final classifier on the pooled last tensor, and the
+budgeted-exit decisions (RADI) from the exported cost plan. A tensor no launch wrote pooled sums
+for (a DenseNet concatenation or transition output, the DenseNet head's BN + ReLU output) is
+pooled by the processor from the map; DenseNet's 2x2 average pools and the exit branches' 2x2
+max pools also run there, in integer arithmetic; a concatenation copies nothing (`_BlockBuffers`).
+The gates' numpy forwards are `ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. Layer
+skipping = the processor does not launch the engine; channel skipping = the engine's output/input
+channel masks.
 
 Implementing a backend (the contract `ddi_hw.deploy.board.BoardBackend` follows):
 
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ddi_hw.deploy.fixedpoint import conv_layer, dequantize, quantize
-from ddi_hw.deploy.processor import GATE_OPS, conv2d_f, maxpool2_ceil
+from ddi_hw.deploy.processor import EXIT_ENGINE_CONVS, GATE_OPS, maxpool2_ceil
 from ddi_hw.errors import UserError
 
 
@@ -115,7 +116,7 @@ class ImageResult:
     dense_iterations: int = 0  # the static network's (every block and channel on, no gates, no exits)
     cost: float = 0.0  # executed cost from the model's cost table (manifest cost_plan), exits if budgeted
     processor_maps: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (op, input shape,
-    #   output shape) of every op the processor ran on a map in DRAM (pools, exit branches)
+    #   output shape) of every op the processor ran on a map in DRAM (pools, the exits' max pools)
 
     @property
     def prediction(self) -> int:
@@ -162,16 +163,8 @@ class _Processor:
         p, pre = self.p, gate["prefix"]
         op = GATE_OPS[gate["kind"]]
         if op.engine_convs:
-            h = env[t]
-            for i in range(len(op.engine_convs)):
-                layer = self.b.layers[gate["layer"] + i]
-                r = backend.run_layer(layer, h)
-                res.launches += 1
-                res.iterations += r.iterations or 0
-                oh, ow = layer.params.out_hw(*h.shape[1:])
-                h = r.output
-            mean = dequantize(r.pooled, layer.f_out) / (oh * ow)
-            logit = p[f"{pre}.fc.weight"] @ mean.astype(np.float32) + p[f"{pre}.fc.bias"]
+            mean = self.launch_chain(gate["layer"], len(op.engine_convs), env[t], backend, res)
+            logit = p[f"{pre}.fc.weight"] @ mean + p[f"{pre}.fc.bias"]
             return (logit > 0).astype(np.uint8)
         x = self.mean(env, t) if op.pooled else self.f(env, t)
         logit, new = op.forward(p, pre, op.shared, x, self.state.get(op.shared))
@@ -179,14 +172,29 @@ class _Processor:
             self.state[op.shared] = new
         return (logit > 0).astype(np.uint8)
 
-    def exit_branch(self, step, x) -> np.ndarray:
-        p, pre = self.p, step["prefix"]
-        self.maps.append(("exit", x.shape, (len(p[f"{pre}.fc.bias"]),)))
+    def launch_chain(self, first: int, n: int, x: np.ndarray, backend, res) -> np.ndarray:
+        """Engine layers first, first + 1, ... (n of them) one after another from map x (a gate's or
+        an exit's convs); the last writes only pooled sums: returns their means (float32)."""
+        for i in range(n):
+            layer = self.b.layers[first + i]
+            r = backend.run_layer(layer, x)
+            res.launches += 1
+            res.iterations += r.iterations or 0
+            oh, ow = layer.params.out_hw(*x.shape[1:])
+            x = r.output
+        return (dequantize(r.pooled, layer.f_out) / (oh * ow)).astype(np.float32)
+
+    def exit_branch(self, step, env, backend, res) -> np.ndarray:
+        """Exit branch: its 2x2 max pools here on the int16 map (exact, same Q format; each pool
+        reads a map from DRAM and writes one back), its convs on the engine, its FC here."""
+        x = env[step["in"]]
         for _ in range(step["pools"]):
-            x = maxpool2_ceil(x)
-        x = np.maximum(conv2d_f(x, p[f"{pre}.conv1.weight"], p[f"{pre}.conv1.bias"], 1, 1), 0)
-        x = np.maximum(conv2d_f(x, p[f"{pre}.conv2.weight"], p[f"{pre}.conv2.bias"], 1, 1), 0)
-        return p[f"{pre}.fc.weight"] @ x.mean(axis=(1, 2)) + p[f"{pre}.fc.bias"]
+            y = maxpool2_ceil(x)
+            self.maps.append(("maxpool2", x.shape, y.shape))
+            x = y
+        mean = self.launch_chain(step["layer"], len(EXIT_ENGINE_CONVS), x, backend, res)
+        pre = step["prefix"]
+        return self.p[f"{pre}.fc.weight"] @ mean + self.p[f"{pre}.fc.bias"]
 
     def head(self, step, env, t) -> np.ndarray:
         p = self.p
@@ -347,14 +355,14 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
             res.processor_maps.append(("avgpool2", (c, h, w), env[st["out"]].shape))
         elif op == "exit":
             if exit_at is not None and st["index"] == exit_at:
-                res.logits, res.exit_taken = proc.exit_branch(st, proc.f(env, st["in"])), st["index"]
+                res.logits, res.exit_taken = proc.exit_branch(st, env, backend, res), st["index"]
                 if bud:
                     res.cost = bud.cum(bud.exit_cols[st["index"]], True)
                 return res
             if budget is not None:
                 run_branch, go_on = bud.at_exit(st["index"])
                 if run_branch:
-                    fallback = (proc.exit_branch(st, proc.f(env, st["in"])), st["index"],
+                    fallback = (proc.exit_branch(st, env, backend, res), st["index"],
                                 bud.cum(bud.exit_cols[st["index"]], True))
                 if not go_on:
                     res.logits, res.exit_taken, res.cost = fallback

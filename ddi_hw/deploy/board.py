@@ -3,8 +3,9 @@
 One class over `pynq.Overlay`, in the manner of FINN's driver_base.py: explicit register offsets
 (all taken from ddi_hw/deploy/regmap.yaml through `load_regmap`, never written here), contiguous DDR
 buffers from `pynq.allocate`, start by ap_start and completion by polling ap_done with a timeout.
-Gates, exits and the classifier run on the ARM in `backends.run_image`, identically for every
-backend, so a whole dynamic inference on the board takes the same decisions as the reference.
+What runs on the ARM (the gates' vector layers, the exits' max pools and FCs, the classifier) and
+which launches are made (the gates' and exits' convs included) is `backends.run_image`, identical
+for every backend, so a whole dynamic inference on the board takes the same decisions as the reference.
 
 The overlay's AXI GPIO (if present) is the measurement marker: high while an inference window
 runs, for a scope or a meter with a trigger input; host timestamps of the same windows go to the

@@ -4,8 +4,8 @@ A bundle directory holds
 - `engine.bin`: everything the FPGA engine reads from DDR, per conv layer int16 weights (OIHW),
   int32 bias and the optional int32 input affine, each 64-byte aligned (AXI burst friendly). The
   board copies this one file to DDR once and points the engine at offsets inside it.
-- `processor.safetensors`: float32 parameters of what runs on the ARM processor (layer and
-  channel gates, exit branches, the final pooling + classifier).
+- `processor.safetensors`: float32 parameters of what runs on the ARM processor (the gates'
+  vector layers, the exit branches' and the final classifiers).
 - `manifest.json`: layer list (shapes, Q formats, shifts, offsets), tensor formats, the program
   (the order of engine launches and processor steps per image), the register-map version, the
   sha256 and size of every blob, and `manifest_sha256`, a digest of all the rest of the manifest.
@@ -31,13 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from ddi_hw.deploy.fixedpoint import LayerParams
-from ddi_hw.deploy.processor import GATE_OPS
+from ddi_hw.deploy.processor import EXIT_ENGINE_CONVS, EXIT_TENSORS, GATE_OPS
 from ddi_hw.deploy.regmap import load_regmap
 from ddi_hw.errors import UserError
 from ddi_hw.validate import fields, read_json
 
-FORMAT = "ddi-hw-bundle/3"  # /2: manifest digest, non-overlapping blob ranges; /3: every gate kind with
-#   engine convs (CNN channel gate, DenseNet light gate) has them as engine layers (`layer`)
+FORMAT = "ddi-hw-bundle/4"  # /2: manifest digest, non-overlapping blob ranges; /3: every gate kind with
+#   engine convs (CNN channel gate, DenseNet light gate) has them as engine layers (`layer`); /4: exit
+#   branches' convs are engine layers (`layer`), their max pools integer on the processor (`pooled`)
 MANIFEST, ENGINE_BLOB, PROC_BLOB = "manifest.json", "engine.bin", "processor.safetensors"
 ALIGN = 64
 DIGEST_KEY = "manifest_sha256"
@@ -264,7 +265,8 @@ def _check_cost_plan(path: Path, plan) -> None:
 #   conv      one engine launch of `layer` from `in` (+ `residual`) to `out`
 #   concat    channel concatenation of `in` (a list) into `out` (integer, processor)
 #   avgpool2  2x2 average pool of `in` into `out` (integer, processor)
-#   exit      exit branch `index` from `in` (`pools` max pools first), float on the processor
+#   exit      exit branch `index` from `in`: `pools` 2x2 max pools (integer, processor) into `pooled`,
+#             its convs as the engine layers `layer`, `layer` + 1 (`EXIT_ENGINE_CONVS`), its FC on the processor
 #   head      final pool + classifier (`norm`: DenseNet's final BN + ReLU first)
 PROGRAM_OPS = ("input", "block", "conv", "concat", "avgpool2", "exit", "head")
 
@@ -277,8 +279,7 @@ def step_processor_keys(step: dict) -> list[str]:
             if gate:
                 keys += GATE_OPS[gate["kind"]].keys(gate["prefix"])
     elif op == "exit":
-        keys += [f"{step['prefix']}.{n}" for n in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
-                                                   "fc.weight", "fc.bias")]
+        keys += [f"{step['prefix']}.{n}" for n in EXIT_TENSORS]
     elif op == "head":
         keys += [f"{step['prefix']}.weight", f"{step['prefix']}.bias"]
         if step.get("norm"):
@@ -290,7 +291,9 @@ def executed_layers(bundle: Bundle, block_run: list[int], channel_masks: dict, e
                     ) -> list[tuple[str, str, int]]:
     """(layer, axis, active) of every engine launch one image made, replayed from the program and
     the image's decisions: skipped blocks launch nothing, an output-gated conv runs its active
-    output channels, an input-gated conv reads its active input channels, an early exit stops."""
+    output channels, an input-gated conv reads its active input channels, an early exit runs its
+    branch's convs and stops. (Under a budget an image also runs the branches it passed as
+    fallbacks; this replay counts only the one it took.)"""
     out, prog = [], bundle.program
     i, block = 0, 0
     while i < len(prog):
@@ -313,28 +316,29 @@ def executed_layers(bundle: Bundle, block_run: list[int], channel_masks: dict, e
                 out.append((layer.name, "in", int(channel_masks[st["in_gate"]].sum())))
             else:
                 out.append((layer.name, "out", int(layer.out_ch)))
-        elif st["op"] == "exit" and st["index"] == exit_taken:
+        elif st["op"] == "exit" and st["index"] == exit_taken:  # the branch's convs, then stop
+            out += [(bundle.layers[st["layer"] + n].name, "out", int(bundle.layers[st["layer"] + n].out_ch))
+                    for n in range(len(EXIT_ENGINE_CONVS))]
             break
         i += 1
     return out
 
 
-def _check_gate_layers(b: Bundle, i: int, gate: dict) -> None:
-    """A gate kind with engine convs names its first engine layer (`layer`); the next ones follow
-    it, each named `<prefix>.<conv>` (the cost table's row, whose engine flags it carries)."""
-    convs = GATE_OPS[gate["kind"]].engine_convs
-    first = gate.get("layer")
+def _check_engine_layers(b: Bundle, i: int, first, prefix, convs: tuple[str, ...], what: str) -> None:
+    """A gate kind with engine convs, or an exit branch, names its first engine layer (`layer`);
+    the next ones follow it, each named `<prefix>.<conv>` (the cost table's row, whose engine
+    flags it carries)."""
     if not convs:
         return
     if not _int(first):
-        raise _bad(b.path, f"program step {i}: its {gate['kind']} gate names no engine layer")
+        raise _bad(b.path, f"program step {i}: its {what} names no engine layer")
     for n, conv in enumerate(convs):
         if not 0 <= first + n < len(b.layers):
-            raise _bad(b.path, f"program step {i}: its gate's engine layer {first + n} does not exist "
+            raise _bad(b.path, f"program step {i}: its {what}'s engine layer {first + n} does not exist "
                        f"(have {len(b.layers)})")
-        if b.layers[first + n].name != f"{gate.get('prefix')}.{conv}":
-            raise _bad(b.path, f"program step {i}: its gate's engine layer {first + n} is "
-                       f"{b.layers[first + n].name!r}, not {gate.get('prefix')}.{conv}")
+        if b.layers[first + n].name != f"{prefix}.{conv}":
+            raise _bad(b.path, f"program step {i}: its {what}'s engine layer {first + n} is "
+                       f"{b.layers[first + n].name!r}, not {prefix}.{conv}")
 
 
 def check_program(b: Bundle) -> None:
@@ -350,7 +354,8 @@ def check_program(b: Bundle) -> None:
                 raise _bad(b.path, f"program step {i} uses gate kind {gate.get('kind')!r}, unknown to this version "
                            f"(known: {', '.join(GATE_OPS)})")
             if gate:
-                _check_gate_layers(b, i, gate)
+                _check_engine_layers(b, i, gate.get("layer"), gate.get("prefix"), GATE_OPS[gate["kind"]].engine_convs,
+                                     f"{gate['kind']} gate")
         if op == "block" and not (isinstance(step.get("end"), int) and i < step["end"] <= len(b.program)):
             raise _bad(b.path, f"program step {i} jumps to {step.get('end')!r} (must lie after it)")
         if op == "exit" and not (isinstance(step.get("pools"), int) and 0 <= step["pools"] <= 8):
@@ -360,6 +365,7 @@ def check_program(b: Bundle) -> None:
         if op == "block" and not (_int(step.get("index")) and _int(step.get("dense_iterations", 0))):
             raise _bad(b.path, f"program step {i} (block) needs an integer index and dense_iterations")
         if op == "exit":
+            _check_engine_layers(b, i, step.get("layer"), step.get("prefix"), EXIT_ENGINE_CONVS, "exit branch")
             if step.get("index") != exits:
                 raise _bad(b.path, f"program step {i} is exit {step.get('index')!r}; exits must be numbered "
                            f"0, 1, ... in order (expected {exits})")
@@ -369,7 +375,9 @@ def check_program(b: Bundle) -> None:
             if g is not None and not (isinstance(g, dict) and isinstance(g.get("prefix"), str)
                                       and (key == "layer_gate" or isinstance(g.get("name"), str))):
                 raise _bad(b.path, f"program step {i} has a malformed {key}")
-        for key in ("in", "out", "residual", "skip_from"):
+        if op == "exit" and step.get("pooled") not in tensors:
+            raise _bad(b.path, f"program step {i} (exit) names no declared `pooled` tensor")
+        for key in ("in", "out", "residual", "skip_from", "pooled"):
             for t in step[key] if isinstance(step.get(key), list) else [step.get(key)]:
                 if t is not None and t not in tensors:
                     raise _bad(b.path, f"program step {i} uses undeclared tensor {t!r}")

@@ -1,7 +1,7 @@
 """What the processor (the board's ARM, or the host for the reference and C-sim) computes in float.
 
 Torch-free and numpy-only, so it runs on the board: the gates' numpy forwards, keyed by gate kind,
-and the small float ops they and the exit branches use. `GATE_OPS` is the board half of the gate
+and the small ops they and the exit branches use (`EXIT_ENGINE_CONVS`). `GATE_OPS` is the board half of the gate
 registry; the torch half, `ddi_hw.models.gates.GATE_KINDS`, names one of these kinds for every
 gate module (`GateKind.deploy`), and a test checks both halves compute the same decisions.
 
@@ -34,9 +34,12 @@ def conv2d_f(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1
 
 
 def maxpool2_ceil(x: np.ndarray) -> np.ndarray:
+    """2x2 max pool, stride 2, ceil mode (torch's `max_pool2d(x, 2, ceil_mode=True)`); exact on
+    integer maps (an exit branch pools the engine's int16 map in its own Q format)."""
     c, h, w = x.shape
     hp, wp = -(-h // 2) * 2, -(-w // 2) * 2
-    xp = np.full((c, hp, wp), -np.inf, dtype=x.dtype)
+    low = np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.integer) else -np.inf
+    xp = np.full((c, hp, wp), low, dtype=x.dtype)
     xp[:, :h, :w] = x
     return xp.reshape(c, hp // 2, 2, wp // 2, 2).max(axis=(2, 4))
 
@@ -119,6 +122,12 @@ class GateOp:
         own = [t for t in self.tensors if t.rsplit(".", 1)[0] not in self.engine_convs]
         return [f"{prefix}.{t}" for t in own] + [f"{self.shared}.{t}" for t in self.shared_tensors]
 
+
+# An exit branch in a bundle (`ddi_hw.models.exits.ExitBranch`): its max pools here on the int16 map,
+# then these convs (+ BN folded + ReLU) on the engine, named `<prefix>.<conv>` like their cost-table
+# rows, the last writing only its pooled sums (FLAG_POOL + FLAG_NO_STORE); then `fc` here on their means.
+EXIT_ENGINE_CONVS = ("conv1", "conv2")
+EXIT_TENSORS = ("fc.weight", "fc.bias")
 
 GATE_OPS: dict[str, GateOp] = {
     "lstm": GateOp(_layer_lstm, ("conv.weight", "conv.bias"), "layer_gate",
