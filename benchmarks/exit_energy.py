@@ -7,7 +7,8 @@ next to the static backbone.
 
 Writes benchmarks/out/exit_energy/<arch>_<preset>.csv (one row per exit-branch row of the table).
 Last line: JSON with `exit_share` (all exits / whole DDI network), `exit_flop_share` (the same in
-MACs), `exit_vs_static` (all exits / static backbone) and per-source energies in microjoules. Simulated counts, not a measurement.
+MACs), `exit_vs_static` (all exits / static backbone) and per-source energies in microjoules.
+Simulated counts, not a measurement.
 """
 from __future__ import annotations
 
