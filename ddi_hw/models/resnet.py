@@ -24,8 +24,7 @@ the batch has more than `max_channel_groups` distinct masks, one run over the un
 active channels with the mask applied). Batch 1 without a budget runs the whole network as one C
 call (`CifarResNet._program`, `_gatekernels.resnet`: gates, direct 3x3 convs over exactly the active
 channels, channels-last, weights gathered per call); with a budget each block is one C call
-(`_gatekernels.block`). Larger batches run PyTorch convs, channels-last for blocks of >= 32 channels
-and NCHW for 16-channel blocks (see `_conv_format`). When `force`
+(`_gatekernels.block`). Larger batches run PyTorch convs, channels-last (see `_conv_format`). When `force`
 fixes every decision, no gate runs (`DynamicNet.fully_forced`). Gates run as fused C kernels on
 cached folded weights (`gates.SharedLSTMGate.fused_step`, `gates.ChannelGateCNN.sparse`).
 """
@@ -57,14 +56,17 @@ from ddi_hw.models.sparse_ops import (
 )
 
 RESNET_FIELDS = 23  # columns of a block row of the C runner's program (_gatekernels.c, enum F_*)
-CHANNELS_LAST_MIN = 32  # blocks this wide run channels-last (oneDNN direct conv)
+CHANNELS_LAST_MIN = 16  # blocks this wide run channels-last (oneDNN direct conv)
 
 
 def _conv_format(width: int):
-    """Memory format of a block's sparse convs. Measured at batch 1, one thread (AMD EPYC): for
-    32 and 64 channels PyTorch's channels-last (oneDNN) 3x3 conv is 1.2-1.3x faster than the NCHW
-    im2col + GEMM kernel and its time shrinks with the active output channels; at 16 channels
-    (32x32) NCHW is faster and oneDNN is slow on odd channel counts."""
+    """Memory format of a block's sparse convs at batch > 1 (batch 1 runs the C kernels). Measured
+    here (one thread, 16 channels at 32x32, min / median of 15): channels-last (oneDNN direct conv)
+    2.0-2.2 / 2.0-2.4 ms at batch 64 and 1.7-2.0 / 1.8-2.7 ms at 48, against NCHW (im2col + GEMM, a
+    ~37 MB column buffer per call at batch 64) 3.1-3.2 / 4.9-6.9 and 5.0-5.3 / 5.3-7.6 ms: NCHW was
+    slower and so erratic that layer skipping's batch-64 ratio swung by 0.4 between runs. Odd
+    channel counts (channel groups): 16 -> 9 1.09 vs 1.60 ms, 9 -> 16 1.09 vs 0.87-1.47 ms. So every
+    ResNet width runs channels-last; the threshold stays for narrower custom widths."""
     return torch.channels_last if width >= CHANNELS_LAST_MIN else torch.contiguous_format
 
 
@@ -89,7 +91,8 @@ class Stem(nn.Module):
         w, b, packed = self.folded()
         if x.shape[0] == 1 and FUSED:
             return conv3x3(x, *packed, w.shape[0])
-        return F.relu(F.conv2d(x, w, b, 1, 1))
+        # channels-last out, as every block runs (`_conv_format`): no conversion of the map per block
+        return F.relu_(F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, 1, 1))
 
 
 class BasicBlock(nn.Module):
