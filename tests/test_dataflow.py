@@ -149,6 +149,18 @@ def test_zedboard_preset_is_the_engine(tmp_path):
 # ----------------------------------------------------------------------------- DenseNet
 
 
+def _bn_off_default_gates_open(m) -> None:
+    """BN statistics and affine terms away from their defaults; every layer gate open."""
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.1)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.normal_(1, 0.2)
+            mod.bias.normal_(0, 0.1)
+    m.layer_gate.proj.weight.zero_()
+    m.layer_gate.proj.bias.fill_(50.0)
+
+
 def _densenet(kind="cnn", exit_positions=None):
     """Tiny DenseNet-BC with layer gates (all open: every layer runs, so every launch is made) and
     channel gates (light gate, or RNN) that close some channels; BN statistics not at defaults;
@@ -157,14 +169,7 @@ def _densenet(kind="cnn", exit_positions=None):
     m = create_model("densenet_tiny", layer_gates=True, channel_gates=True, channel_gate_kind=kind,
                      exits=exit_positions is not None, exit_positions=exit_positions)
     with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 2)
-                mod.weight.normal_(1, 0.2)
-                mod.bias.normal_(0, 0.1)
-        m.layer_gate.proj.weight.zero_()
-        m.layer_gate.proj.bias.fill_(50.0)
+        _bn_off_default_gates_open(m)
         for layer in m.layers:
             layer.cgate.fc.bias.normal_(0, 1.0)
     return m.eval()
@@ -325,14 +330,7 @@ def _resnet_with_exits():
     m = create_model("resnet14", layer_gates=True, channel_gates=True, channel_gate_kind="cnn", exits=True,
                      exit_positions=[1, 3, 5])
     with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 2)
-                mod.weight.normal_(1, 0.2)
-                mod.bias.normal_(0, 0.1)
-        m.layer_gate.proj.weight.zero_()
-        m.layer_gate.proj.bias.fill_(50.0)
+        _bn_off_default_gates_open(m)
         for b in m.blocks:
             if b.cgate is not None:
                 b.cgate.fc.bias.normal_(0, 1.0)
