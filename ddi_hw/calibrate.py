@@ -289,8 +289,10 @@ def calibrate_command(
 
 
 def counts_from_runs(cost_table, bundle, results) -> dict[str, float]:
-    """Mean per-image access counts of the engine layers the images really ran, from the cost
-    table (`energy_models.profile_model` / `ddi-hw profile` CSV): one measurement row's counts."""
+    """Mean per-image access counts of what the images really ran, from the cost table
+    (`energy_models.profile_model` / `ddi-hw profile` CSV): the engine layers they launched, and for
+    an image that took an exit, that branch's one-pass max pool on the ARM (its map read once and the
+    pooled map written, processor time). One measurement row's counts."""
     import pandas as pd
 
     table = cost_table.set_index(["layer", "axis", "active"]).sort_index()
@@ -298,6 +300,7 @@ def counts_from_runs(cost_table, bundle, results) -> dict[str, float]:
 
     keys = [k for r in results
             for k in executed_layers(bundle, r.block_run, r.channel_masks, r.exit_taken)]
+    keys += [k for r in results for k in _exit_pool_rows(cost_table, bundle, r.exit_taken)]
     missing = sorted({k for k in keys if k not in table.index})
     if missing:
         raise UserError(f"cost table has no row for {missing[0]} (and {len(missing) - 1} more): profile "
@@ -305,3 +308,24 @@ def counts_from_runs(cost_table, bundle, results) -> dict[str, float]:
     rows = table.loc[pd.MultiIndex.from_tuples(keys, names=table.index.names)].reset_index()
     total = config_counts(rows)
     return {k: v / max(len(results), 1) for k, v in total.items()}
+
+
+def _exit_pool_rows(cost_table, bundle, exit_taken: int) -> list[tuple[str, str, int]]:
+    """(layer, axis, active) of the table's row for exit `exit_taken`'s max pool: the one non-global
+    pool of that branch, with the bundle step's window (one pass); none if no exit was taken or the
+    branch does not pool. A table that prices the pool otherwise (e.g. as 2x2 passes, from before
+    bundle/5) is refused."""
+    step = next((st for st in bundle.program if st["op"] == "exit" and st["index"] == exit_taken), None)
+    if step is None or step["pool"] == 1:
+        return []
+    need = [c for c in ("block", "kind", "in_ch", "out_h", "out_w", "kernel_h") if c not in cost_table.columns]
+    if need:
+        raise UserError(f"cost table lacks columns {need}; regenerate it with `ddi-hw profile`")
+    rows = cost_table[(cost_table.block == step["prefix"]) & (cost_table.kind == "pool")
+                      & (cost_table.out_h * cost_table.out_w > 1)]
+    names = sorted(set(rows.layer))
+    if len(names) != 1 or set(rows.kernel_h) != {step["pool"]}:
+        raise UserError(f"cost table prices {step['prefix']}'s max pool as {names or 'nothing'} (windows "
+                        f"{sorted(set(rows.kernel_h))}), the bundle runs one {step['pool']}x{step['pool']} pass: "
+                        "profile the same model the bundle was exported from with this version of `ddi-hw profile`")
+    return [(names[0], "out", int(rows.in_ch.iloc[0]))]

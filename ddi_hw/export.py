@@ -149,17 +149,17 @@ class _Builder:
                 self.proc[f"{prefix}.{k}"] = v.detach().float().numpy()
 
     def exit(self, model, i: int, t_in: str) -> None:
-        """Exit branch i on tensor `t_in` as the dataflow places it: its 2x2 max pools on the
-        processor, in integers in `t_in`'s Q format (tensor `e{i}.in`); conv1 and conv2 (BN folded,
-        ReLU) as engine launches named like their table rows (flags by name: conv2 writes only its
-        pooled sums), outputs `e{i}.0`, `e{i}.1`; the classifier `fc` on the processor."""
+        """Exit branch i on tensor `t_in` as the dataflow places it: its max pool on the processor in
+        one pass (window = stride = 2^pools, ceil mode), in integers in `t_in`'s Q format (tensor
+        `e{i}.in`); conv1 and conv2 (BN folded, ReLU) as engine launches named like their table rows
+        (flags by name: conv2 writes only its pooled sums), outputs `e{i}.0`, `e{i}.1`; the
+        classifier `fc` on the processor."""
         e = model.exits[i]
         c, h, w = self.shapes[t_in]
-        for _ in range(e.pools):
-            h, w = -(-h // 2), -(-w // 2)
+        k = e.window
         pooled = f"e{i}.in"
-        self.frac[pooled], self.shapes[pooled] = self.frac[t_in], [c, h, w]
-        step = {"op": "exit", "index": i, "in": t_in, "pooled": pooled, "prefix": f"exits.{i}", "pools": e.pools}
+        self.frac[pooled], self.shapes[pooled] = self.frac[t_in], [c, -(-h // k), -(-w // k)]
+        step = {"op": "exit", "index": i, "in": t_in, "pooled": pooled, "prefix": f"exits.{i}", "pool": k}
         for n, conv in enumerate(EXIT_ENGINE_CONVS):
             self.conv(f"exits.{i}.{conv}", getattr(e, conv), pooled if n == 0 else f"e{i}.{n - 1}", f"e{i}.{n}",
                       bn=getattr(e, _EXIT_BN[conv]), relu=True, launch=False)
@@ -229,7 +229,7 @@ def _launch_flags(model) -> dict[str, dict]:
 def _export_resnet(model, calib):
     """CIFAR ResNet: stem conv; per block [projection], conv1 (channel-gated outputs), conv2
     (gated inputs, residual add, ReLU); exit branches (`_Builder.exit`); processor: gates' vector
-    layers, exits' pools and fc, the classifier on the pooled last tensor."""
+    layers, exits' max pool and fc, the classifier on the pooled last tensor."""
     taps = {"stem": (model.stem, False)}
     for j, b in enumerate(model.blocks):
         taps[f"b{j}.mid"], taps[f"b{j}.out"] = (b.bn1, True), (b, False)

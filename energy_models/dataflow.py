@@ -17,12 +17,12 @@ Placement of every spec (`place`), in execution order:
 - `processor_map` a pool the processor runs on a map in DRAM: a global pool whose input no single
                   conv produced (DenseNet: the head's BN + ReLU + pool over the last concatenation,
                   the gates' pools over a concatenation or a transition's output) and every non-global
-                  pool (DenseNet transitions' 2x2 average pools, the exit branches' 2x2 max pools; the
-                  engine has no pooling unit). The ARM reads the map once from DRAM and writes a
-                  result map back (a global pool's vector stays in its cache); time = ops /
-                  `proc_macs_per_s`. A gate's
-                  pool over a concatenation keeps the channel sums it already has (`reuse`: those of
-                  the previous gate pool over a map of the same size, a prefix of the same dense
+                  pool (DenseNet transitions' 2x2 average pools, an exit branch's max pool: one
+                  2^k x 2^k pass, the k 2x2 halvings it equals; the engine has no pooling unit).
+                  The ARM reads the map once from DRAM and writes a result map back (a global
+                  pool's vector stays in its cache); time = ops / `proc_macs_per_s`. A gate's
+                  pool over a concatenation keeps the channel sums it already has (`reuse`: those
+                  of the previous gate pool over a map of the same size, a prefix of the same dense
                   block's features) and reads only the channels added since. On a preset without a
                   processor: an analytic row on the array, as `other`.
 - `vector`        a layer on a pooled vector (gate 1x1 embeddings, LSTM cells, gate FCs, the exit

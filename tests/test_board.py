@@ -543,8 +543,30 @@ def test_without_pynq_or_overlay_one_line_errors(board, tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def _exit_pool_table_rows(bundle, value, kernel=None):
+    """Synthetic cost-table rows of every exit's max pool (one row per exit, one pass: `kernel` =
+    the bundle's window unless given) at `value(in_shape)`, and of its global pool (fused into conv2:
+    never a processor row, a huge value that must not be counted)."""
+    rows = []
+    for st in bundle.program:
+        if st["op"] != "exit" or st["pool"] == 1:
+            continue
+        c, h, w = bundle.manifest["tensors"][st["in"]]["shape"]
+        k = kernel or st["pool"]
+        v = value((c, h, w))  # the engine rows' pattern: macs v, cycles 2v, rf 3v, DRAM v
+        counts = {"macs": v, "cycles": 2 * v, "rf_accesses": 3 * v, "noc_accesses": 2 * v, "sram_reads_ifmap": v,
+                  "sram_reads_filter": 0, "sram_writes_ofmap": 0, "dram_reads_ifmap": v, "dram_reads_filter": 0,
+                  "dram_writes_ofmap": 0}
+        rows.append({**counts, "layer": f"{st['prefix']}.pool#0", "axis": "out", "active": c, "block": st["prefix"],
+                     "kind": "pool", "in_ch": c, "out_h": -(-h // k), "out_w": -(-w // k), "kernel_h": k})
+        rows.append({**rows[-1], **dict.fromkeys(counts, 10 ** 12), "layer": f"{st['prefix']}.pool#1",
+                     "out_h": 1, "out_w": 1, "kernel_h": 8})
+    return rows
+
+
 def test_counts_from_runs_follow_the_real_engine_launches(tiny_bundle):
-    """Calibration counts replayed from decisions == counts of the launches the engine really got."""
+    """Calibration counts replayed from decisions == counts of the launches the engine really got,
+    plus the exit's one-pass max pool on the ARM where the runner really made it."""
     import pandas as pd
 
     from ddi_hw.calibrate import counts_from_runs
@@ -573,9 +595,38 @@ def test_counts_from_runs_follow_the_real_engine_launches(tiny_bundle):
                 rows.append({"layer": layer.name, "axis": axis, "active": k, "macs": v, "cycles": 2 * v,
                              "rf_accesses": 3 * v, "noc_accesses": 2 * v, "sram_reads_ifmap": v,
                              "sram_reads_filter": 0, "sram_writes_ofmap": 0, "dram_reads_ifmap": 0,
-                             "dram_reads_filter": v, "dram_writes_ofmap": 0})
+                             "dram_reads_filter": v, "dram_writes_ofmap": 0, "block": layer.name, "kind": "conv",
+                             "in_ch": layer.in_ch, "out_h": 1, "out_w": 1, "kernel_h": 1})
+    rows += _exit_pool_table_rows(bundle, lambda shape: 7 * int(np.prod(shape)))
     counts = counts_from_runs(pd.DataFrame(rows), bundle, results)
-    expect = sum(1000 * i + 10 * k + (1 if axis == "in" else 0) for i, axis, k in launches) / len(results)
+    maps = [a for r in results for op, a, _ in r.processor_maps if op == "maxpool"]  # what the runner pooled
+    assert len(maps) == 1 and results[-1].exit_taken == 0  # the exit image: one pass over its map
+    expect = (sum(1000 * i + 10 * k + (1 if axis == "in" else 0) for i, axis, k in launches)
+              + sum(7 * int(np.prod(a)) for a in maps)) / len(results)
     assert counts["macs"] == pytest.approx(expect) and counts["cycles"] == pytest.approx(2 * expect)
     assert counts["dram_accesses"] == pytest.approx(expect) and counts["rf_accesses"] == pytest.approx(3 * expect)
     assert len(launches) < 4 * len(bundle.layers)  # skipped blocks and the exit launched less
+
+
+def test_counts_from_runs_refuse_a_table_with_two_pass_exit_pools(tiny_bundle):
+    """A cost table that prices an exit's max pool as successive 2x2 passes (profiled before the
+    one-pass dataflow) does not describe what the runner did: refused, one line, naming the fix."""
+    import pandas as pd
+
+    from ddi_hw.calibrate import counts_from_runs
+    from energy_models.scalesim_runner import COUNT_COLUMNS
+
+    bundle, images = tiny_bundle
+    result = run_image(bundle, images[0], ReferenceBackend(), exit_at=0)
+    step = next(st for st in bundle.program if st["op"] == "exit" and st["index"] == 0)
+    assert step["pool"] == 4  # 32x32 -> 8x8
+    rows = [{"layer": layer.name, "axis": "out", "active": layer.out_ch, "block": layer.name, "kind": "conv",
+             "in_ch": layer.in_ch, "out_h": 1, "out_w": 1, "kernel_h": 1, **dict.fromkeys(COUNT_COLUMNS, 1)}
+            for layer in bundle.layers]
+    one = _exit_pool_table_rows(bundle, lambda shape: 1)
+    assert counts_from_runs(pd.DataFrame(rows + one), bundle, [result])["macs"] > 0
+    two = _exit_pool_table_rows(bundle, lambda shape: 1, kernel=2)  # the first 2x2 pass ...
+    two += [{**two[0], "layer": "exits.0.pool#1", "out_h": 8, "out_w": 8}]  # ... and the second
+    with pytest.raises(UserError, match=r"exits.0's max pool as \['exits.0.pool#0', 'exits.0.pool#1'\]") as err:
+        counts_from_runs(pd.DataFrame(rows + two), bundle, [result])
+    assert "\n" not in str(err.value) and "ddi-hw profile" in str(err.value)

@@ -323,8 +323,8 @@ def test_densenet_table_agrees_with_the_c_simulated_engine(dense_case):
 
 
 def _resnet_with_exits():
-    """Tiny gated ResNet-14 with exit branches after blocks 1, 3, 5 (32x32 input: two max pools;
-    16x16: one; 8x8: one, to 4x4); layer gates all open (every block runs, so every launch is
+    """Tiny gated ResNet-14 with exit branches after blocks 1, 3, 5 (32x32 input: two halvings, one
+    4x4 max pool; 16x16: one 2x2; 8x8: one 2x2, to 4x4); layer gates all open (every block runs, so every launch is
     made), CNN channel gates that close some channels; BN statistics not at defaults."""
     torch.manual_seed(3)
     m = create_model("resnet14", layer_gates=True, channel_gates=True, channel_gate_kind="cnn", exits=True,
@@ -367,7 +367,7 @@ def test_exit_launches_are_the_tables_engine_rows(exit_case):
     """An image that runs every exit branch (an unlimited budget: each branch runs as a fallback)
     makes exactly the table's engine launches, with its store / pool flags: each exit's conv1
     stored, its conv2 writing only the pooled sums its global pool reads (that pool fused into it),
-    the exits' FC and the exits' max pools no engine launch."""
+    the exits' FC and the exits' max pool no engine launch."""
     from ddi_hw.deploy.backends import run_image
 
     m, specs, table, b, x = exit_case
@@ -390,9 +390,10 @@ def test_exit_launches_are_the_tables_engine_rows(exit_case):
 
 def test_exit_processor_rows_are_the_runners_map_ops(exit_case):
     """The table's processor rows of exit i are the map ops the runner makes when an image takes
-    exit i (its max pools, same shapes, same DRAM words read and written), and nothing else reads a
-    map on the processor (every other pool is fused); the replay the calibration uses
-    (`executed_layers`) names the launches the image made."""
+    exit i: one max pool (window = stride = 2^pools, ceil mode), same shapes, reading the exit's input
+    map exactly once and writing the pooled map; nothing else reads a map on the processor (every
+    other pool is fused); the replay the calibration uses (`executed_layers`) names the launches the
+    image made."""
     from ddi_hw.deploy.backends import run_image
     from ddi_hw.deploy.bundle import executed_layers
 
@@ -401,38 +402,44 @@ def test_exit_processor_rows_are_the_runners_map_ops(exit_case):
     proc_maps = dense[(dense.source == "processor") & (dense.kind == "pool")]
     if m.family == "resnet":  # DenseNet: also its head's, transitions' and gates' pools (tested above)
         assert set(proc_maps.role) == {"exit"}
+    steps = [st for st in b.program if st["op"] == "exit"]
     for i in range(3):
         rows = proc_maps[proc_maps.block == f"exits.{i}"]
         rec = _Recording()
         r = run_image(b, x[1].numpy(), rec, exit_at=i)
-        ops = [(op, tuple(a), tuple(o)) for op, a, o in r.processor_maps if op == "maxpool2"]
+        ops = [(op, tuple(a), tuple(o)) for op, a, o in r.processor_maps if op == "maxpool"]
         if m.family == "resnet":
             assert len(ops) == len(r.processor_maps)  # no other map op on the processor
-        assert r.exit_taken == i and len(rows) == m.exits[i].pools
-        assert ops == [("maxpool2", (t.in_ch, t.in_h, t.in_w), (t.out_ch, t.out_h, t.out_w)) for t in rows.itertuples()]
-        assert sum(int(np.prod(a)) for _, a, _ in ops) == rows.dram_reads_ifmap.sum()
-        assert sum(int(np.prod(o)) for _, _, o in ops) == rows.dram_writes_ofmap.sum()
+        assert r.exit_taken == i and len(rows) == len(ops) == 1  # one pass, however many halvings
+        assert ops == [("maxpool", (t.in_ch, t.in_h, t.in_w), (t.out_ch, t.out_h, t.out_w)) for t in rows.itertuples()]
+        c, h, w = b.manifest["tensors"][steps[i]["in"]]["shape"]  # the exit's input map, by hand
+        k = 2 ** m.exits[i].pools
+        assert rows.kernel_h.tolist() == rows.stride.tolist() == [k] == [steps[i]["pool"]]
+        assert rows.dram_reads_ifmap.sum() == c * h * w  # read once
+        assert rows.dram_writes_ofmap.sum() == c * -(-h // k) * -(-w // k)
         replay = executed_layers(b, r.block_run, r.channel_masks, r.exit_taken)
         assert [n for n, *_ in replay] == [n for n, *_ in rec.launched]
         assert replay[-2:] == [(f"exits.{i}.conv1", "out", 64), (f"exits.{i}.conv2", "out", 64)]
 
 
 def test_exit_rows_by_hand(resnet_exit_case):
-    """Hand counts on `zedboard` of exit 0 (16 x 32x32 input): each 2x2 max pool reads its map once
-    and writes its result (processor time for the elements read, no cycles), conv2 writes no ofmap,
-    its global pool is 2 words per channel written and read, the FC is processor time only."""
+    """Hand counts on `zedboard` of exit 0 (16 x 32x32 input, two halvings): one 4x4 max pool reads
+    its map once and writes its 8x8 result (processor time for the elements read, no cycles), conv2
+    writes no ofmap, its global pool is 2 words per channel written and read, the FC is processor time only."""
     _, _, table, _, _ = resnet_exit_case
     pre = load_preset("zedboard")
 
     def row(name):
         return table[(table.layer == name) & (table.axis == "out") & (table.active == table.out_ch)].iloc[0]
-    p0, p1 = row("exits.0.pool#0"), row("exits.0.pool#1")
-    assert (p0.macs, p0.dram_reads_ifmap, p0.dram_writes_ofmap, p0.cycles) == (16 * 256 * 4, 16 * 1024, 16 * 256, 0)
-    assert (p1.macs, p1.dram_reads_ifmap, p1.dram_writes_ofmap) == (16 * 64 * 4, 16 * 256, 16 * 64)
+    assert sorted(table[table.block == "exits.0"].query("kind == 'pool'").layer.unique()) == \
+        ["exits.0.pool#0", "exits.0.pool#1"]  # the max pool and the global pool, nothing else
+    p0 = row("exits.0.pool#0")
+    assert (p0.kernel_h, p0.stride, p0.source) == (4, 4, "processor")
+    assert (p0.macs, p0.dram_reads_ifmap, p0.dram_writes_ofmap, p0.cycles) == (16 * 64 * 16, 16 * 1024, 16 * 64, 0)
     assert p0.proc_s == pytest.approx(16 * 1024 / pre.proc_macs_per_s) and p0.e_mac_pj == 0
     c2 = row("exits.0.conv2")
     assert c2.source == "scalesim, ofmap not stored" and c2.dram_writes_ofmap == 0 and c2.dram_reads_ifmap > 0
-    gp = row("exits.0.pool#2")
+    gp = row("exits.0.pool#1")
     assert gp.source == "fused into exits.0.conv2"
     assert (gp.dram_reads_ifmap, gp.dram_writes_ofmap, gp.cycles) == (128, 128, 128)
     fc = row("exits.0.fc")
@@ -440,8 +447,62 @@ def test_exit_rows_by_hand(resnet_exit_case):
     assert fc.energy_pj == pytest.approx(pre.board_power_w * 640 / pre.proc_macs_per_s * 1e12)
 
 
+def _successive_2x2_ceil(a: list[list[int]], k: int) -> list[list[int]]:
+    """k 2x2 max pools, stride 2, ceil mode, by definition (windows clipped at the edge), in plain Python."""
+    for _ in range(k):
+        h, w = len(a), len(a[0])
+        a = [[max(a[y][x] for y in range(2 * i, min(2 * i + 2, h)) for x in range(2 * j, min(2 * j + 2, w)))
+              for j in range(-(-w // 2))] for i in range(-(-h // 2))]
+    return a
+
+
+def test_one_max_pool_pass_equals_successive_2x2_pools():
+    """Brute force of the claim the exits rely on: k successive 2x2 ceil-mode max pools == one
+    2^k x 2^k max pool with stride 2^k, ceil mode, for every size 1..13 x 1..13 (odd included) and
+    k = 1..3, on int16 maps with negative values and the int16 extremes: the runner's numpy pass
+    (`maxpool_ceil`) and torch's one `max_pool2d` the float model runs, both bit for bit."""
+    import torch.nn.functional as F
+
+    from ddi_hw.deploy.processor import maxpool_ceil
+
+    rng = np.random.default_rng(5)
+    for h in range(1, 14):
+        for w in range(1, 14):
+            x = rng.integers(-32768, 32768, size=(2, h, w), dtype=np.int16)
+            x[0, rng.integers(h), rng.integers(w)] = -32768
+            x[1] = -32768  # an all-minimum channel: the edge padding must not win
+            for k in (1, 2, 3):
+                want = np.array([_successive_2x2_ceil(ch.tolist(), k) for ch in x], dtype=np.int16)
+                got = maxpool_ceil(x, 2 ** k)
+                assert got.dtype == np.int16 and np.array_equal(got, want), (h, w, k)
+                t = F.max_pool2d(torch.from_numpy(x.astype(np.float32))[None], 2 ** k, ceil_mode=True)[0]
+                assert np.array_equal(t.numpy(), want.astype(np.float32)), (h, w, k)
+
+
+@pytest.mark.parametrize("size", [2, 5, 7, 9, 13, 15, 16, 17, 31, 32, 33, 56, 63])
+def test_exit_branch_one_pass_is_bit_exact_to_the_2x2_loop(size):
+    """The float exit branch's one max pool gives bit for bit the logits of its former loop of
+    2x2 ceil-mode pools, on every size an exit can see (odd ones included: ImageNet maps are 7, 14,
+    28, 56; an odd map is where ceil mode clips)."""
+    import torch.nn.functional as F
+
+    from ddi_hw.models.exits import ExitBranch
+
+    torch.manual_seed(size)
+    e = ExitBranch(3, size, 10).eval()
+    assert e.pools >= 1 and e.window == 2 ** e.pools
+    x = torch.randn(2, 3, size, size)
+    y = x
+    for _ in range(e.pools):
+        y = F.max_pool2d(y, 2, ceil_mode=True)
+    loop = e.fc(F.relu(e.bn2(e.conv2(F.relu(e.bn1(e.conv1(y)))))).mean((2, 3)))
+    with torch.no_grad():
+        assert torch.equal(e(x), loop.detach())
+        assert torch.equal(F.max_pool2d(x, e.window, ceil_mode=True), y)
+
+
 def test_exit_logits_equal_the_float_model_and_csim_the_reference(exit_case):
-    """Every exit's logits from the deployed path (integer max pools, engine convs, FC on the pooled
+    """Every exit's logits from the deployed path (integer one-pass max pool, engine convs, FC on the pooled
     sums) equal the float model's exit logits to fixed-point tolerance, and the C-simulated engine
     gives the reference's logits, launches and iterations bit for bit."""
     from ddi_hw.deploy.backends import CsimBackend, run_image

@@ -14,8 +14,8 @@ those pooled vectors (layer gate: 1x1 embedding, shared LSTM cell, linear; chann
 or the RNN variant), the exits' and the final classifier on the pooled last tensor, and the
 budgeted-exit decisions (RADI) from the exported cost plan. A tensor no launch wrote pooled sums
 for (a DenseNet concatenation or transition output, the DenseNet head's BN + ReLU output) is
-pooled by the processor from the map; DenseNet's 2x2 average pools and the exit branches' 2x2
-max pools also run there, in integer arithmetic; a concatenation copies nothing (`_BlockBuffers`).
+pooled by the processor from the map; DenseNet's 2x2 average pools and the exit branches' max
+pools (one 2^k x 2^k pass each) also run there, in integer arithmetic; a concatenation copies nothing (`_BlockBuffers`).
 The gates' numpy forwards are `ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. Layer
 skipping = the processor does not launch the engine; channel skipping = the engine's output/input
 channel masks.
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ddi_hw.deploy.fixedpoint import conv_layer, dequantize, quantize
-from ddi_hw.deploy.processor import EXIT_ENGINE_CONVS, GATE_OPS, maxpool2_ceil
+from ddi_hw.deploy.processor import EXIT_ENGINE_CONVS, GATE_OPS, maxpool_ceil
 from ddi_hw.errors import UserError
 
 
@@ -116,7 +116,7 @@ class ImageResult:
     dense_iterations: int = 0  # the static network's (every block and channel on, no gates, no exits)
     cost: float = 0.0  # executed cost from the model's cost table (manifest cost_plan), exits if budgeted
     processor_maps: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (op, input shape,
-    #   output shape) of every op the processor ran on a map in DRAM (pools, the exits' max pools)
+    #   output shape) of every op the processor ran on a map in DRAM (pools, the exits' max pool)
 
     @property
     def prediction(self) -> int:
@@ -185,12 +185,13 @@ class _Processor:
         return (dequantize(r.pooled, layer.f_out) / (oh * ow)).astype(np.float32)
 
     def exit_branch(self, step, env, backend, res) -> np.ndarray:
-        """Exit branch: its 2x2 max pools here on the int16 map (exact, same Q format; each pool
-        reads a map from DRAM and writes one back), its convs on the engine, its FC here."""
+        """Exit branch: its max pool here on the int16 map in one pass (`pool` x `pool`, stride
+        `pool`, ceil mode = the model's successive 2x2 pools; exact, same Q format: the map read
+        once, the pooled map written back), its convs on the engine, its FC here."""
         x = env[step["in"]]
-        for _ in range(step["pools"]):
-            y = maxpool2_ceil(x)
-            self.maps.append(("maxpool2", x.shape, y.shape))
+        if step["pool"] > 1:
+            y = maxpool_ceil(x, step["pool"])
+            self.maps.append(("maxpool", x.shape, y.shape))
             x = y
         mean = self.launch_chain(step["layer"], len(EXIT_ENGINE_CONVS), x, backend, res)
         pre = step["prefix"]

@@ -3,7 +3,7 @@
 One class over `pynq.Overlay`, in the manner of FINN's driver_base.py: explicit register offsets
 (all taken from ddi_hw/deploy/regmap.yaml through `load_regmap`, never written here), contiguous DDR
 buffers from `pynq.allocate`, start by ap_start and completion by polling ap_done with a timeout.
-What runs on the ARM (the gates' vector layers, the exits' max pools and FCs, the classifier) and
+What runs on the ARM (the gates' vector layers, the exits' one-pass max pools and FCs, the classifier) and
 which launches are made (the gates' and exits' convs included) is `backends.run_image`, identical
 for every backend, so a whole dynamic inference on the board takes the same decisions as the reference.
 

@@ -36,9 +36,11 @@ from ddi_hw.deploy.regmap import load_regmap
 from ddi_hw.errors import UserError
 from ddi_hw.validate import fields, read_json
 
-FORMAT = "ddi-hw-bundle/4"  # /2: manifest digest, non-overlapping blob ranges; /3: every gate kind with
+FORMAT = "ddi-hw-bundle/5"  # /2: manifest digest, non-overlapping blob ranges; /3: every gate kind with
 #   engine convs (CNN channel gate, DenseNet light gate) has them as engine layers (`layer`); /4: exit
-#   branches' convs are engine layers (`layer`), their max pools integer on the processor (`pooled`)
+#   branches' convs are engine layers (`layer`), their max pools integer on the processor (`pooled`);
+#   /5: an exit's max pools are one pass (`pool`: window = stride, was `pools` 2x2 passes), and the
+#   cost plan prices that one pass
 MANIFEST, ENGINE_BLOB, PROC_BLOB = "manifest.json", "engine.bin", "processor.safetensors"
 ALIGN = 64
 DIGEST_KEY = "manifest_sha256"
@@ -265,10 +267,12 @@ def _check_cost_plan(path: Path, plan) -> None:
 #   conv      one engine launch of `layer` from `in` (+ `residual`) to `out`
 #   concat    channel concatenation of `in` (a list) into `out` (integer, processor)
 #   avgpool2  2x2 average pool of `in` into `out` (integer, processor)
-#   exit      exit branch `index` from `in`: `pools` 2x2 max pools (integer, processor) into `pooled`,
+#   exit      exit branch `index` from `in`: one `pool` x `pool` max pool, stride `pool`, ceil mode (a
+#             power of two, 1 = none; integer, processor) into `pooled`,
 #             its convs as the engine layers `layer`, `layer` + 1 (`EXIT_ENGINE_CONVS`), its FC on the processor
 #   head      final pool + classifier (`norm`: DenseNet's final BN + ReLU first)
 PROGRAM_OPS = ("input", "block", "conv", "concat", "avgpool2", "exit", "head")
+MAX_POOL_WINDOWS = tuple(2 ** n for n in range(9))  # an exit's `pool`: 1 (none) .. 256
 
 
 def step_processor_keys(step: dict) -> list[str]:
@@ -358,8 +362,9 @@ def check_program(b: Bundle) -> None:
                                      f"{gate['kind']} gate")
         if op == "block" and not (isinstance(step.get("end"), int) and i < step["end"] <= len(b.program)):
             raise _bad(b.path, f"program step {i} jumps to {step.get('end')!r} (must lie after it)")
-        if op == "exit" and not (isinstance(step.get("pools"), int) and 0 <= step["pools"] <= 8):
-            raise _bad(b.path, f"program step {i} has a bad pool count {step.get('pools')!r}")
+        if op == "exit" and not (_int(step.get("pool")) and step["pool"] in MAX_POOL_WINDOWS):
+            raise _bad(b.path, f"program step {i} (exit) has a bad max-pool window {step.get('pool')!r} "
+                       f"(a power of two, 1..{MAX_POOL_WINDOWS[-1]})")
         if op == "conv" and not (_int(step.get("layer")) and 0 <= step["layer"] < len(b.layers)):
             raise _bad(b.path, f"program step {i} refers to layer {step.get('layer')!r} (have {len(b.layers)})")
         if op == "block" and not (_int(step.get("index")) and _int(step.get("dense_iterations", 0))):

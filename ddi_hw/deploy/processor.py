@@ -33,15 +33,16 @@ def conv2d_f(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1
     return y.reshape(o, oh, ow)
 
 
-def maxpool2_ceil(x: np.ndarray) -> np.ndarray:
-    """2x2 max pool, stride 2, ceil mode (torch's `max_pool2d(x, 2, ceil_mode=True)`); exact on
-    integer maps (an exit branch pools the engine's int16 map in its own Q format)."""
+def maxpool_ceil(x: np.ndarray, k: int) -> np.ndarray:
+    """k x k max pool, stride k, ceil mode (torch's `max_pool2d(x, k, ceil_mode=True)`): windows at
+    multiples of k, clipped at the edge. For k = 2^n it equals n successive 2x2 ceil-mode pools, so an
+    exit branch reads its map once. Exact on integer maps (the engine's int16 map, its own Q format)."""
     c, h, w = x.shape
-    hp, wp = -(-h // 2) * 2, -(-w // 2) * 2
+    hp, wp = -(-h // k) * k, -(-w // k) * k
     low = np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.integer) else -np.inf
     xp = np.full((c, hp, wp), low, dtype=x.dtype)
     xp[:, :h, :w] = x
-    return xp.reshape(c, hp // 2, 2, wp // 2, 2).max(axis=(2, 4))
+    return xp.reshape(c, hp // k, k, wp // k, k).max(axis=(2, 4))
 
 
 def sigmoid(z):
@@ -123,7 +124,7 @@ class GateOp:
         return [f"{prefix}.{t}" for t in own] + [f"{self.shared}.{t}" for t in self.shared_tensors]
 
 
-# An exit branch in a bundle (`ddi_hw.models.exits.ExitBranch`): its max pools here on the int16 map,
+# An exit branch in a bundle (`ddi_hw.models.exits.ExitBranch`): its max pool (one pass) here on the int16 map,
 # then these convs (+ BN folded + ReLU) on the engine, named `<prefix>.<conv>` like their cost-table
 # rows, the last writing only its pooled sums (FLAG_POOL + FLAG_NO_STORE); then `fc` here on their means.
 EXIT_ENGINE_CONVS = ("conv1", "conv2")

@@ -1,8 +1,10 @@
 """Early-exit branch classifiers of RADI (paper Sec. III-B, IV-A, Fig. 5).
 
-Branch design: the stride-2 max-pools come first (coarse features are what a classifier needs and
-they make every later conv cheap), down to `target` resolution with at least one pool, then two
-3x3 conv + BN + ReLU layers of `width` channels, global average pool and a linear classifier.
+Branch design: max pooling comes first (coarse features are what a classifier needs and it makes
+every later conv cheap), down to `target` resolution by `pools` >= 1 halvings, then two 3x3 conv + BN
++ ReLU layers of `width` channels, global average pool and a linear classifier. The `pools` successive
+2x2 ceil-mode max pools are run as the one max pool they equal (window = stride = 2^pools, ceil mode),
+so the cost table, the exporter and the board's runner all read the map once.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class ExitBranch(nn.Module):
     def __init__(self, c_in: int, size: int, num_classes: int, target: int = 8, width: int = 64):
         super().__init__()
         self.pools = max(1, math.ceil(math.log2(max(size, 1) / target))) if size > 1 else 0
+        self.window = 2 ** self.pools  # one max pool: window = stride (1 = none)
         self.conv1 = nn.Conv2d(c_in, width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
@@ -24,8 +27,8 @@ class ExitBranch(nn.Module):
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.pools):
-            x = F.max_pool2d(x, 2, ceil_mode=True)
+        if self.window > 1:
+            x = F.max_pool2d(x, self.window, ceil_mode=True)
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         return self.fc(x.mean((2, 3)))
