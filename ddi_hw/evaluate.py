@@ -33,6 +33,7 @@ SUMMARY_CSV = "summary.csv"  # in --out: one row per checkpoint (read by table1 
 SUMMARY_COLUMNS = [
     "run",  # run directory name
     "arch", "stage", "dataset", "smoke_test",
+    "trained_resource", "trained_target",  # what training was told to save (gated runs; empty for static)
     "hardware",  # preset of the energy / latency cost table
     "n_test",  # test images evaluated
     "accuracy",  # top-1, final classifier, fraction in [0, 1]
@@ -174,8 +175,10 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
             dense = _dense_costs(model, metrics)
             n = len(res["label"])
             correct = res["pred"] == res["label"]
+            gated = cfg["stage"] != "static"
             row = {"run": name, "arch": cfg["arch"], "stage": cfg["stage"], "dataset": ds.name,
-                   "smoke_test": ds.smoke_test, "hardware": hw if set(metrics) - {"flops"} else "",
+                   "smoke_test": ds.smoke_test, "trained_resource": cfg.get("resource", "") if gated else "",
+                   "trained_target": cfg.get("target_saving", np.nan) if gated else np.nan, "hardware": hw if set(metrics) - {"flops"} else "",
                    "n_test": n, "accuracy": float(correct.mean()), "skip_ratio": float(res["skip"].mean()),
                    "energy_source": f"modelled: SCALE-Sim + Eq. 6 ({hw})" if "energy" in metrics else ""}
             for m in ("flops", "energy", "latency"):
@@ -311,8 +314,12 @@ def _plot_acc_vs_cost(summary_df, budget_df, metrics, path):
                 ax.annotate(r.arch, (r[col] * scale, r.accuracy * 100), fontsize=7, xytext=(3, -8),
                             textcoords="offset points")
         dyn = summary_df[summary_df.stage != "static"]
-        for _, r in dyn.iterrows():
-            ax.plot(r[col] * scale, r.accuracy * 100, "o", label=f"{r.run} ({r.stage})")
+        for (stage, res), g in dyn.groupby(["stage", "trained_resource"], sort=False):  # paper Fig. 12 form
+            g = g.sort_values(col)
+            ax.plot(g[col] * scale, g.accuracy * 100, "o-", label=f"{stage}, trained to save {res or '?'}")
+            for _, r in g.iterrows():
+                ax.annotate(r.run, (r[col] * scale, r.accuracy * 100), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
         if m == (budget_df.metric.iloc[0] if len(budget_df) else None):
             for run, g in budget_df.groupby("run"):
                 ax.plot(g.mean_cost * scale, g.accuracy * 100, "^-", label=f"{run} budgets")

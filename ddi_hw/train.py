@@ -67,6 +67,10 @@ CONFIG_SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "momentum": (0.9, "a number in [0, 1)", lambda v: isinstance(v, _num) and 0 <= v < 1),
     "nesterov": (False, "true|false", lambda v: isinstance(v, bool)),
     "label_smoothing": (0.0, "a number in [0, 1)", lambda v: isinstance(v, _num) and 0 <= v < 1),
+    "distill": (0.0, "a number in [0, 1) (IADI/DDI: weight of distillation from the init run's predictions; "
+                "0 = off)", lambda v: isinstance(v, _num) and 0 <= v < 1),
+    "distill_temp": (4.0, "a positive number (softmax temperature of the distillation loss)",
+                     lambda v: isinstance(v, _num) and v > 0),
     "channels_last": (True, "true|false (NHWC activations and weights: faster convolutions on CPU)",
                       lambda v: isinstance(v, bool)),
     "compile": (False, "true|false (torch.compile the training forward: ~1.2x faster for static nets on CPU, "
@@ -193,6 +197,25 @@ def batch_stats(out, resource: str, dense_cost: float, layer_gated: bool):
     return cost, saving, float(sample_skip_ratio(out, layer_gated).mean())
 
 
+def fmt_of(cfg: dict[str, Any]):
+    import torch
+
+    return torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+
+
+def task_loss(logits, y, soft, cfg: dict[str, Any]):
+    """Cross-entropy (label-smoothed), mixed with distillation from the teacher's logits `soft` when
+    given (Hinton et al.: KL at temperature T, scaled by T^2 so its gradient keeps its size)."""
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+    if soft is None:
+        return ce
+    t, w = cfg["distill_temp"], cfg["distill"]
+    kd = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(soft / t, 1), reduction="batchmean", log_target=True)
+    return (1 - w) * ce + w * t * t * kd
+
+
 def lr_at(cfg: dict[str, Any], phase_step: int, phase_steps: int, phase: str) -> float:
     """Learning rate of one step: optional linear warm-up, then cosine, linear or constant decay."""
     if phase == "gates":
@@ -216,7 +239,7 @@ RESUME_FREE_KEYS = ("eval_every", "log_every", "ckpt_every", "description", "thr
 # Keys that only steer the gates' resource loss: a static run never reads them, so a changed default
 # (e.g. alpha) must not block resuming one.
 GATED_ONLY_KEYS = ("alpha", "alpha_rule", "alpha_gain", "resource", "hardware", "target_saving",
-                   "gate_steps", "gate_skip_tol", "gate_lr_mult", "calibrate_every")
+                   "gate_steps", "gate_skip_tol", "gate_lr_mult", "calibrate_every", "distill", "distill_temp")
 CALIB_DECAY = 0.8  # saving calibration: weight of the old estimate at each calibration pass
 CALIB_BOUND = 0.2  # ... and the largest correction of the target it may make
 
@@ -457,6 +480,13 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
         init_info = {"run": os.path.relpath(Path(cfg["init"]).resolve(), out_dir.resolve()),
                      "stage": side.get("config", {}).get("stage"), "metrics": side.get("metrics", {})}
 
+    teacher = None
+    if cfg["stage"] != "static" and cfg["distill"] > 0:  # the init run, as it predicts at inference
+        from ddi_hw.runs import load_run
+
+        teacher = load_run(cfg["init"]).model.to(memory_format=fmt_of(cfg))
+        teacher.requires_grad_(False)
+
     gate_names = gate_parameter_names(model) if cfg["stage"] == "iadi" else set()
     if cfg["stage"] == "iadi" and not gate_names:
         raise UserError(f"stage iadi: model {cfg['arch']} has no gate parameters; enable layer_gates or channel_gates")
@@ -468,7 +498,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
               {"params": [p for n, p in named if n in gate_set], "lr_mult": float(cfg["gate_lr_mult"])}]
     optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"] and cfg["momentum"] > 0)
-    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    fmt = fmt_of(cfg)
     model.to(memory_format=fmt)
 
     state = {"step": 0, "phase": "gates" if cfg["stage"] == "iadi" and cfg["gate_steps"] > 0 else "main",
@@ -561,11 +591,13 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                     g["lr"] = lr * g["lr_mult"]
                 x, y = train_batch(ds, state["step"], cfg["batch_size"], cfg["seed"], rank, world)
                 out = net(x.contiguous(memory_format=fmt), mode="dense")
-                ls = cfg["label_smoothing"]
-                loss_ce = torch.nn.functional.cross_entropy(out.logits, y, label_smoothing=ls)
+                soft = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft = teacher(x.contiguous(memory_format=fmt), mode="dense").logits
+                loss_ce = task_loss(out.logits, y, soft, cfg)
                 if cfg["stage"] == "ddi" and out.exit_logits:
-                    loss_ce = loss_ce + sum(torch.nn.functional.cross_entropy(e, y, label_smoothing=ls)
-                                            for e in out.exit_logits)
+                    loss_ce = loss_ce + sum(task_loss(e, y, soft, cfg) for e in out.exit_logits)
                 loss = loss_ce
                 alpha = 0.0
                 skip = saving = 0.0
@@ -674,11 +706,14 @@ def train_command(
                                           help="torch CPU threads (0 = cores / processes)"),
     alpha_rule: Optional[str] = typer.Option(None, help="how alpha holds the target: dual (default) | "
                                              "sign (the paper's)"),
+    distill: Optional[float] = typer.Option(None, callback=number(0, 1, high_open=True),
+                                            help="weight of distillation from the init run's predictions "
+                                            "(IADI/DDI; 0 = off)"),
 ) -> None:
     """Train a static backbone, IADI or DDI model from a recipe."""
     overrides = {"resource": resource, "hardware": hardware, "target_saving": target_saving, "init": init,
                  "dataset": dataset, "steps": steps, "lr": lr, "alpha": alpha, "threads": threads,
-                 "alpha_rule": alpha_rule}
+                 "alpha_rule": alpha_rule, "distill": distill}
     cfg_path = Path(config)
     cfg = load_config(cfg_path, overrides)
     out_dir = out or Path("runs") / cfg_path.stem

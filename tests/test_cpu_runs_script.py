@@ -30,9 +30,12 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     trains = [c for c in calls if c.startswith("train ")]
     outs = [c.split("--out ")[1].split()[0] for c in trains]
     names = [Path(o).name for o in outs]
-    assert names == ["resnet20_static", "resnet14_static", "resnet26_static", "iadi_flops50", "iadi_energy50",
-                     "iadi_flops30", "iadi_flops40", "iadi_flops60", "iadi_flops70", "iadi_flops80", "ddi"]
-    assert trains[0].endswith("--resume") and not any(c.endswith("--resume") for c in trains[1:])
+    assert names == ["iadi_flops50", "iadi_energy50", "iadi_flops60", "iadi_flops50_kd", "iadi_flops70",
+                     "iadi_flops30", "iadi_flops40", "iadi_flops80", "resnet20_static", "resnet14_static",
+                     "resnet26_static", "ddi"]
+    resumed = [n for n, c in zip(names, trains) if c.endswith("--resume")]
+    assert resumed == ["resnet20_static"]
+    assert "--target-saving 0.5 --distill 0.7 --data-dir" in trains[names.index("iadi_flops50_kd")]
     assert all("--threads 1" in c and f"--data-dir {tmp_path / 'data'}" in c for c in trains)
     energy = trains[names.index("iadi_energy50")]
     assert "--resource energy --hardware zedboard --target-saving 0.5" in energy

@@ -64,6 +64,11 @@ def test_summary_recomputed_from_predictions(runs):
     labels = load_smoke().test.labels[:120].numpy()
     assert (pd.read_csv(out / "predictions_r14.csv").label.to_numpy() == labels).all()
     assert summary.smoke_test.all()
+    # what each run was trained to save, from its recipe (flops is the ddi run's default)
+    trained = summary.set_index("run")
+    assert trained.trained_resource.fillna("").to_dict() == {"r14": "", "r20": "", "iadi": "energy", "ddi": "flops"}
+    assert trained.trained_target.isna().tolist() == [True, True, False, False]
+    assert trained.trained_target["iadi"] == 0.4
 
 
 def test_budget_table_monotone_and_consistent(runs):

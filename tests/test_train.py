@@ -87,6 +87,48 @@ def test_resume_is_bit_exact_across_iadi_phase_switch(tmp_path):
         train(cfg(stage="iadi", init=str(static), steps=1, arch="resnet20"), tmp_path / "x", show_progress=False)
 
 
+def test_distillation_loss_by_hand():
+    """(1-w)*CE + w*T^2*KL(teacher_T || student_T), against a numpy computation."""
+    import numpy as np
+
+    from ddi_hw.train import task_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 10, generator=g, dtype=torch.float64), torch.randn(5, 10, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 9, 2, 2])
+    c = cfg(steps=1, label_smoothing=0.1, distill=0.7, distill_temp=3.0)
+
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    ls, lt = log_softmax(s.numpy()), log_softmax(t.numpy())
+    ce = -(0.9 * ls[np.arange(5), y.numpy()] + 0.1 * ls.mean(1)).mean()
+    ps, pt = log_softmax(s.numpy() / 3), log_softmax(t.numpy() / 3)
+    kl = (np.exp(pt) * (pt - ps)).sum(1).mean()
+    assert float(task_loss(s, y, t, c)) == pytest.approx(0.3 * ce + 0.7 * 9 * kl, rel=1e-12)
+    assert float(task_loss(s, y, None, c)) == pytest.approx(ce, rel=1e-12)
+    assert float(task_loss(t, y, t, c)) == pytest.approx(0.3 * -(0.9 * lt[np.arange(5), y.numpy()]
+                                                                  + 0.1 * lt.mean(1)).mean(), rel=1e-12)
+
+
+def test_distilled_iadi_differs_and_resumes_bit_exact(tmp_path):
+    static = tmp_path / "static"
+    train(cfg(steps=4), static, show_progress=False)
+    base = dict(stage="iadi", init=str(static), steps=3, gate_steps=1, alpha=0.5, target_saving=0.3)
+    train(cfg(**base), tmp_path / "plain", show_progress=False)
+    kd = cfg(**base, distill=0.5, distill_temp=2.0)
+    train(kd, tmp_path / "full", show_progress=False)
+    assert train(kd, tmp_path / "cut", stop_after=2, show_progress=False) == {"stopped_at": 2}
+    train(kd, tmp_path / "cut", resume=True, show_progress=False)
+    a, b, p = _weights(tmp_path / "full"), _weights(tmp_path / "cut"), _weights(tmp_path / "plain")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], p[k]) for k in a if "gate" not in k)  # the teacher changed the backbone
+    with pytest.raises(UserError, match="'distill' is 0.2 but the interrupted run used 0.5"):
+        train({**kd, "distill": 0.2}, tmp_path / "cut", resume=True, show_progress=False)
+
+
 def test_static_resume_ignores_gate_only_settings(tmp_path):
     """A static run never reads alpha or the target: a changed default must not block --resume."""
     run = tmp_path / "s"
