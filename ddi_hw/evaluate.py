@@ -178,7 +178,8 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
             gated = cfg["stage"] != "static"
             row = {"run": name, "arch": cfg["arch"], "stage": cfg["stage"], "dataset": ds.name,
                    "smoke_test": ds.smoke_test, "trained_resource": cfg.get("resource", "") if gated else "",
-                   "trained_target": cfg.get("target_saving", np.nan) if gated else np.nan, "hardware": hw if set(metrics) - {"flops"} else "",
+                   "trained_target": cfg.get("target_saving", np.nan) if gated else np.nan,
+                   "hardware": hw if set(metrics) - {"flops"} else "",
                    "n_test": n, "accuracy": float(correct.mean()), "skip_ratio": float(res["skip"].mean()),
                    "energy_source": f"modelled: SCALE-Sim + Eq. 6 ({hw})" if "energy" in metrics else ""}
             for m in ("flops", "energy", "latency"):
