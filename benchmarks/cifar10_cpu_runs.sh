@@ -36,9 +36,10 @@ iadi() {  # name resource target [more flags]
 iadi iadi_flops50 flops 0.5
 iadi iadi_energy50 energy 0.5
 iadi iadi_flops60 flops 0.6
+iadi iadi_flops70 flops 0.7
 # Experiment on the IADI accuracy gap: the same run distilled from the static backbone (T = 4)
 iadi iadi_flops50_kd flops 0.5 --distill 0.7
-for t in 70 30 40 80; do iadi iadi_flops$t flops 0.$t; done
+for t in 30 40 80; do iadi iadi_flops$t flops 0.$t; done
 for n in 20 14 26; do static $n; done
 
 # DDI: exits added to the 50 % IADI model, trained on L_o + sum_i L_i (+ alpha E, same dual rule)

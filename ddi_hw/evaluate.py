@@ -326,6 +326,7 @@ def _plot_acc_vs_cost(summary_df, budget_df, metrics, path):
                 ax.plot(g.mean_cost * scale, g.accuracy * 100, "^-", label=f"{run} budgets")
         ax.set_xlabel(f"{m} per image [{unit}]")
         ax.set_ylabel("top-1 accuracy [%]")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))  # wide numbers (uJ) must not run together
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("accuracy vs cost" + (" (SMOKE-TEST data set, not CIFAR-10)" if smoke else ""))

@@ -30,7 +30,7 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     trains = [c for c in calls if c.startswith("train ")]
     outs = [c.split("--out ")[1].split()[0] for c in trains]
     names = [Path(o).name for o in outs]
-    assert names == ["iadi_flops50", "iadi_energy50", "iadi_flops60", "iadi_flops50_kd", "iadi_flops70",
+    assert names == ["iadi_flops50", "iadi_energy50", "iadi_flops60", "iadi_flops70", "iadi_flops50_kd",
                      "iadi_flops30", "iadi_flops40", "iadi_flops80", "resnet20_static", "resnet14_static",
                      "resnet26_static", "ddi"]
     resumed = [n for n, c in zip(names, trains) if c.endswith("--resume")]
