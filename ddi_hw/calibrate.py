@@ -289,18 +289,12 @@ def calibrate_command(
 
 
 def counts_from_runs(cost_table, bundle, results) -> dict[str, float]:
-    """Mean per-image access counts of what the images really ran, from the cost table
-    (`energy_models.profile_model` / `ddi-hw profile` CSV): the engine layers they launched, and for
-    an image that took an exit, that branch's one-pass max pool on the ARM (its map read once and the
-    pooled map written, processor time). One measurement row's counts."""
+    """Mean per-image access counts of what the images really ran (`executed_rows`), summed from the
+    cost table (`energy_models.profile_model` / `ddi-hw profile` CSV). One measurement row's counts."""
     import pandas as pd
 
     table = cost_table.set_index(["layer", "axis", "active"]).sort_index()
-    from ddi_hw.deploy.bundle import executed_layers
-
-    keys = [k for r in results
-            for k in executed_layers(bundle, r.block_run, r.channel_masks, r.exit_taken)]
-    keys += [k for r in results for k in _exit_pool_rows(cost_table, bundle, r.exit_taken)]
+    keys = [k for r in results for k in executed_rows(cost_table, bundle, r)]
     missing = sorted({k for k in keys if k not in table.index})
     if missing:
         raise UserError(f"cost table has no row for {missing[0]} (and {len(missing) - 1} more): profile "
@@ -310,17 +304,89 @@ def counts_from_runs(cost_table, bundle, results) -> dict[str, float]:
     return {k: v / max(len(results), 1) for k, v in total.items()}
 
 
-def _exit_pool_rows(cost_table, bundle, exit_taken: int) -> list[tuple[str, str, int]]:
-    """(layer, axis, active) of the table's row for exit `exit_taken`'s max pool: the one non-global
-    pool of that branch, with the bundle step's window (one pass); none if no exit was taken or the
-    branch does not pool. A table that prices the pool otherwise (e.g. as 2x2 passes, from before
-    bundle/5) is refused."""
-    step = next((st for st in bundle.program if st["op"] == "exit" and st["index"] == exit_taken), None)
-    if step is None or step["pool"] == 1:
-        return []
-    need = [c for c in ("block", "kind", "in_ch", "out_h", "out_w", "kernel_h") if c not in cost_table.columns]
+def executed_rows(cost_table, bundle, result) -> list[tuple[str, str, int]]:
+    """(layer, axis, active) of every cost-table row one image ran (`result`: the runner's
+    `ImageResult`), replayed from the bundle program and the image's decisions. Every row belongs to
+    one step of the program by its `block` column, grouped as the model's cost plan groups them
+    (`ddi_hw.models.base.CostPlan`): the stem, transitions and head whenever reached; a block's layer
+    gate whenever the block is reached (its pool, embedding, LSTM step, projection on the ARM); the
+    rest of a block only if it ran -- its channel gate (engine convs, pooled sums, FC on the ARM), its
+    convs at the active channels of their gated axis, the rows fused into them (residual add);
+    an exit branch's rows (one-pass max pool and FC on the ARM, its convs, the pooled sums) when the
+    branch ran (`exits_run`: also a budget's fallbacks); nothing after the exit the image stopped at."""
+    from ddi_hw.models.gates import GATE_KINDS
+
+    need = [c for c in ("block", "role", "gate_kind", "out_gate", "in_gate", "kind", "in_ch", "out_h", "out_w",
+                        "kernel_h") if c not in cost_table.columns]
     if need:
         raise UserError(f"cost table lacks columns {need}; regenerate it with `ddi-hw profile`")
+    dense = cost_table[cost_table.axis == "out"].sort_values("active").groupby("layer", sort=False).last()
+
+    def block_of(layer: str) -> str:
+        if layer not in dense.index:
+            raise UserError(f"cost table has no row for {layer}: profile the same architecture the bundle "
+                            "was exported from")
+        return str(dense.block[layer])
+
+    def given(v) -> bool:
+        return isinstance(v, str) and v not in ("", "nan", "None")
+
+    out, seen = [], set()
+
+    def run(block: str, ran: bool = True) -> None:
+        if block in seen:
+            return
+        seen.add(block)
+        for layer, row in dense[dense.block == block].iterrows():
+            if row.role == "gate":
+                kind = GATE_KINDS.get(str(row.gate_kind))
+                if kind is None:
+                    raise UserError(f"cost table row {layer!r} is a gate of unknown kind {row.gate_kind!r}; "
+                                    "profile this model again")
+                if kind.role == "channel" and not ran:
+                    continue
+                out.append((layer, "out", int(row.active)))
+            elif not ran:
+                continue
+            elif given(row.out_gate) and row.out_gate in result.channel_masks:
+                out.append((layer, "out", int(result.channel_masks[row.out_gate].sum())))
+            elif given(row.in_gate) and row.in_gate in result.channel_masks:
+                out.append((layer, "in", int(result.channel_masks[row.in_gate].sum())))
+            else:
+                out.append((layer, "out", int(row.active)))
+
+    prog, layers = bundle.program, bundle.layers
+    i, block = 0, 0
+    while i < len(prog):
+        st = prog[i]
+        if st["op"] == "block":
+            if block >= len(result.block_run):
+                break
+            first = next(s for s in prog[i + 1:st["end"]] if s["op"] == "conv")
+            run(block_of(layers[first["layer"]].name), bool(result.block_run[block]))
+            block += 1
+            if not result.block_run[block - 1]:
+                i = st["end"]
+                continue
+        elif st["op"] == "conv":  # stem, transitions (their pool with them): fixed
+            run(block_of(layers[st["layer"]].name))
+        elif st["op"] == "head":
+            run(block_of(st["prefix"]))
+        elif st["op"] == "exit":
+            if st["index"] in result.exits_run:
+                _check_exit_pool(cost_table, st)
+                run(block_of(layers[st["layer"]].name))
+            if st["index"] == result.stopped_at:
+                break
+        i += 1
+    return out
+
+
+def _check_exit_pool(cost_table, step) -> None:
+    """An exit's max pool runs as one pass (the bundle step's window): a table that prices it
+    otherwise (e.g. as 2x2 passes, from before bundle/5) is refused."""
+    if step["pool"] == 1:
+        return
     rows = cost_table[(cost_table.block == step["prefix"]) & (cost_table.kind == "pool")
                       & (cost_table.out_h * cost_table.out_w > 1)]
     names = sorted(set(rows.layer))
@@ -328,4 +394,3 @@ def _exit_pool_rows(cost_table, bundle, exit_taken: int) -> list[tuple[str, str,
         raise UserError(f"cost table prices {step['prefix']}'s max pool as {names or 'nothing'} (windows "
                         f"{sorted(set(rows.kernel_h))}), the bundle runs one {step['pool']}x{step['pool']} pass: "
                         "profile the same model the bundle was exported from with this version of `ddi-hw profile`")
-    return [(names[0], "out", int(rows.in_ch.iloc[0]))]

@@ -546,7 +546,8 @@ def test_without_pynq_or_overlay_one_line_errors(board, tmp_path, monkeypatch):
 def _exit_pool_table_rows(bundle, value, kernel=None):
     """Synthetic cost-table rows of every exit's max pool (one row per exit, one pass: `kernel` =
     the bundle's window unless given) at `value(in_shape)`, and of its global pool (fused into conv2:
-    never a processor row, a huge value that must not be counted)."""
+    never a processor map op; zero here, its pooled words are counted with the exit's rows, which
+    tests/test_dataflow.py checks on real tables)."""
     rows = []
     for st in bundle.program:
         if st["op"] != "exit" or st["pool"] == 1:
@@ -559,15 +560,35 @@ def _exit_pool_table_rows(bundle, value, kernel=None):
                   "dram_writes_ofmap": 0}
         rows.append({**counts, "layer": f"{st['prefix']}.pool#0", "axis": "out", "active": c, "block": st["prefix"],
                      "kind": "pool", "in_ch": c, "out_h": -(-h // k), "out_w": -(-w // k), "kernel_h": k})
-        rows.append({**rows[-1], **dict.fromkeys(counts, 10 ** 12), "layer": f"{st['prefix']}.pool#1",
+        rows.append({**rows[-1], **dict.fromkeys(counts, 0), "layer": f"{st['prefix']}.pool#1",
                      "out_h": 1, "out_w": 1, "kernel_h": 8})
     return rows
+
+
+def _with_every_row(rows):
+    """A synthetic table completed to the tiny bundle's model: every traced layer (gates' vector
+    layers, pools, adds, FCs) gets its block / role / gate columns; layers `rows` does not price
+    cost zero, so only the priced rows can show up in the counts."""
+    import pandas as pd
+
+    from ddi_hw.models import create_model
+    from energy_models.scalesim_runner import COUNT_COLUMNS
+
+    specs = {s.name: s for s in create_model("resnet14", layer_gates=True, channel_gates=True, exits=True).specs()}
+    spec_cols = ("block", "role", "gate_kind", "out_gate", "in_gate")
+    out = [{**r, **{c: getattr(specs[r["layer"]], c) for c in spec_cols}} for r in rows]
+    priced = {r["layer"] for r in rows}
+    for s in specs.values():
+        if s.name not in priced:
+            out += [{"layer": s.name, "axis": "out", "active": k, "kind": s.kind, "in_ch": s.in_ch, "out_h": s.out_h,
+                     "out_w": s.out_w, "kernel_h": s.kernel_h, **{c: getattr(s, c) for c in spec_cols},
+                     **dict.fromkeys(COUNT_COLUMNS, 0)} for k in range(s.out_ch + 1)]
+    return pd.DataFrame(out)
 
 
 def test_counts_from_runs_follow_the_real_engine_launches(tiny_bundle):
     """Calibration counts replayed from decisions == counts of the launches the engine really got,
     plus the exit's one-pass max pool on the ARM where the runner really made it."""
-    import pandas as pd
 
     from ddi_hw.calibrate import counts_from_runs
 
@@ -598,7 +619,7 @@ def test_counts_from_runs_follow_the_real_engine_launches(tiny_bundle):
                              "dram_reads_filter": v, "dram_writes_ofmap": 0, "block": layer.name, "kind": "conv",
                              "in_ch": layer.in_ch, "out_h": 1, "out_w": 1, "kernel_h": 1})
     rows += _exit_pool_table_rows(bundle, lambda shape: 7 * int(np.prod(shape)))
-    counts = counts_from_runs(pd.DataFrame(rows), bundle, results)
+    counts = counts_from_runs(_with_every_row(rows), bundle, results)
     maps = [a for r in results for op, a, _ in r.processor_maps if op == "maxpool"]  # what the runner pooled
     assert len(maps) == 1 and results[-1].exit_taken == 0  # the exit image: one pass over its map
     expect = (sum(1000 * i + 10 * k + (1 if axis == "in" else 0) for i, axis, k in launches)
@@ -611,7 +632,6 @@ def test_counts_from_runs_follow_the_real_engine_launches(tiny_bundle):
 def test_counts_from_runs_refuse_a_table_with_two_pass_exit_pools(tiny_bundle):
     """A cost table that prices an exit's max pool as successive 2x2 passes (profiled before the
     one-pass dataflow) does not describe what the runner did: refused, one line, naming the fix."""
-    import pandas as pd
 
     from ddi_hw.calibrate import counts_from_runs
     from energy_models.scalesim_runner import COUNT_COLUMNS
@@ -624,9 +644,9 @@ def test_counts_from_runs_refuse_a_table_with_two_pass_exit_pools(tiny_bundle):
              "in_ch": layer.in_ch, "out_h": 1, "out_w": 1, "kernel_h": 1, **dict.fromkeys(COUNT_COLUMNS, 1)}
             for layer in bundle.layers]
     one = _exit_pool_table_rows(bundle, lambda shape: 1)
-    assert counts_from_runs(pd.DataFrame(rows + one), bundle, [result])["macs"] > 0
+    assert counts_from_runs(_with_every_row(rows + one), bundle, [result])["macs"] > 0
     two = _exit_pool_table_rows(bundle, lambda shape: 1, kernel=2)  # the first 2x2 pass ...
     two += [{**two[0], "layer": "exits.0.pool#1", "out_h": 8, "out_w": 8}]  # ... and the second
     with pytest.raises(UserError, match=r"exits.0's max pool as \['exits.0.pool#0', 'exits.0.pool#1'\]") as err:
-        counts_from_runs(pd.DataFrame(rows + two), bundle, [result])
+        counts_from_runs(_with_every_row(rows + two), bundle, [result])
     assert "\n" not in str(err.value) and "ddi-hw profile" in str(err.value)

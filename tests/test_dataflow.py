@@ -3,6 +3,7 @@
 The table must cost what the C-simulated HLS engine does (its own DRAM-word and cycle counters),
 the rows it fuses must be launches the exported bundle makes with the matching engine flags, and
 the `zedboard` preset's array, buffers and clock must be the engine's."""
+import copy
 import dataclasses
 import re
 
@@ -539,3 +540,172 @@ def test_exit_table_agrees_with_the_c_simulated_engine(exit_case):
         assert tab["cycles"] == pytest.approx(eng.counters["cycles"], rel=0.08), s.name
         checked += 1
     assert checked == 6
+
+
+# ----------------------------------------------------------------------------- calibration replay
+
+
+class _Reads(dict):
+    """The bundle's processor tensors, logging every read (which of the ARM's layers ran)."""
+
+    def __init__(self, d):
+        super().__init__(d)
+        self.log = []
+
+    def __getitem__(self, key):
+        self.log.append(key)
+        return super().__getitem__(key)
+
+
+class _LaunchLog(ReferenceBackend):
+    """The reference engine, logging every launch as its table row (layer, axis, active) and
+    whether it added a residual."""
+
+    def __init__(self):
+        self.log = []
+
+    def run_layer(self, layer, x, residual=None, out_mask=None, in_mask=None):
+        if out_mask is not None:
+            key = (layer.name, "out", int(out_mask.sum()))
+        elif in_mask is not None:
+            key = (layer.name, "in", int(in_mask.sum()))
+        else:
+            key = (layer.name, "out", layer.out_ch)
+        self.log.append((key, residual is not None))
+        return super().run_layer(layer, x, residual, out_mask, in_mask)
+
+
+def _random_gates(b, seed):
+    """The bundle with random layer-gate projections and channel-gate biases: some blocks skipped,
+    some channels closed (the fixture's gates leave every block open)."""
+    rng = np.random.default_rng(seed)
+    p = dict(b.processor)
+    p["layer_gate.proj.weight"] = rng.normal(0, 3, p["layer_gate.proj.weight"].shape).astype(np.float32)
+    p["layer_gate.proj.bias"] = np.zeros(1, np.float32)
+    for k in p:
+        if k.endswith("lgate.conv.bias"):  # each block's LSTM input apart: mixed decisions
+            p[k] = rng.normal(0, 3.0, p[k].shape).astype(np.float32)
+        if k.endswith("cgate.fc.bias"):
+            p[k] = rng.normal(0, 1.0, p[k].shape).astype(np.float32)
+    return dataclasses.replace(b, processor=_Reads(p))
+
+
+def _logged_rows(table, launches, reads, maps):
+    """Table rows of the ops one image's run logged, mapped by hand: each engine launch; the residual
+    add fused into a launch that added one; each ARM layer whose weights the processor read (the
+    shared LSTM's n-th step is row #n); the global pool whose vector that layer or gate conv consumed;
+    each map the runner pooled in one pass (2x2 average, exit max pool), by its shapes."""
+    dense = table[(table.axis == "out") & (table.active == table.out_ch)].set_index("layer")
+    rows = []
+
+    def pooled_for(owner):  # the global pool whose vector `owner` reads
+        name = "model.pool" if owner == "" else next(
+            n for n in dense.index if n.startswith(owner + ".pool") and dense.out_h[n] * dense.out_w[n] == 1)
+        rows.append((name, "out", int(dense.out_ch[name])))
+
+    for key, residual in launches:
+        rows.append(key)
+        if residual:
+            add = dense[(dense.kind == "add") & (dense.fused_into == key[0])]
+            rows.append((add.index[0], "out", int(add.out_ch.iloc[0])))
+        if ".cgate." in key[0] and dense.source[key[0]] == "scalesim, ofmap not stored":
+            pooled_for(key[0].rsplit(".", 1)[0])  # a channel gate's last conv: its pooled sums
+        if key[0].startswith("exits.") and key[0].endswith(".conv2"):
+            pooled_for(key[0].rsplit(".", 1)[0])
+    steps = 0  # calls of the shared LSTM so far
+    for k in reads:
+        if k == "layer_gate.lstm.weight_ih":
+            names = [f"layer_gate.lstm#{steps}.ih", f"layer_gate.lstm#{steps}.hh"]
+        elif k == "layer_gate.proj.weight":
+            names, steps = [f"layer_gate.proj#{steps}"], steps + 1
+        elif k.endswith(".weight") and not k.startswith("layer_gate."):
+            names = [k[: -len(".weight")]]
+            if names[0] == "fc" or names[0].endswith(".lgate.conv"):  # head, layer gate: a pooled input
+                pooled_for("" if names[0] == "fc" else names[0].rsplit(".", 1)[0])
+        else:
+            continue
+        rows += [(n, "out", int(dense.out_ch[n])) for n in names]
+    proc = dense[(dense.source == "processor") & (dense.kind == "pool") & (dense.out_h * dense.out_w > 1)]
+    for op, a, o in maps:
+        if op in ("avgpool2", "maxpool"):
+            hit = proc[(proc.in_ch == a[0]) & (proc.in_h == a[1]) & (proc.out_h == o[1])]
+            assert len(hit) == 1, (op, a, o)
+            rows.append((hit.index[0], "out", int(hit.out_ch.iloc[0])))
+    return rows
+
+
+def _runs(b, x, n_exits):
+    """Every way an image runs: to the head, stopped at each exit, under a tight and a loose budget;
+    (mode, result, launches, processor reads)."""
+    from ddi_hw.deploy.backends import run_image
+
+    plan = b.manifest["cost_plan"]
+    static = sum(e["cost"] if e["kind"] == "fixed" else e["f"] + e["V"][-1] if e["kind"] == "block" else 0.0
+                 for e in plan["events"])
+    modes = [{}] + [{"exit_at": i} for i in range(n_exits)] + [{"budget": static * f} for f in (0.3, 0.6, 5)]
+    out = []
+    for n in range(len(x)):
+        for mode in modes:
+            be = _LaunchLog()
+            b.processor.log = []
+            r = run_image(b, x[n].numpy(), be, **mode)
+            out.append((mode, r, be.log, list(b.processor.log)))
+    return out
+
+
+def test_calibration_replay_is_what_the_runner_ran(exit_case):
+    """The calibration replay (`executed_rows`, from the program and the image's decisions) names
+    exactly the table rows of the ops the runner performed (the launch log, the processor's tensor
+    reads, its map ops), for random gate decisions, every exit, and budgets (whose fallback
+    branches also ran); `counts_from_runs` sums exactly those rows."""
+    import pandas as pd
+
+    from ddi_hw.calibrate import config_counts, counts_from_runs, executed_rows
+
+    m, specs, table, b, x = exit_case
+    b = _random_gates(b, 4)
+    runs = _runs(b, x[:4], len(m.exits))
+    skipped = closed = fallbacks = 0
+    for mode, r, launches, reads in runs:
+        want = _logged_rows(table, launches, reads, r.processor_maps)
+        assert sorted(executed_rows(table, b, r)) == sorted(want), mode
+        skipped += r.block_run.count(0)
+        closed += sum(int((1 - v).sum()) for v in r.channel_masks.values())
+        fallbacks += len(r.exits_run) > 1
+    assert skipped and closed and fallbacks  # the decisions really vary
+    idx = table.set_index(["layer", "axis", "active"])
+    results = [r for _, r, _, _ in runs]
+    logged = [k for _, r, la, re in runs for k in _logged_rows(table, la, re, r.processor_maps)]
+    want = config_counts(idx.loc[pd.MultiIndex.from_tuples(logged)].reset_index())
+    got = counts_from_runs(table, b, results)
+    assert got == pytest.approx({k: v / len(results) for k, v in want.items()}, rel=1e-12)
+    assert got["proc_s"] > 0
+
+
+def test_calibration_replay_costs_what_the_model_costs(exit_case):
+    """Per image, the replayed rows' energy (and MACs, cycles) equal the model's own cost path
+    (`CostPlan`, the events the training loss and `ddi-hw eval` read) for the same decisions: to the
+    head, and at each exit (the events up to it, plus that branch)."""
+    from ddi_hw.calibrate import executed_rows
+    from ddi_hw.cost import CostTable
+
+    m, specs, table, b, x = exit_case
+    b = _random_gates(b, 4)
+    m = copy.deepcopy(m).attach_cost_table(CostTable.from_frame(table))
+    plan = m.plan
+    idx = table.set_index(["layer", "axis", "active"])
+    for mode, r, _, _ in _runs(b, x[:4], len(m.exits)):
+        if "budget" in mode:
+            continue
+        L = torch.tensor([r.block_run + [1] * (plan.J - len(r.block_run))])  # blocks past an exit: not summed
+        k = torch.tensor([[int(r.channel_masks[g].sum()) if (g := f"{m.block_names[j]}.cgate") in r.channel_masks
+                           else int(plan.K[j]) for j in range(plan.J)]], dtype=torch.float64)
+        rows = idx.loc[executed_rows(table, b, r)]
+        for metric, col, scale in (("energy", "energy_pj", 1), ("latency", "cycles", 1), ("flops", "macs", 2)):
+            ev = plan.events_matrix(L, k, metric, with_exits=False)[0]
+            if r.exit_taken >= 0:
+                col_i = int(plan.exit_cols[r.exit_taken])
+                want = float(ev[:col_i].sum() + plan.exit[metric][r.exit_taken])
+            else:
+                want = float(ev.sum())
+            assert scale * rows[col].sum() == pytest.approx(want, rel=1e-9), (mode, metric)

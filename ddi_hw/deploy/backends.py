@@ -117,6 +117,8 @@ class ImageResult:
     cost: float = 0.0  # executed cost from the model's cost table (manifest cost_plan), exits if budgeted
     processor_maps: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (op, input shape,
     #   output shape) of every op the processor ran on a map in DRAM (pools, the exits' max pool)
+    exits_run: list[int] = field(default_factory=list)  # exit branches run (under a budget: every fallback)
+    stopped_at: int = -1  # the exit the program stopped at (-1: ran to the head); blocks after it never ran
 
     @property
     def prediction(self) -> int:
@@ -188,6 +190,7 @@ class _Processor:
         """Exit branch: its max pool here on the int16 map in one pass (`pool` x `pool`, stride
         `pool`, ceil mode = the model's successive 2x2 pools; exact, same Q format: the map read
         once, the pooled map written back), its convs on the engine, its FC here."""
+        res.exits_run.append(step["index"])
         x = env[step["in"]]
         if step["pool"] > 1:
             y = maxpool_ceil(x, step["pool"])
@@ -357,6 +360,7 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
         elif op == "exit":
             if exit_at is not None and st["index"] == exit_at:
                 res.logits, res.exit_taken = proc.exit_branch(st, env, backend, res), st["index"]
+                res.stopped_at = st["index"]
                 if bud:
                     res.cost = bud.cum(bud.exit_cols[st["index"]], True)
                 return res
@@ -367,6 +371,7 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
                                 bud.cum(bud.exit_cols[st["index"]], True))
                 if not go_on:
                     res.logits, res.exit_taken, res.cost = fallback
+                    res.stopped_at = st["index"]
                     return res
         elif op == "head":
             res.logits = proc.head(st, env, st["in"])

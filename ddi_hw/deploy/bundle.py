@@ -297,7 +297,8 @@ def executed_layers(bundle: Bundle, block_run: list[int], channel_masks: dict, e
     the image's decisions: skipped blocks launch nothing, an output-gated conv runs its active
     output channels, an input-gated conv reads its active input channels, an early exit runs its
     branch's convs and stops. (Under a budget an image also runs the branches it passed as
-    fallbacks; this replay counts only the one it took.)"""
+    fallbacks; this replay counts only the one it took. The calibration's replay of every row an
+    image ran, ARM included, is `ddi_hw.calibrate.executed_rows`.)"""
     out, prog = [], bundle.program
     i, block = 0, 0
     while i < len(prog):
