@@ -291,44 +291,6 @@ def step_processor_keys(step: dict) -> list[str]:
     return keys
 
 
-def executed_layers(bundle: Bundle, block_run: list[int], channel_masks: dict, exit_taken: int
-                    ) -> list[tuple[str, str, int]]:
-    """(layer, axis, active) of every engine launch one image made, replayed from the program and
-    the image's decisions: skipped blocks launch nothing, an output-gated conv runs its active
-    output channels, an input-gated conv reads its active input channels, an early exit runs its
-    branch's convs and stops. (Under a budget an image also runs the branches it passed as
-    fallbacks; this replay counts only the one it took. The calibration's replay of every row an
-    image ran, ARM included, is `ddi_hw.calibrate.executed_rows`.)"""
-    out, prog = [], bundle.program
-    i, block = 0, 0
-    while i < len(prog):
-        st = prog[i]
-        if st["op"] == "block":
-            ran = block_run[block]
-            block += 1
-            if not ran:
-                i = st["end"]
-                continue
-            cg = st.get("channel_gate") or {}
-            for n in range(len(GATE_OPS[cg["kind"]].engine_convs) if cg else 0):  # the gate's convs
-                gl = bundle.layers[cg["layer"] + n]
-                out.append((gl.name, "out", int(gl.out_ch)))
-        elif st["op"] == "conv":
-            layer = bundle.layers[st["layer"]]
-            if st.get("out_gate") in channel_masks:
-                out.append((layer.name, "out", int(channel_masks[st["out_gate"]].sum())))
-            elif st.get("in_gate") in channel_masks:
-                out.append((layer.name, "in", int(channel_masks[st["in_gate"]].sum())))
-            else:
-                out.append((layer.name, "out", int(layer.out_ch)))
-        elif st["op"] == "exit" and st["index"] == exit_taken:  # the branch's convs, then stop
-            out += [(bundle.layers[st["layer"] + n].name, "out", int(bundle.layers[st["layer"] + n].out_ch))
-                    for n in range(len(EXIT_ENGINE_CONVS))]
-            break
-        i += 1
-    return out
-
-
 def _check_engine_layers(b: Bundle, i: int, first, prefix, convs: tuple[str, ...], what: str) -> None:
     """A gate kind with engine convs, or an exit branch, names its first engine layer (`layer`);
     the next ones follow it, each named `<prefix>.<conv>` (the cost table's row, whose engine
