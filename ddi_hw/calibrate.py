@@ -294,7 +294,8 @@ def counts_from_runs(cost_table, bundle, results) -> dict[str, float]:
     import pandas as pd
 
     table = cost_table.set_index(["layer", "axis", "active"]).sort_index()
-    keys = [k for r in results for k in executed_rows(cost_table, bundle, r)]
+    blocks = table_blocks(cost_table)  # once per table, not once per image
+    keys = [k for r in results for k in executed_rows(cost_table, bundle, r, blocks)]
     missing = sorted({k for k in keys if k not in table.index})
     if missing:
         raise UserError(f"cost table has no row for {missing[0]} (and {len(missing) - 1} more): profile "
@@ -304,7 +305,21 @@ def counts_from_runs(cost_table, bundle, results) -> dict[str, float]:
     return {k: v / max(len(results), 1) for k, v in total.items()}
 
 
-def executed_rows(cost_table, bundle, result) -> list[tuple[str, str, int]]:
+def table_blocks(cost_table):
+    """The table's full-width rows by layer, and each block's rows in table order: what
+    `executed_rows` walks for every image."""
+    need = [c for c in ("block", "role", "gate_kind", "out_gate", "in_gate", "kind", "in_ch", "out_h", "out_w",
+                        "kernel_h") if c not in cost_table.columns]
+    if need:
+        raise UserError(f"cost table lacks columns {need}; regenerate it with `ddi-hw profile`")
+    dense = cost_table[cost_table.axis == "out"].sort_values("active").groupby("layer", sort=False).last()
+    by_block: dict[str, list] = {}
+    for layer, row in dense.iterrows():
+        by_block.setdefault(str(row.block), []).append((layer, row))
+    return dense, by_block
+
+
+def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, str, int]]:
     """(layer, axis, active) of every cost-table row one image ran (`result`: the runner's
     `ImageResult`), replayed from the bundle program and the image's decisions. Every row belongs to
     one step of the program by its `block` column, grouped as the model's cost plan groups them
@@ -316,11 +331,7 @@ def executed_rows(cost_table, bundle, result) -> list[tuple[str, str, int]]:
     branch ran (`exits_run`: also a budget's fallbacks); nothing after the exit the image stopped at."""
     from ddi_hw.models.gates import GATE_KINDS
 
-    need = [c for c in ("block", "role", "gate_kind", "out_gate", "in_gate", "kind", "in_ch", "out_h", "out_w",
-                        "kernel_h") if c not in cost_table.columns]
-    if need:
-        raise UserError(f"cost table lacks columns {need}; regenerate it with `ddi-hw profile`")
-    dense = cost_table[cost_table.axis == "out"].sort_values("active").groupby("layer", sort=False).last()
+    dense, by_block = blocks if blocks is not None else table_blocks(cost_table)
 
     def block_of(layer: str) -> str:
         if layer not in dense.index:
@@ -337,7 +348,7 @@ def executed_rows(cost_table, bundle, result) -> list[tuple[str, str, int]]:
         if block in seen:
             return
         seen.add(block)
-        for layer, row in dense[dense.block == block].iterrows():
+        for layer, row in by_block.get(block, ()):
             if row.role == "gate":
                 kind = GATE_KINDS.get(str(row.gate_kind))
                 if kind is None:

@@ -236,7 +236,7 @@ DUAL_KP = 5.0  # dual rule: alpha per unit of saving error, proportional part (d
 
 # Keys a resumed run may change: they steer logging, not the arithmetic.
 RESUME_FREE_KEYS = ("eval_every", "log_every", "ckpt_every", "description", "threads")
-# Keys that only steer the gates' resource loss: a static run never reads them, so a changed default
+# Keys a static run never reads (the gates' resource loss, distillation), so a changed default
 # (e.g. alpha) must not block resuming one.
 GATED_ONLY_KEYS = ("alpha", "alpha_rule", "alpha_gain", "resource", "hardware", "target_saving",
                    "gate_steps", "gate_skip_tol", "gate_lr_mult", "calibrate_every", "distill", "distill_temp")
