@@ -46,6 +46,8 @@ train "$OUT/ddi" --config $C/resnet38_ddi.yaml --init "$OUT/iadi_flops50"
 
 # The remaining IADI targets (the bar: every target held to +-0.03 with one alpha setting)
 for t in 30 40 80; do iadi iadi_flops$t flops 0.$t; done
+# Fig. 12 as curve against curve: the energy-trained family at two more targets
+for t in 40 60; do iadi iadi_energy$t energy 0.$t; done
 
 # Evaluation: accuracy vs FLOPs/energy, budgets at the static baselines' costs (Table II), Table I
 ddi-hw eval "$OUT"/resnet{14,20,26,38}_static "$OUT"/iadi_* "$OUT/ddi" --data-dir "$D" --hardware zedboard --out "$OUT/eval"
