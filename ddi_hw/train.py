@@ -547,7 +547,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
             return
         ck.save_resume(out_dir, model, optimizer, state)
         if final_metrics is not None:
-            saved_cfg = cfg | {"init": init_info["run"] if init_info else cfg["init"]}  # no machine paths
+            init_run = (state["init"] or {}).get("run")  # relative to out_dir; also after --resume
+            saved_cfg = cfg | {"init": init_run or cfg["init"]}  # no machine paths
             ck.save_model(out_dir, model, {"config": saved_cfg, "model": kwargs, "metrics": final_metrics,
                                            "cost_table": cost_id, "step": state["step"], "init": state["init"],
                                            "dataset": ds.description, "smoke_test": ds.smoke_test,

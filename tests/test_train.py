@@ -125,6 +125,9 @@ def test_distilled_iadi_differs_and_resumes_bit_exact(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert any(not torch.equal(a[k], p[k]) for k in a if "gate" not in k)  # the teacher changed the backbone
+    side = ck.load_model_state(tmp_path / "cut")[1]  # a resumed run records its init relative too
+    assert side["init"]["run"] == "../static" and side["config"]["init"] == "../static"
+    assert str(tmp_path) not in (tmp_path / "cut" / "model.json").read_text()
     with pytest.raises(UserError, match="'distill' is 0.2 but the interrupted run used 0.5"):
         train({**kd, "distill": 0.2}, tmp_path / "cut", resume=True, show_progress=False)
 
