@@ -328,7 +328,8 @@ def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, st
     rest of a block only if it ran -- its channel gate (engine convs, pooled sums, FC on the ARM), its
     convs at the active channels of their gated axis, the rows fused into them (residual add);
     an exit branch's rows (one-pass max pool and FC on the ARM, its convs, the pooled sums) when the
-    branch ran (`exits_run`: also a budget's fallbacks); nothing after the exit the image stopped at."""
+    branch ran (`exits_run`: also a budget's fallbacks); nothing after the exit the image stopped at,
+    and of the block a budget stopped it in (`stopped_block`) only the gates that ran."""
     from ddi_hw.models.gates import GATE_KINDS
 
     dense, by_block = blocks if blocks is not None else table_blocks(cost_table)
@@ -344,7 +345,9 @@ def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, st
 
     out, seen = [], set()
 
-    def run(block: str, ran: bool = True) -> None:
+    def run(block: str, ran: bool = True, channel_gate: bool | None = None) -> None:
+        """A block's rows: all if it ran; its layer gate only if skipped; its gates only (the channel
+        gate if `channel_gate`) if a budget stopped the image in it (`channel_gate` not None)."""
         if block in seen:
             return
         seen.add(block)
@@ -354,8 +357,10 @@ def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, st
                 if kind is None:
                     raise UserError(f"cost table row {layer!r} is a gate of unknown kind {row.gate_kind!r}; "
                                     "profile this model again")
-                if kind.role == "channel" and not ran:
+                if kind.role == "channel" and not (ran if channel_gate is None else channel_gate):
                     continue
+            elif channel_gate is not None:
+                continue
                 out.append((layer, "out", int(row.active)))
             elif not ran:
                 continue
@@ -371,9 +376,12 @@ def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, st
     while i < len(prog):
         st = prog[i]
         if st["op"] == "block":
+            first = next(s for s in prog[i + 1:st["end"]] if s["op"] == "conv")
+            if block == result.stopped_block:
+                run(block_of(layers[first["layer"]].name), channel_gate=result.stopped_after_channel_gate)
+                break
             if block >= len(result.block_run):
                 break
-            first = next(s for s in prog[i + 1:st["end"]] if s["op"] == "conv")
             run(block_of(layers[first["layer"]].name), bool(result.block_run[block]))
             block += 1
             if not result.block_run[block - 1]:

@@ -365,28 +365,6 @@ def _export_densenet(model, calib):
 _EXPORTERS = {"resnet": _export_resnet, "densenet": _export_densenet}  # model family -> walker
 
 
-def _budget_plan(model, metric: str = "flops") -> dict:
-    """The model's cost plan (ddi_hw.models.base.CostPlan, one source for every cost) as plain
-    numbers, so the processor computes the same per-image cost and takes the same budgeted exits."""
-    plan = model.plan
-    events, fixed_i = [], 0
-    block_i = 0
-    for kind, _ in model.events:
-        if kind == "fixed":
-            events.append({"kind": "fixed", "cost": float(plan.fixed[metric][fixed_i])})
-            fixed_i += 1
-        elif kind == "block":
-            K = int(plan.K[block_i])
-            events.append({"kind": "block", "index": block_i, "g": float(plan.g[metric][block_i]),
-                           "f": float(plan.f[metric][block_i]), "c": float(plan.c[metric][block_i]),
-                           "V": [float(v) for v in plan.V[metric][block_i, :K + 1]]})
-            block_i += 1
-        else:
-            i = sum(1 for e in events if e["kind"] == "exit")
-            events.append({"kind": "exit", "index": i, "cost": float(plan.exit[metric][i])})
-    return {"metric": metric, "events": events, "min_event": [float(v) for v in plan.min_event[metric]]}
-
-
 def export_model(model, out_dir: str | Path, calib_images, source: str = "", dataset: str | None = None) -> Path:
     """Quantise a gated CIFAR ResNet or DenseNet (`ddi_hw.models`) into a bundle directory.
 
@@ -410,7 +388,7 @@ def export_model(model, out_dir: str | Path, calib_images, source: str = "", dat
         "number_format": "int16 activations/weights, Q(f) = int / 2**f per tensor, int32 bias in "
                          "Q(f_act + f_w), 48-bit accumulators, round half up, saturate",
         "tensors": {n: {"frac": bd.frac[n], "shape": bd.shapes.get(n)} for n in sorted(bd.frac)},
-        "program": bd.program, "cost_plan": _budget_plan(model)})
+        "program": bd.program, "cost_plan": model.plan.export("flops")})  # the processor's budget rule and costs
 
 
 # ----------------------------------------------------------------------------- command

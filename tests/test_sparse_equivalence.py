@@ -83,6 +83,85 @@ def brute_cost(model, force, metric="flops", upto_exit=None):
     return torch.tensor(out, dtype=torch.float64)
 
 
+def brute_budget(model, force, budget, metric="flops"):
+    """Per sample, the budget rule walked over the cost table's rows (independent of the plan and of
+    ddi_hw.deploy.budget): from exit 0 on, go on past an exit only if spent + the cheapest way to
+    the next exit fits; before a block's channel gate only if the block at zero channels fits with
+    that cheapest way on, before its convs only if it fits at its k. Returns per sample (exit taken,
+    block stopped in or -1, cost of all it ran)."""
+    table = model.cost_table
+    rows_by_block = {}
+    for name, row in table.rows.items():
+        rows_by_block.setdefault(row["block"], []).append((name, row))
+    skip_col = {j: i for i, j in enumerate(model.skippable_idx)}
+
+    def parts(blk, k):  # (layer gate, channel gate, backbone at k active channels)
+        lg = cg = bb = 0.0
+        for r, row in rows_by_block.get(blk, []):
+            if row["role"] == "gate" and ".cgate." not in r and not r.startswith("channel_rnn"):
+                lg += table.dense(r, metric)
+            elif row["role"] == "gate":
+                cg += table.dense(r, metric)
+            elif given(row.get("out_gate")):
+                bb += float(table.curve(r, "out", metric)[k])
+            elif given(row.get("in_gate")):
+                bb += float(table.curve(r, "in", metric)[k])
+            else:
+                bb += table.dense(r, metric)
+        return lg, cg, bb
+
+    events, j = [], 0
+    for kind, blk in model.events:  # (kind, block index or None, block name)
+        events.append((kind, j if kind == "block" else None, blk))
+        j += kind == "block"
+
+    def cheapest(e):
+        kind, jj, blk = e
+        if kind != "block":
+            return sum(table.dense(r, metric) for r, _ in rows_by_block.get(blk, []))
+        lg, cg, bb = parts(blk, 0)
+        return lg + (0.0 if jj in skip_col else cg + bb)
+
+    rest = []
+    for col in range(len(events)):
+        total = 0.0
+        for e in events[col + 1:]:
+            total += cheapest(e)
+            if e[0] == "exit":
+                break
+        rest.append(total)
+    out = []
+    for s in range(force["layer"].shape[0]):
+        spent, taken, armed, stopped, n_exit = 0.0, -1, False, -1, 0
+        for col, (kind, jj, blk) in enumerate(events):
+            if kind != "block":
+                spent += cheapest((kind, jj, blk))
+                if kind == "exit":
+                    taken, armed, n_exit = n_exit, True, n_exit + 1
+                    if spent + rest[col] > budget:
+                        break
+                continue
+            gate = f"{blk}.cgate"
+            k = int(force["channel"][gate][s].sum()) if gate in force["channel"] else 0
+            lg, cg, bb0 = parts(blk, 0)
+            spent += lg
+            if jj in skip_col and not force["layer"][s, skip_col[jj]]:
+                continue
+            if armed and spent + cg + bb0 + rest[col] > budget:
+                stopped = jj
+                break
+            spent += cg
+            bb = parts(blk, k)[2]
+            if gate in force["channel"] and armed and spent + bb + rest[col] > budget:
+                stopped = jj
+                break
+            spent += bb
+        else:
+            taken = -1
+        out.append((taken, stopped, spent))
+    return out
+
+
 CASES = [
     ("resnet20", dict(layer_gates=True, channel_gates=True), 32),
     ("resnet20", dict(layer_gates=True, channel_gates=True, channel_gate_kind="rnn"), 32),
@@ -173,11 +252,89 @@ def test_budget_exits_match(name, size):
             fits = [e for e in range(n_exits) if exit_costs[i, e] <= budget]
             want = -1 if final[i] <= budget else (fits[-1] if fits else 0)
             assert int(d.exit_taken[i]) == want
-            want_cost = final[i] if want == -1 else exit_costs[i, want]
+            # charged: everything it ran, also past that exit up to where it stopped (the budget rule)
+            want_cost = brute_budget(model, force, budget)[i][2]
             assert abs(float(d.cost["flops"][i]) - float(want_cost)) <= 1e-6 * float(want_cost)
             if want >= 0:
                 assert torch.allclose(d.logits[i], d.exit_logits[want][i])
     assert (d.exit_taken == -1).all()  # infinite budget: everyone reaches the head
+
+
+@pytest.mark.parametrize("name,kw,size", [("resnet20", {}, 32), ("resnet20", dict(channel_gate_kind="rnn"), 32),
+                                           ("densenet_tiny", {}, 16)])
+def test_budget_stops_and_charges_like_brute_force(name, kw, size):
+    """Random decisions and budgets (below exit 0's cost, between, above the whole network): the dense
+    and the sparse path stop every sample where the per-sample brute force does, charge it the same
+    cost (all it ran), never above the budget unless its own path to exit 0 already is, and answer
+    with the exit it last passed."""
+    model = randomize(create_model(name, layer_gates=True, channel_gates=True, exits=True, **kw))
+    g = torch.Generator().manual_seed(11)
+    n = 12
+    x = torch.randn(n, 3, size, size, generator=g)
+    first_exit = None
+    inside = 0
+    for trial in range(3):
+        force = random_force(model, n, g, p_layer=0.3 + 0.2 * trial)
+        full = brute_cost(model, force, upto_exit=len(model.exits))  # every branch, then the head
+        first_exit = brute_cost(model, force, upto_exit=0)
+        budgets = [float(first_exit.min()) * 0.5, float(full.max()) * 3, math.inf]
+        budgets += (torch.rand(5, generator=g, dtype=torch.float64) * (full.max() - first_exit.min())
+                    + first_exit.min()).tolist()
+        for budget in budgets:
+            with torch.no_grad():
+                d = model(x, force=force, budget=budget)
+                s = model(x, mode="sparse", force=force, budget=budget)
+            want = brute_budget(model, force, budget)
+            for out in (d, s):
+                assert [int(t) for t in out.exit_taken] == [w[0] for w in want], budget
+                assert [int(b) for b in out.stopped_block] == [w[1] for w in want], budget
+                assert torch.allclose(out.cost["flops"], torch.tensor([w[2] for w in want], dtype=torch.float64),
+                                      rtol=1e-9)
+            for m in d.cost:
+                assert torch.equal(d.cost[m], s.cost[m]), m
+            over = d.cost["flops"] > budget * (1 + 1e-12)
+            assert (d.exit_taken[over] == 0).all() and torch.equal(d.cost["flops"][over], first_exit[over])
+            for i in range(n):
+                e = int(d.exit_taken[i])
+                assert torch.allclose(s.logits[i], d.exit_logits[e][i] if e >= 0 else d.logits[i], atol=1e-4)
+            inside += int((d.stopped_block >= 0).sum())
+    assert inside  # samples stopped between exits
+
+
+def test_sparse_path_does_not_run_what_it_abandons():
+    """Under a budget the sparse path runs a block's channel gate and convs only for the samples the
+    rule lets run them (stopped samples run nothing more): rows through each gate and block counted."""
+    model = randomize(create_model("resnet20", layer_gates=True, channel_gates=True, exits=True))
+    g = torch.Generator().manual_seed(5)
+    n = 16
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    force = random_force(model, n, g, p_layer=0.3)
+    model.skip_forced_gates = False  # run the gates, to count them
+    seen = {}
+    for j, b in enumerate(model.blocks):
+        for part, mod in (("block", b), ("cgate", b.cgate)):
+            orig = mod.sparse
+
+            def counted(x, *a, _orig=orig, _key=(part, j), **kw):
+                seen[_key] = seen.get(_key, 0) + x.shape[0]
+                return _orig(x, *a, **kw)
+            mod.sparse = counted
+    full = brute_cost(model, force, upto_exit=len(model.exits))
+    budget = float(full.median())
+    with torch.no_grad():
+        s = model(x, mode="sparse", force=force, budget=budget)
+    plan = model.plan
+    col = plan.block_cols.numpy()
+    w = plan.budget_plan("flops")
+    from ddi_hw.deploy.budget import walk
+    ref = walk(w, budget, s.block_run.double().numpy(), s.block_active.double().numpy())
+    L = s.block_run.numpy() > 0.5
+    for j in range(plan.J):
+        passed = ref.stop_col > col[j]  # went past block j
+        at = ref.stop_col == col[j]
+        assert seen.get(("block", j), 0) == int((passed & L[:, j]).sum()), j
+        assert seen.get(("cgate", j), 0) == int(((passed | (at & (ref.stage == 2))) & L[:, j]).sum()), j
+    assert (ref.stage > 0).any()  # some samples stopped inside a block
 
 
 def test_folded_weights_follow_weight_changes():

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ddi_hw.deploy.budget import GATES_AND_CHANNEL_GATE, GATES_ONLY, BudgetPlan, BudgetWalk
 from ddi_hw.deploy.fixedpoint import conv_layer, dequantize, quantize
 from ddi_hw.deploy.processor import EXIT_ENGINE_CONVS, GATE_OPS, maxpool_ceil
 from ddi_hw.errors import UserError
@@ -114,11 +115,13 @@ class ImageResult:
     launches: int = 0  # engine launches
     iterations: int = 0  # summed engine compute-loop iterations (cycle proxy), gate convs included
     dense_iterations: int = 0  # the static network's (every block and channel on, no gates, no exits)
-    cost: float = 0.0  # executed cost from the model's cost table (manifest cost_plan), exits if budgeted
+    cost: float = 0.0  # executed cost from the model's cost table (manifest cost_plan): all it ran
     processor_maps: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (op, input shape,
     #   output shape) of every op the processor ran on a map in DRAM (pools, the exits' max pool)
     exits_run: list[int] = field(default_factory=list)  # exit branches run (under a budget: every fallback)
-    stopped_at: int = -1  # the exit the program stopped at (-1: ran to the head); blocks after it never ran
+    stopped_at: int = -1  # the exit the program stopped at (-1: none); blocks after it never ran
+    stopped_block: int = -1  # under a budget: the block it stopped in (its gates ran, not its convs; -1: none)
+    stopped_after_channel_gate: bool = False  # ... after that block's channel gate too
 
     @property
     def prediction(self) -> int:
@@ -244,39 +247,20 @@ class _BlockBuffers:
 
 
 class _Budget:
-    """Executed cost from the exported cost plan and the budgeted-exit rules of
-    ddi_hw.models.base (SparseRun): exit 0 always runs as the fallback; exit i > 0 runs if the
-    cost so far fits; the image continues only if the cheapest way to its next exit still fits;
-    the final classifier is used if the whole cost fits."""
+    """One image's decisions as the cost plan's (1, J) arrays, read by the budget rule
+    (`ddi_hw.deploy.budget`, the model's own) and by the executed cost."""
 
     def __init__(self, plan: dict, budget: float | None):
-        self.ev, self.min_ev, self.budget = plan["events"], plan["min_event"], budget
-        self.L: dict[int, int] = {}
-        self.k: dict[int, int] = {}
-        self.exit_cols = [c for c, e in enumerate(self.ev) if e["kind"] == "exit"]
+        self.plan = BudgetPlan(plan)
+        self.L = np.ones((1, self.plan.J))
+        self.k = self.plan.K[None].astype(np.float64).copy()
+        self.walk = BudgetWalk(self.plan, budget, self.L, self.k) if budget is not None else None
 
-    def cum(self, upto: int, with_exits: bool) -> float:
-        total = 0.0
-        for e in self.ev[:upto + 1]:
-            if e["kind"] == "fixed":
-                total += e["cost"]
-            elif e["kind"] == "exit":
-                total += e["cost"] if with_exits else 0.0
-            else:
-                j = e["index"]
-                run = self.L.get(j, 1)
-                total += e["g"] + run * (e["f"] + e["c"] + e["V"][self.k.get(j, len(e["V"]) - 1)])
-        return total
-
-    def at_exit(self, i: int) -> tuple[bool, bool]:
-        """(run exit i's branch, continue past it)."""
-        col = self.exit_cols[i]
-        cum = self.cum(col, True)
-        fits = cum <= self.budget
-        nxt = [c for c in self.exit_cols if c > col]
-        stop = nxt[0] if nxt else len(self.ev) - 1
-        look = sum(self.min_ev[col + 1: stop + 1])
-        return (i == 0 or fits), (fits and cum + look <= self.budget)
+    def cost(self, stop_col: int | None = None, stage: int = 0, exits: bool = True) -> float:
+        """Executed cost of the events before `stop_col` (None: all), plus the gates of the block
+        there when stage > 0; exit branches if `exits`."""
+        col = self.plan.S if stop_col is None else stop_col
+        return float(self.plan.charged(self.L, self.k, np.array([col]), np.array([stage]), exits)[0])
 
 
 def static_iterations(bundle) -> int:
@@ -302,8 +286,11 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
     Steps: `input` quantises the image; `conv` launches the engine; `block` opens a residual block
     or dense layer (its `layer_gate` may skip it: nothing is launched, the output is the input or
     the previous layer's features); `channel_gate` sets the masks of the block's convs; `concat` /
-    `avgpool2` are integer processor ops; `exit` runs an exit branch when `exit_at` names it or a
-    `budget` (in the cost plan's metric, FLOPs) calls for it; `head` pools and classifies."""
+    `avgpool2` are integer processor ops; `exit` runs an exit branch when `exit_at` names it (the image
+    stops there) or, under a `budget` (in the cost plan's metric, FLOPs), whenever reached (the
+    fallback answer); `head` pools and classifies. Under a budget the image stops where the rule of
+    `ddi_hw.deploy.budget` says (at an exit, or in a block before its channel gate or its convs),
+    answers with its last exit branch and is charged all it ran (`cost`). `exit_at` overrides a budget."""
     res = ImageResult(logits=np.zeros(0), dense_iterations=static_iterations(bundle))  # also if it exits early
     layout = _BlockBuffers(bundle)
     proc, env = _Processor(bundle, res.processor_maps, layout), {}
@@ -311,8 +298,15 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
     plan = bundle.manifest.get("cost_plan")
     if budget is not None and (plan is None or not any(e["kind"] == "exit" for e in plan["events"])):
         raise UserError("a budget needs a bundle exported from a model with exit branches")
-    bud = _Budget(plan, budget) if plan else None
+    bud = _Budget(plan, None if exit_at is not None else budget) if plan else None
+    walk = bud.walk if bud else None
     fallback = None
+
+    def stop() -> ImageResult:  # the budget stopped the image: it answers with its last exit branch
+        res.logits, res.exit_taken = fallback
+        res.cost = bud.cost(int(walk.stop_col[0]), int(walk.stage[0]))
+        return res
+
     prog = bundle.program
     i = 0
     while i < len(prog):
@@ -321,18 +315,25 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
         if op == "input":
             env[st["out"]] = quantize(image, bundle.tensor_frac(st["out"]))
         elif op == "block":
+            j = st["index"]
             run = True
             if st.get("layer_gate"):
                 run = bool(proc.gate(st["layer_gate"], env, st["in"], backend, res)[0])
-            res.block_run.append(int(run))
             if bud:
-                bud.L[st["index"]] = int(run)
+                bud.L[0, j] = int(run)
+            if run and walk and not walk.admit(j, np.array([0]), GATES_ONLY)[0]:
+                res.stopped_block = j
+                return stop()
             if st.get("channel_gate") and run:
                 cg = st["channel_gate"]
                 masks[cg["name"]] = proc.gate(cg, env, st["in"], backend, res)
                 res.channel_masks[cg["name"]] = masks[cg["name"]]
                 if bud:
-                    bud.k[st["index"]] = int(masks[cg["name"]].sum())
+                    bud.k[0, j] = int(masks[cg["name"]].sum())
+                if walk and not walk.admit(j, np.array([0]), GATES_AND_CHANNEL_GATE)[0]:
+                    res.stopped_block, res.stopped_after_channel_gate = j, True
+                    return stop()
+            res.block_run.append(int(run))
             if not run:  # skipped block: nothing launched; output = input (ResNet) or a copy of
                 env[st["out"]] = env[st.get("skip_from") or st["in"]]  # the previous layer's (DenseNet)
                 if (st.get("skip_from") or st["in"]) in proc.pooled:
@@ -358,28 +359,23 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
             env[st["out"]] = ((a + 2) >> 2).astype(np.int16)
             res.processor_maps.append(("avgpool2", (c, h, w), env[st["out"]].shape))
         elif op == "exit":
-            if exit_at is not None and st["index"] == exit_at:
+            if exit_at is not None and st["index"] == exit_at:  # the events before it, no other branch
                 res.logits, res.exit_taken = proc.exit_branch(st, env, backend, res), st["index"]
                 res.stopped_at = st["index"]
                 if bud:
-                    res.cost = bud.cum(bud.exit_cols[st["index"]], True)
+                    col = bud.plan.exit_col[st["index"]]
+                    res.cost = bud.cost(col, exits=False) + bud.plan.cost[col]
                 return res
-            if budget is not None:
-                run_branch, go_on = bud.at_exit(st["index"])
-                if run_branch:
-                    fallback = (proc.exit_branch(st, env, backend, res), st["index"],
-                                bud.cum(bud.exit_cols[st["index"]], True))
-                if not go_on:
-                    res.logits, res.exit_taken, res.cost = fallback
+            if walk:  # every exit reached runs (the fallback from now on); go on if the next one fits
+                fallback = (proc.exit_branch(st, env, backend, res), st["index"])
+                if not walk.at_exit(st["index"])[0]:
                     res.stopped_at = st["index"]
-                    return res
+                    return stop()
         elif op == "head":
             res.logits = proc.head(st, env, st["in"])
         i += 1
-    if bud:
-        res.cost = bud.cum(len(bud.ev) - 1, budget is not None)
-        if budget is not None and res.cost > budget:  # the final classifier does not fit: last exit
-            res.logits, res.exit_taken, res.cost = fallback
+    if bud:  # (under a budget the head is reached only when the whole path fits)
+        res.cost = bud.cost(exits=walk is not None)
     return res
 
 

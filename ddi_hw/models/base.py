@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ddi_hw.cost import CostTable, interp, model_specs
+from ddi_hw.deploy.budget import GATES_AND_CHANNEL_GATE, GATES_ONLY, BudgetPlan, BudgetWalk, walk
 from ddi_hw.errors import UserError
 from ddi_hw.models import gates
 from ddi_hw.models.gates import GATE_KINDS, LAYER_GATE, hard_decision
@@ -159,11 +160,33 @@ class CostPlan:
         blocks = self.f[metric] + self.V[metric].gather(1, self.K.long().unsqueeze(1)).squeeze(1)
         return float(self.fixed[metric].sum() + blocks.sum())
 
-    def lookahead(self, metric: str, col: int) -> float:
-        """Cheapest cost from after event `col` up to and including the next exit (or the end)."""
-        nxt = [c for c in self.exit_cols.tolist() if c > col]
-        stop = nxt[0] if nxt else self.S - 1
-        return float(self.min_event[metric][col + 1: stop + 1].sum())
+    def export(self, metric: str) -> dict:
+        """This plan in one metric as plain numbers (the bundle manifest's `cost_plan`, read by the
+        board runner): events in execution order and their cheapest costs."""
+        self.check(metric)
+        events, fixed_i, block_i, exit_i = [], 0, 0, 0
+        for kind, _ in self.events:
+            if kind == "fixed":
+                events.append({"kind": "fixed", "cost": float(self.fixed[metric][fixed_i])})
+                fixed_i += 1
+            elif kind == "block":
+                K = int(self.K[block_i])
+                events.append({"kind": "block", "index": block_i, "g": float(self.g[metric][block_i]),
+                               "f": float(self.f[metric][block_i]), "c": float(self.c[metric][block_i]),
+                               "V": [float(v) for v in self.V[metric][block_i, :K + 1]]})
+                block_i += 1
+            else:
+                events.append({"kind": "exit", "index": exit_i, "cost": float(self.exit[metric][exit_i])})
+                exit_i += 1
+        return {"metric": metric, "events": events, "min_event": [float(v) for v in self.min_event[metric]]}
+
+    def budget_plan(self, metric: str) -> BudgetPlan:
+        """The budget rule's view of this plan (`ddi_hw.deploy.budget`, shared with the board runner)."""
+        if not hasattr(self, "_budget_plans"):
+            self._budget_plans = {}
+        if metric not in self._budget_plans:
+            self._budget_plans[metric] = BudgetPlan(self.export(metric))
+        return self._budget_plans[metric]
 
 
 class DynamicNet(nn.Module):
@@ -418,11 +441,13 @@ class DynamicNet(nn.Module):
             out.cost = {m: plan.events_matrix(L, k, m, with_exits=False).sum(1) for m in plan.metrics}
             out.exit_taken = torch.full((n,), -1, dtype=torch.long)
             return out
-        cums = {m: plan.events_matrix(L, k, m, with_exits=True).cumsum(1) for m in plan.metrics}
-        taken = select_exit(cums[metric], plan.exit_cols, budget)
-        col = torch.where(taken < 0, plan.S - 1, plan.exit_cols[taken.clamp(min=0)])
-        out.cost = {m: c.gather(1, col.unsqueeze(1)).squeeze(1) for m, c in cums.items()}
-        out.exit_taken = taken
+        # the budget rule on the decisions the dense path made (not differentiable: inference only)
+        Ln, kn = L.detach().double().numpy(), k.detach().double().numpy()
+        w = walk(plan.budget_plan(metric), budget, Ln, kn)
+        out.cost = {m: torch.from_numpy(plan.budget_plan(m).charged(Ln, kn, w.stop_col, w.stage))
+                    for m in plan.metrics}
+        taken = torch.from_numpy(w.exit_taken()).long()
+        out.exit_taken, out.stopped_block = taken, torch.from_numpy(w.stopped_block()).long()
         stacked = torch.stack([out.logits] + out.exit_logits)  # (1+E, N, C)
         out.logits = stacked[taken + 1, torch.arange(n)]
         return out
@@ -452,12 +477,13 @@ class DynamicNet(nn.Module):
         return out
 
 
-def select_exit(cum: torch.Tensor, exit_cols: torch.Tensor, budget: float) -> torch.Tensor:
-    """Index of the last exit within budget (-1 = final classifier fits, 0 if none fits)."""
-    within = cum[:, exit_cols] <= budget  # (N, E), monotone: True...True False...False
-    last = within.sum(1) - 1
-    taken = last.clamp(min=0)
-    return torch.where(cum[:, -1] <= budget, torch.full_like(taken, -1), taken)
+def keep_rows(keep: torch.Tensor | None, h: torch.Tensor, pooled, lstate, cstate):
+    """Sparse path: keep only rows `keep` (None = all) of the running samples' map, pooled vector,
+    layer-gate LSTM state (numpy) and channel-gate RNN state."""
+    if keep is None or len(keep) == h.shape[0]:
+        return h, pooled, lstate, cstate
+    return (h[keep], None if pooled is None else pooled[keep], None if lstate is None else lstate[keep.numpy()],
+            None if cstate is None else tuple(s[keep] for s in cstate))
 
 
 class SparseRun:
@@ -483,9 +509,11 @@ class SparseRun:
         self.channels: dict[str, torch.Tensor] = {}  # gates never reached: zeros at the end
         self.channel_logits: dict[str, torch.Tensor] = {}
         self.active: torch.Tensor | None = None
-        self.taken = torch.full((n,), -1, dtype=torch.long)
         self.logits: torch.Tensor | None = None
         self._chan = []
+        # the budget rule (`ddi_hw.deploy.budget`), on the decision arrays above as they fill
+        self.walk = BudgetWalk(plan.budget_plan(metric), budget, self._L, self._k) \
+            if budget is not None and len(plan.exit_cols) else None
 
     # ---------------------------------------------------------------- recording
     def sub(self, local: torch.Tensor | None) -> torch.Tensor | None:
@@ -553,52 +581,59 @@ class SparseRun:
         else:
             self.logits[idx] = logits
 
+    def _running(self) -> np.ndarray:
+        return np.arange(self.n) if self.active is None else self.active.numpy()
+
     def at_exit(self, i: int, h: torch.Tensor, branch: nn.Module) -> torch.Tensor | None:
-        """Run exit i for the samples within budget; return the local indices that continue
-        (None: no budget, everyone continues and no exit branch runs)."""
-        if self.budget is None:
+        """Under a budget: every running sample runs exit i (its fallback from now on); returns the
+        local indices of those that go on (`ddi_hw.deploy.budget`). None: no budget, everyone
+        continues and no exit branch runs."""
+        if self.walk is None:
             return None
-        self.flush()
-        plan = self.net.plan
-        act = self.active if self.active is not None else torch.arange(self.n)
-        col = int(plan.exit_cols[i])
-        cum = plan.events_matrix(self.L[act], self.k[act], self.metric, with_exits=True)[:, : col + 1]
-        cum = cum.cumsum(1)[:, -1]
-        fits = cum <= self.budget
-        run_branch = torch.ones_like(fits) if i == 0 else fits  # exit 0 is the fallback for all
-        sel = run_branch.nonzero().squeeze(1)
-        if len(sel):
-            self._store(act[sel], branch(h[sel] if len(sel) < len(act) else h))
-            self.taken[act[sel]] = i
-        keep = (fits & (cum + plan.lookahead(self.metric, col) <= self.budget)).nonzero().squeeze(1)
-        self.active = act[keep]
-        return keep
+        self._store(self.active, branch(h))
+        act = self._running()
+        keep = np.flatnonzero(self.walk.at_exit(i)[act])
+        self.active = torch.from_numpy(act[keep])
+        return torch.from_numpy(keep)
+
+    def admit(self, j: int, ex: torch.Tensor | None, mask: torch.Tensor | None = None):
+        """Under a budget, before block j runs its channel gate (`mask` None) or its convs (`mask`:
+        the channel masks chosen, already recorded by `channel`) for the running samples `ex` (local
+        indices, None = all): the samples that do not fit stop here, charged the block's gates
+        (`ddi_hw.deploy.budget`). Returns (keep, ex, go): the local indices of the running samples
+        that stay (None = all: the caller keeps those rows of its state, `keep_rows`), `ex` in that
+        new numbering (None = all of them run the block), and the positions in the old `ex` that
+        go on (the rows of the masks already chosen)."""
+        w = self.walk
+        if w is None or not w.armed:
+            return None, ex, None
+        act = self._running()
+        rows = act if ex is None else act[ex.numpy()]
+        ok = w.admit(j, rows, GATES_ONLY if mask is None else GATES_AND_CHANNEL_GATE)
+        if ok.all():
+            return None, ex, None
+        keep = np.flatnonzero(w.alive[act])
+        self.active = torch.from_numpy(act[keep])
+        go = np.flatnonzero(ok)
+        if ex is not None:
+            ex = np.searchsorted(keep, ex.numpy()[go])  # the stopped samples were all in ex
+            ex = None if len(ex) == len(keep) else torch.from_numpy(ex)
+        return torch.from_numpy(keep), ex, torch.from_numpy(go)
 
     def at_end(self, logits: torch.Tensor) -> None:
-        if self.budget is None:
-            self._store(self.active, logits)
-            return
-        self.flush()
-        plan = self.net.plan
-        act = self.active if self.active is not None else torch.arange(self.n)
-        cum = plan.events_matrix(self.L[act], self.k[act], self.metric, with_exits=True).cumsum(1)[:, -1]
-        ok = (cum <= self.budget).nonzero().squeeze(1)
-        self._store(act[ok], logits[ok])
-        self.taken[act[ok]] = -1
+        """The samples still running reached the head (under a budget: their whole path fit)."""
+        self._store(self.active, logits)
 
     def finish(self) -> DynamicOutput:
         self.flush()
-        net, plan = self.net, self.net.plan
-        budget = self.budget is not None and len(plan.exit_cols)
-        cost = {}
-        for m in plan.metrics:
-            if not budget:
-                cost[m] = plan.hard_total(self._L, self._k, m)
-                continue
-            ev = plan.events_matrix(self.L, self.k, m, with_exits=bool(budget)).cumsum(1)
-            col = torch.where(self.taken < 0, plan.S - 1, plan.exit_cols[self.taken.clamp(min=0)]) \
-                if budget else torch.full((self.n,), plan.S - 1)
-            cost[m] = ev.gather(1, col.unsqueeze(1)).squeeze(1)
+        net, plan, w = self.net, self.net.plan, self.walk
+        if w is None:
+            cost = {m: plan.hard_total(self._L, self._k, m) for m in plan.metrics}
+            taken, stopped = torch.full((self.n,), -1, dtype=torch.long), None
+        else:
+            cost = {m: torch.from_numpy(plan.budget_plan(m).charged(self._L, self._k, w.stop_col, w.stage))
+                    for m in plan.metrics}
+            taken, stopped = (torch.from_numpy(a).long() for a in (w.exit_taken(), w.stopped_block()))
         skip = plan.skip_idx  # (numpy indexing: a torch op per small tensor costs ~5 us at batch 1)
         for g, K in net.gate_widths.items():  # gates never reached (their blocks skipped for all)
             if g not in self.channels:
@@ -606,5 +641,5 @@ class SparseRun:
         return DynamicOutput(
             logits=self.logits, exit_logits=[], layer_decisions=torch.from_numpy(self._L[:, skip]),
             layer_probs=torch.sigmoid(torch.from_numpy(self._gl[:, skip])), channel_decisions=self.channels,
-            cost=cost, exit_taken=self.taken, channel_probs=SigmoidViews(self.channel_logits), block_run=self.L,
-            block_active=self.k)
+            cost=cost, exit_taken=taken, channel_probs=SigmoidViews(self.channel_logits), block_run=self.L,
+            block_active=self.k, stopped_block=stopped)

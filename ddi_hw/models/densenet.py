@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddi_hw.errors import UserError
-from ddi_hw.models.base import DynamicNet
+from ddi_hw.models.base import DynamicNet, keep_rows
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
 from ddi_hw.models.gates import LAYER_GATE, GateKind
 from ddi_hw.models.registry import register_model
@@ -249,7 +249,6 @@ class DenseNet(DynamicNet):
             pooled = None  # running global average of the features, for the layer gates
             for layer in blk:
                 ex, c_in = None, layer.c_in
-                xin = buf[:, :c_in]
                 if layer.skippable:
                     d = logit = None
                     if layer.lgate is not None and gates:
@@ -266,27 +265,37 @@ class DenseNet(DynamicNet):
                             ex = torch.from_numpy(np.flatnonzero(d))
                             sk = torch.from_numpy(np.flatnonzero(~d))
                             buf[sk, c_in:c_in + k] = buf[sk, c_in - k:c_in]
+                if ex is None or len(ex):  # under a budget a sample may stop here, before its gates' work
+                    keep, ex, _ = run.admit(j, ex)
+                    buf, pooled, lstate, cstate = keep_rows(keep, buf, pooled, lstate, cstate)
+                    if not len(buf):
+                        return
                 if ex is None or len(ex):
+                    xin = buf[:, :c_in]
                     xe = xin if ex is None else xin.index_select(0, ex)
                     idx = run.sub(ex)
                     mask = None
                     if layer.cgate is not None:
                         mask, cstate = self._sparse_channel_mask(layer.cgate, f"{self._names[j]}.cgate", j, xe, ex,
                                                                  idx, cstate, chf, gates, run)
-                    y = layer.sparse(xe, mask, self.max_channel_groups)
-                    if ex is None:
-                        buf[:, c_in:c_in + k] = y
-                    else:
-                        buf[ex, c_in:c_in + k] = y
+                        keep, ex, go = run.admit(j, ex, mask)
+                        if keep is not None:
+                            buf, pooled, lstate, cstate = keep_rows(keep, buf, pooled, lstate, cstate)
+                            if not len(buf):
+                                return
+                            xe, mask = xe[go], mask[go]
+                    if ex is None or len(ex):
+                        y = layer.sparse(xe, mask, self.max_channel_groups)
+                        if ex is None:
+                            buf[:, c_in:c_in + k] = y
+                        else:
+                            buf[ex, c_in:c_in + k] = y
                 if j in exit_at:
-                    keep = run.at_exit(exit_at[j], buf[:, : c_in + k], self.exits[exit_at[j]])
-                    if keep is not None and len(keep) < buf.shape[0]:
-                        if not len(keep):
-                            return
-                        buf = buf[keep]
-                        pooled = None if pooled is None else pooled[keep]
-                        lstate = None if lstate is None else lstate[keep.numpy()]
-                        cstate = None if cstate is None else tuple(s[keep] for s in cstate)
+                    buf, pooled, lstate, cstate = keep_rows(run.at_exit(exit_at[j], buf[:, : c_in + k],
+                                                                        self.exits[exit_at[j]]),
+                                                            buf, pooled, lstate, cstate)
+                    if not len(buf):
+                        return
                 j += 1
             h = buf
             if b < len(self.transitions):

@@ -65,3 +65,5 @@ class DynamicOutput:
     channel_probs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # gate -> (N, K) sigmoid
     block_run: torch.Tensor | None = None  # (N, J) 0/1 over ALL blocks (1 for unskippable ones)
     block_active: torch.Tensor | None = None  # (N, J) active channels of each block's gated conv
+    stopped_block: torch.Tensor | None = None  # (N,) long under a budget: the block a sample stopped in
+    #   (its gates ran, its convs did not; ddi_hw.deploy.budget), -1 = stopped at an exit or reached the head

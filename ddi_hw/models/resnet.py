@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddi_hw.errors import UserError
-from ddi_hw.models.base import DynamicNet
+from ddi_hw.models.base import DynamicNet, keep_rows
 from ddi_hw.models.exits import ExitBranch, default_exit_positions
 from ddi_hw.models.gates import LAYER_GATE, ChannelGateCNN, GateKind
 from ddi_hw.models.output import SliceViews
@@ -415,26 +415,36 @@ class CifarResNet(DynamicNet):
                         skip = len(on) == 0
                         if 0 < len(on) < len(d):
                             ex = torch.from_numpy(on)
+            if not skip:  # under a budget a sample may stop here, before its channel gate or its convs
+                keep, ex, _ = run.admit(j, ex)
+                h, pooled, lstate, cstate = keep_rows(keep, h, pooled, lstate, cstate)
+                if not len(h):
+                    return
+                skip = ex is not None and not len(ex)
             if not skip:
                 hx = h if ex is None else take_samples(h, ex)
                 idx = run.sub(ex)
                 mask = None
                 if cgate is not None:
                     mask, cstate = self._sparse_channel_mask(cgate, name, j, hx, ex, idx, cstate, chf, gates, run)
+                    keep, ex, go = run.admit(j, ex, mask)
+                    if keep is not None:
+                        h, pooled, lstate, cstate = keep_rows(keep, h, pooled, lstate, cstate)
+                        if not len(h):
+                            return
+                        hx, mask = hx[go], mask[go]
+                        skip = ex is not None and not len(ex)
                 if keep_pool and ex is None:
                     pooled = torch.empty(h.shape[0], b.conv2.out_channels)
-                # h is this forward's own map: the running samples' rows are updated in place
-                h = b.sparse(hx, mask, self.max_channel_groups, None if ex is None else (h, ex), pooled)
+                if not skip:  # h is this forward's own map: the running samples' rows are updated in place
+                    h = b.sparse(hx, mask, self.max_channel_groups, None if ex is None else (h, ex), pooled)
             if j in exit_at:
-                keep = run.at_exit(exit_at[j], h, self.exits[exit_at[j]])
-                if keep is not None and len(keep) < h.shape[0]:
-                    if not len(keep):
-                        return
-                    h = h[keep]
-                    pooled = None if pooled is None else pooled[keep]
-                    lstate = None if lstate is None else lstate[keep.numpy()]
-                    cstate = None if cstate is None else tuple(s[keep] for s in cstate)
+                h, pooled, lstate, cstate = keep_rows(run.at_exit(exit_at[j], h, self.exits[exit_at[j]]),
+                                                      h, pooled, lstate, cstate)
+                if not len(h):
+                    return
         run.at_end(self.fc(h.mean((2, 3))))
+
 
 
 def _resnet(depth):

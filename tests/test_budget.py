@@ -1,0 +1,180 @@
+"""The budget rule (ddi_hw.deploy.budget) against a plain per-image simulation of it, on random cost
+plans, decisions and budgets. Costs are whole numbers (exact in float64), so the rule's decisions and
+charged costs must equal the simulation's exactly, ties (spent + cheapest rest == budget) included."""
+import numpy as np
+import pytest
+
+from ddi_hw.deploy.budget import BudgetPlan, BudgetWalk, walk
+
+
+def random_plan(rng):
+    """Events: a stem, blocks (some skippable, some with a channel gate of width K), exits between
+    blocks (the first after >= 1 block), a transition or two, the head. Returns the plan dict and
+    each block's skippable flag."""
+    J = int(rng.integers(2, 12))
+    n_exits = int(rng.integers(1, min(J, 4) + 1))
+    exit_after = sorted(rng.choice(J, n_exits, replace=False))
+    transitions = set(rng.choice(J, int(rng.integers(0, 3)), replace=False).tolist())
+    events, low, skippable = [], [], []
+    num = lambda lo, hi: float(rng.integers(lo, hi))  # noqa: E731
+
+    def fixed():
+        events.append({"kind": "fixed", "cost": num(1, 500)})
+        low.append(events[-1]["cost"])
+
+    fixed()
+    for j in range(J):
+        K = int(rng.choice([0, 0, 1, 4, 8]))
+        V = np.cumsum(rng.integers(0, 300, K + 1)).astype(float).tolist()
+        e = {"kind": "block", "index": j, "g": num(0, 30) if rng.random() < 0.7 else 0.0,
+             "f": num(0, 200), "c": num(0, 80) if K else 0.0, "V": V}
+        skip = bool(rng.random() < 0.7)
+        skippable.append(skip)
+        events.append(e)
+        low.append(e["g"] + (0.0 if skip else e["f"] + e["c"] + V[0]))
+        if j in transitions:
+            fixed()
+        if j in exit_after:
+            events.append({"kind": "exit", "index": sum(x["kind"] == "exit" for x in events), "cost": num(1, 400)})
+            low.append(events[-1]["cost"])
+    fixed()  # head
+    return {"events": events, "min_event": low}, skippable
+
+
+def simulate(plan, skippable, L, k, budget):
+    """One image, event by event: (exit taken, stopped block, channel gate ran there, cost charged).
+    Cheapest way on: skippable blocks skipped (layer gate only), the others at zero channels."""
+    ev = plan["events"]
+
+    def cheapest(e):
+        if e["kind"] != "block":
+            return e["cost"]
+        return e["g"] + (0.0 if skippable[e["index"]] else e["f"] + e["c"] + e["V"][0])
+
+    def rest(col):  # after event col, up to and including the next exit (or the end)
+        total = 0.0
+        for e in ev[col + 1:]:
+            total += cheapest(e)
+            if e["kind"] == "exit":
+                break
+        return total
+
+    spent, taken, armed = 0.0, -1, False
+    for col, e in enumerate(ev):
+        if e["kind"] == "fixed":
+            spent += e["cost"]
+        elif e["kind"] == "exit":
+            spent += e["cost"]
+            taken, armed = e["index"], True
+            if spent + rest(col) > budget:
+                return taken, -1, False, spent
+        else:
+            j = e["index"]
+            spent += e["g"]
+            if not L[j]:
+                continue
+            if armed and spent + e["c"] + e["f"] + e["V"][0] + rest(col) > budget:
+                return taken, j, False, spent
+            spent += e["c"]
+            width = min(k[j], len(e["V"]) - 1)
+            if len(e["V"]) > 1 and armed and spent + e["f"] + e["V"][width] + rest(col) > budget:
+                return taken, j, True, spent
+            spent += e["f"] + e["V"][width]
+    return -1, -1, False, spent
+
+
+def first_exit_cost(plan, L, k):
+    """What an image's own decisions cost up to and including exit 0's branch."""
+    total = 0.0
+    for e in plan["events"]:
+        if e["kind"] == "block":
+            j = e["index"]
+            total += e["g"] + (e["f"] + e["c"] + e["V"][min(k[j], len(e["V"]) - 1)] if L[j] else 0.0)
+        else:
+            total += e["cost"]
+        if e["kind"] == "exit":
+            return total
+
+
+def test_rule_is_the_per_image_simulation():
+    """30 random plans x 24 images x 13 budgets: the batched rule (the model's dense path) and the
+    online one driven image by image (the board runner) against the simulation."""
+    stopped_inside = 0
+    for seed in range(30):
+        stopped_inside += _compare(np.random.default_rng(seed))
+    assert stopped_inside > 50  # many images stop between exits (the case this rule is about)
+
+
+def _compare(rng) -> int:
+    plan, skippable = random_plan(rng)
+    bp = BudgetPlan(plan)
+    n = 24
+    L = (rng.random((n, bp.J)) < 0.6).astype(float)
+    L[:, ~np.array(skippable)] = 1.0  # unskippable blocks always run
+    k = np.stack([rng.integers(0, K + 1, n) for K in bp.K], 1).astype(float)
+    full = bp.charged(np.ones_like(L), bp.K[None].repeat(n, 0).astype(float), np.full(n, bp.S), np.zeros(n))
+    sims = {}
+    budgets = [0.5, float(full.max()) * 2 + 0.5, float("inf")]  # below anything, above everything
+    budgets += list(rng.uniform(0, full.max(), 5).round() + 0.5)  # between (no ties)
+    budgets += list(rng.uniform(0, full.max(), 5).round())  # whole numbers: ties happen
+    stopped_inside = 0
+    for budget in budgets:
+        w = walk(bp, budget, L, k)
+        cost = bp.charged(L, k, w.stop_col, w.stage)
+        taken, stopped = w.exit_taken(), w.stopped_block()
+        for i in range(n):
+            want = simulate(plan, skippable, L[i].astype(int), k[i].astype(int), budget)
+            sims[budget, i] = want
+            got = (int(taken[i]), int(stopped[i]), bool(w.stage[i] == 2), float(cost[i]))
+            assert got == want, (budget, i)
+            if want[3] > budget:  # only an image whose own path to exit 0 is over the budget
+                assert want[0] == 0 and want[1] == -1 and want[3] == first_exit_cost(plan, L[i], k[i].astype(int))
+        stopped_inside += int((stopped >= 0).sum())
+        # the online form, one image at a time in reverse order, as the board runner drives it
+        for i in reversed(range(0, n, 3)):
+            Li, ki = np.ones((1, bp.J)), bp.K[None].astype(float).copy()
+            one = BudgetWalk(bp, budget, Li, ki)
+            for col, kind in enumerate(bp.kind):
+                if kind == "exit" and not one.at_exit(bp.col_exit[col])[0]:
+                    break
+                if kind == "block":
+                    j = bp.col_block[col]
+                    Li[0, j] = L[i, j]
+                    if not L[i, j]:
+                        continue
+                    if not one.admit(j, np.array([0]), 1)[0]:
+                        break
+                    ki[0, j] = k[i, j]
+                    if bp.K[j] and not one.admit(j, np.array([0]), 2)[0]:
+                        break
+            assert (int(one.exit_taken()[0]), int(one.stopped_block()[0])) == sims[budget, i][:2]
+            assert float(bp.charged(Li, ki, one.stop_col, one.stage)[0]) == sims[budget, i][3]
+    return stopped_inside
+
+
+def test_stops_where_the_next_block_no_longer_fits():
+    """By hand: stem 10, block 0 (unskippable, 100), exit 0 (5), block 1 (skippable, layer gate 1,
+    channel gate 4, conv 20 + 10 per channel of 4), exit 1 (5), head 3."""
+    plan = {"events": [{"kind": "fixed", "cost": 10.0},
+                       {"kind": "block", "index": 0, "g": 0.0, "f": 100.0, "c": 0.0, "V": [0.0]},
+                       {"kind": "exit", "index": 0, "cost": 5.0},
+                       {"kind": "block", "index": 1, "g": 1.0, "f": 20.0, "c": 4.0,
+                        "V": [0.0, 10.0, 20.0, 30.0, 40.0]},
+                       {"kind": "exit", "index": 1, "cost": 5.0},
+                       {"kind": "fixed", "cost": 3.0}],
+            "min_event": [10.0, 100.0, 5.0, 1.0, 5.0, 3.0]}
+    bp = BudgetPlan(plan)
+    L, k = np.ones((1, 2)), np.array([[0.0, 3.0]])
+    cases = {  # budget -> (exit taken, stopped block, stage, cost)
+        100.0: (0, -1, 0, 115.0),   # over at exit 0 already: exit 0, charged its path
+        120.0: (0, -1, 0, 115.0),   # 115 + 1 + 5 = 121 > 120: stops at exit 0
+        125.0: (0, 1, 1, 116.0),    # 116 + 4 + 20 + 0 + 5 = 145 > 125: the layer gate ran, nothing else
+        150.0: (0, 1, 2, 120.0),    # 116 + (4 + 20 + 0) + 5 = 145 fits; at k = 3: 175 > 150
+        175.0: (1, -1, 0, 175.0),   # at k = 3: 116 + 54 + 5 = 175 fits; exit 1, and the head (3) does not
+        178.0: (-1, -1, 0, 178.0),  # everything fits: the head
+    }
+    for budget, want in cases.items():
+        w = walk(bp, budget, L, k)
+        got = (int(w.exit_taken()[0]), int(w.stopped_block()[0]), int(w.stage[0]),
+               float(bp.charged(L, k, w.stop_col, w.stage)[0]))
+        assert got == want, budget
