@@ -359,10 +359,8 @@ def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, st
                                     "profile this model again")
                 if kind.role == "channel" and not (ran if channel_gate is None else channel_gate):
                     continue
-            elif channel_gate is not None:
-                continue
                 out.append((layer, "out", int(row.active)))
-            elif not ran:
+            elif channel_gate is not None or not ran:
                 continue
             elif given(row.out_gate) and row.out_gate in result.channel_masks:
                 out.append((layer, "out", int(result.channel_masks[row.out_gate].sum())))
@@ -377,7 +375,7 @@ def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, st
         st = prog[i]
         if st["op"] == "block":
             first = next(s for s in prog[i + 1:st["end"]] if s["op"] == "conv")
-            if block == result.stopped_block:
+            if block == getattr(result, "stopped_block", -1):
                 run(block_of(layers[first["layer"]].name), channel_gate=result.stopped_after_channel_gate)
                 break
             if block >= len(result.block_run):

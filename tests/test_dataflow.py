@@ -631,21 +631,67 @@ def _logged_rows(table, launches, reads, maps):
 
 
 def _runs(b, x, n_exits):
-    """Every way an image runs: to the head, stopped at each exit, under a tight and a loose budget;
-    (mode, result, launches, processor reads)."""
+    """Every way an image runs: to the head, stopped at each exit, under a tight and a loose budget,
+    and under budgets that stop it inside blocks (`_inside_budgets`); (mode with the image's index,
+    result, launches, processor reads)."""
     from ddi_hw.deploy.backends import run_image
 
     plan = b.manifest["cost_plan"]
     static = sum(e["cost"] if e["kind"] == "fixed" else e["f"] + e["V"][-1] if e["kind"] == "block" else 0.0
                  for e in plan["events"])
-    modes = [{}] + [{"exit_at": i} for i in range(n_exits)] + [{"budget": static * f} for f in (0.3, 0.6, 5)]
     out = []
     for n in range(len(x)):
+        modes = [{}] + [{"exit_at": i} for i in range(n_exits)] + [{"budget": static * f} for f in (0.3, 0.6, 5)]
         for mode in modes:
             be = _LaunchLog()
             b.processor.log = []
             r = run_image(b, x[n].numpy(), be, **mode)
-            out.append((mode, r, be.log, list(b.processor.log)))
+            out.append(({**mode, "image": n}, r, be.log, list(b.processor.log)))
+            if not mode:
+                modes += [{"budget": v} for v in _inside_budgets(b, r)]
+    return out
+
+
+def _inside_budgets(b, r):
+    """Budgets that stop the image of the unbudgeted run `r` inside its blocks after exit 0: for
+    each block it ran there, one between what running it at zero and at its k channels needs (it
+    stops after the channel gate), and for a skippable block one that covers its layer gate but not
+    the block at zero channels (it stops before the channel gate). Spent and the cheapest way on
+    (skippable blocks skipped, the others at zero channels, up to the next exit) summed here from
+    the plan's events."""
+    ev = b.manifest["cost_plan"]["events"]
+    steps = {st["index"]: st for st in b.program if st["op"] == "block"}
+
+    def cheapest(e):
+        if e["kind"] != "block":
+            return e["cost"]
+        return e["g"] + (0.0 if steps[e["index"]].get("layer_gate") else e["f"] + e["c"] + e["V"][0])
+
+    def rest(col):
+        total = 0.0
+        for e in ev[col + 1:]:
+            total += cheapest(e)
+            if e["kind"] == "exit":
+                break
+        return total
+
+    spent, armed, out = 0.0, False, []
+    for col, e in enumerate(ev):
+        if e["kind"] != "block":
+            spent += e["cost"]
+            armed |= e["kind"] == "exit"
+            continue
+        j, st = e["index"], steps[e["index"]]
+        cg = (st.get("channel_gate") or {}).get("name")
+        k = int(r.channel_masks[cg].sum()) if cg in r.channel_masks else len(e["V"]) - 1
+        at0 = spent + e["g"] + e["c"] + e["f"] + e["V"][0] + rest(col)
+        atk = spent + e["g"] + e["c"] + e["f"] + e["V"][k] + rest(col)
+        if armed and r.block_run[j]:
+            if atk > at0:
+                out.append((at0 + atk) / 2)
+            if st.get("layer_gate") and at0 > spent + e["g"] + rest(col):
+                out.append((spent + e["g"] + rest(col) + at0) / 2)
+        spent += e["g"] + (e["f"] + e["c"] + e["V"][k] if r.block_run[j] else 0.0)
     return out
 
 
@@ -662,13 +708,19 @@ def test_calibration_replay_is_what_the_runner_ran(exit_case):
     b = _random_gates(b, 4)
     runs = _runs(b, x[:4], len(m.exits))
     skipped = closed = fallbacks = 0
+    stops = set()
     for mode, r, launches, reads in runs:
         want = _logged_rows(table, launches, reads, r.processor_maps)
         assert sorted(executed_rows(table, b, r)) == sorted(want), mode
         skipped += r.block_run.count(0)
         closed += sum(int((1 - v).sum()) for v in r.channel_masks.values())
         fallbacks += len(r.exits_run) > 1
+        if "budget" in mode:
+            stops.add("exit" if r.stopped_at >= 0 else "head" if r.stopped_block < 0 else
+                      "channel gate" if r.stopped_after_channel_gate else "layer gate")
     assert skipped and closed and fallbacks  # the decisions really vary
+    # a budget stops images at exits, before a block's channel gate, before its convs, or not at all
+    assert stops == {"exit", "layer gate", "channel gate", "head"}
     idx = table.set_index(["layer", "axis", "active"])
     results = [r for _, r, _, _ in runs]
     logged = [k for _, r, la, re in runs for k in _logged_rows(table, la, re, r.processor_maps)]
@@ -676,6 +728,43 @@ def test_calibration_replay_is_what_the_runner_ran(exit_case):
     got = counts_from_runs(table, b, results)
     assert got == pytest.approx({k: v / len(results) for k, v in want.items()}, rel=1e-12)
     assert got["proc_s"] > 0
+
+
+def test_budgeted_runs_cost_what_the_model_and_the_replay_cost(exit_case):
+    """Under budgets that stop images at exits and inside blocks: the runner's `cost` (the exported
+    plan), the model's cost on the runner's decisions (dense and sparse path) and the calibration
+    replay's rows agree per image, in every metric; the model stops where the runner stopped, and
+    the runner never spends more than the budget unless its path to exit 0 already does."""
+    from ddi_hw.calibrate import executed_rows
+    from ddi_hw.cost import CostTable
+
+    m, specs, table, b, x = exit_case
+    b = _random_gates(b, 4)
+    m = copy.deepcopy(m).attach_cost_table(CostTable.from_frame(table))
+    plan = m.plan
+    idx = table.set_index(["layer", "axis", "active"])
+    inside = 0
+    for mode, r, _, _ in _runs(b, x[:4], len(m.exits)):
+        if "budget" not in mode:
+            continue
+        n_img, budget = mode["image"], mode["budget"]
+        run = r.block_run + [1] * (plan.J - len(r.block_run))  # the stopped block: it decided to run
+        force = {"layer": torch.tensor([[run[j] for j in m.skippable_idx]], dtype=torch.float32),
+                 "channel": {g: torch.tensor(r.channel_masks[g][None] if g in r.channel_masks else np.ones((1, K)),
+                                             dtype=torch.float32) for g, K in m.gate_widths.items()}}
+        rows = idx.loc[executed_rows(table, b, r)]
+        assert 2 * rows["macs"].sum() == pytest.approx(r.cost, rel=1e-9), mode
+        if r.exit_taken != 0 or r.stopped_at != 0:
+            assert r.cost <= budget
+        for path in ("dense", "sparse"):
+            with torch.no_grad():
+                out = m(x[n_img:n_img + 1], mode=path, force=force, budget=budget)
+            assert int(out.exit_taken[0]) == r.exit_taken and int(out.stopped_block[0]) == r.stopped_block, mode
+            assert float(out.cost["flops"][0]) == pytest.approx(r.cost, rel=1e-12)
+            for metric, col in (("energy", "energy_pj"), ("latency", "cycles")):
+                assert float(out.cost[metric][0]) == pytest.approx(rows[col].sum(), rel=1e-9), (mode, metric)
+        inside += r.stopped_block >= 0
+    assert inside
 
 
 def test_calibration_replay_costs_what_the_model_costs(exit_case):
@@ -692,7 +781,7 @@ def test_calibration_replay_costs_what_the_model_costs(exit_case):
     idx = table.set_index(["layer", "axis", "active"])
     for mode, r, _, _ in _runs(b, x[:4], len(m.exits)):
         if "budget" in mode:
-            continue
+            continue  # test_budgeted_runs_cost_what_the_model_and_the_replay_cost
         L = torch.tensor([r.block_run + [1] * (plan.J - len(r.block_run))])  # blocks past an exit: not summed
         k = torch.tensor([[int(r.channel_masks[g].sum()) if (g := f"{m.block_names[j]}.cgate") in r.channel_masks
                            else int(plan.K[j]) for j in range(plan.J)]], dtype=torch.float64)
