@@ -11,8 +11,9 @@ Files written to `--out` (all CSV written atomically):
   `energy_saving` = modelled energy, `latency_saving` = modelled cycles).
 - `predictions_<run>.csv`: per test image label, prediction, per-exit predictions, costs, saving.
 - `budgets.csv` + `budget_predictions_<run>.csv` (models with exits): for each budget B every
-  image halts at the last exit whose cost fits in B (the model's `budget=` forward); accuracy next
-  to the best static run that fits in the same budget (paper Tables II/III).
+  image runs under the hard-budget rule (`ddi_hw.deploy.budget`, the model's `budget=` forward): it
+  answers with the last exit it passed (or the head) and is charged all it ran, at most B; accuracy
+  next to the best static run that fits in the same budget (paper Tables II/III).
 - `skip_blocks.csv`, `skip_channels.csv`: skip ratio per block and per channel of every gate.
 - `acc_vs_cost.png` (FLOPs, energy, latency panels; static runs as baselines), `budgets.png`,
   `skip_<run>.png` (Fig. 15 style) and `easy_hard_<run>.png` (Fig. 13: highest / lowest saving).
@@ -233,8 +234,8 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
 
 def _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_size, limit, out_dir, notes=None):
     """Anytime accuracy per budget for every run with exits, beside the best static run that fits.
-    A budget below what the first exit costs cannot be met (that exit always runs): it gets no
-    row, and a note says so."""
+    A budget below what some image's path to the first exit costs cannot be met (that exit always
+    runs): it gets no row, and a note says so. Every other row's images spent at most the budget."""
     import numpy as np
     import pandas as pd
 

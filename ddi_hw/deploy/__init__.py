@@ -6,6 +6,7 @@ API; pynq imported lazily by the board backend only):
     processor   the float ops of the ARM side (gates' numpy forwards, GATE_OPS)
     regmap      the engine's register map (regmap.yaml), read by the driver, C-sim and HLS header
     backends    reference | csim | board, and the interpreter of a bundle's program (run_image)
+    budget      the hard-budget rule (anytime exits) and the executed cost, shared with the model
     csim        the HLS C++ engine compiled with g++, called through ctypes
     board       the PYNQ driver (binds to the engine IP by VLNV)
     runner      `ddi-hw run` and a deploy folder's `validate.py`

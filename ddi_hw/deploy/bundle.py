@@ -234,7 +234,7 @@ MANIFEST_SCHEMA = {
 
 
 def _check_cost_plan(path: Path, plan) -> None:
-    """The budgeted-exit plan read by deploy.backends._Budget: events and their cheapest continuations."""
+    """The cost plan read by deploy.budget (the budget rule, the executed cost): events and their cheapest costs."""
     if plan is None:
         return
     ev, low = plan.get("events"), plan.get("min_event")

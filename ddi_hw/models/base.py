@@ -14,15 +14,19 @@ run with the block but are not channel-gated (a projection shortcut), V_j(k) = t
 (first conv on axis "out", second on axis "in") interpolated at k. With straight-through decisions
 this is differentiable and equals the table value for hard decisions.
 
-Budgets (RADI anytime inference). With `budget=B`, a sample computes every exit branch it passes
-while its cumulative cost (branches included) stays within B, and is classified at the last one;
-its reported cost is the cumulative cost at that exit. If its final classifier is within B it uses
-that (exit_taken = -1). If not even exit 0 fits, it is classified at exit 0 (cost above B). The
-sparse path stops a sample as soon as even the cheapest continuation (skip every skippable block,
-zero active channels) cannot reach its next exit within B, so it gives the same exits as the dense
-path; work a sample started past its last exit is not counted. Without a budget, exit branches are
-not part of the cost (the sparse path does not run them; the dense path computes them for
-training only).
+Budgets (RADI anytime inference). With `budget=B` a sample follows the hard-budget rule of
+`ddi_hw.deploy.budget` (the board runner's too, on the same plan numbers): from exit 0 on it goes on
+past an exit, and into a block's channel gate and convs, only while what it spent plus that work
+plus the cheapest way to its next exit fits in B; otherwise it stops there and answers with the last
+exit branch it ran (exit_taken; -1 = it reached the head, i.e. its whole path fit). Its cost is
+everything it ran -- every exit branch passed, blocks past its last exit, the gates of the block it
+stopped in -- and never exceeds B, except when its own path up to exit 0 already does (before exit
+0 there is no fallback: it runs to exit 0 and stops there). The sparse path runs nothing past the
+stop; the dense path computes everything and applies the rule to its decisions, so both give the
+same exits and costs (`stopped_block`: the block a sample stopped in, -1 = at an exit or the head).
+Budgeted costs are not differentiable (inference only). Without a budget, exit branches are not
+part of the cost (the sparse path does not run them; the dense path computes them for training
+only).
 """
 from __future__ import annotations
 
