@@ -97,7 +97,7 @@ class CostPlan:
                                          dtype=torch.float64)
             self.exit[m] = torch.tensor([total(by_block.get(b, []), m) for k, b in events if k == "exit"],
                                         dtype=torch.float64)
-        # cheapest possible cost of each event (used to stop hopeless samples in the sparse path)
+        # cheapest possible cost of each event: the budget rule's cheapest way on (ddi_hw.deploy.budget)
         self.min_event = {}
         for m in self.metrics:
             ev = torch.zeros(self.S, dtype=torch.float64)
