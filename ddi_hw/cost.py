@@ -58,18 +58,21 @@ class CostTable:
 
     @classmethod
     def from_specs(cls, specs: Iterable) -> "CostTable":
-        """FLOPs-only table from `LayerSpec`s: the same rows the profiler makes, MACs only."""
+        """FLOPs-only table from `LayerSpec`s: the same rows the profiler makes (the engine's
+        dataflow: `energy_models.dataflow.table_specs`), with the same MACs (`row_macs`)."""
         import pandas as pd
 
+        from energy_models.dataflow import row_macs, table_specs
+
         records = []
-        for s in specs:
+        for s, p in table_specs(list(specs)):
             base = s.as_dict()
             base["layer"] = base.pop("name")
             for k in range(s.out_ch + 1):
-                records.append({**base, "axis": "out", "active": k, "macs": s.macs_at(k, s.in_ch)})
+                records.append({**base, "axis": "out", "active": k, "macs": row_macs(s, p, "out", k)})
             if s.in_gate:
                 for c in range(s.in_ch + 1):
-                    records.append({**base, "axis": "in", "active": c, "macs": s.macs_at(s.out_ch, c)})
+                    records.append({**base, "axis": "in", "active": c, "macs": row_macs(s, p, "in", c)})
         return cls.from_frame(pd.DataFrame.from_records(records))
 
     # ------------------------------------------------------------------ queries

@@ -379,6 +379,7 @@ def _budget_plan(model, metric: str = "flops") -> dict:
             K = int(plan.K[block_i])
             events.append({"kind": "block", "index": block_i, "g": float(plan.g[metric][block_i]),
                            "f": float(plan.f[metric][block_i]), "c": float(plan.c[metric][block_i]),
+                           "s": float(plan.s[metric][block_i]),  # paid only when skipped (a DenseNet copy)
                            "V": [float(v) for v in plan.V[metric][block_i, :K + 1]]})
             block_i += 1
         else:

@@ -113,12 +113,18 @@ def test_fused_rows_are_launches_the_bundle_makes(gated, table, tmp_path):
 
 def test_gates_and_adds_are_costed_where_they_run(table):
     """Hand counts: the layer gate's pool reads only the pooled vector (2 words per channel), not
-    the 32x32 map; the residual add is one read per output word and no pass of its own; the gate's
-    vector layers take processor time only, charged at the board power."""
+    the 32x32 map; the conv that produced the map accumulates and writes those sums (its `.sums` row,
+    paid with its launch: the 16 x 32x32 adds, 2 words per channel, the WRITE_POOL loop); the residual
+    add is one read per output word and no pass of its own; the gate's vector layers take processor
+    time only, charged at the board power."""
     pre = load_preset("zedboard")
     pool = table[(table.layer == "blocks.1.lgate.pool") & (table.active == 16)].iloc[0]
     assert pool.source == "fused into blocks.0.conv2"
-    assert (pool.dram_reads_ifmap, pool.dram_writes_ofmap, pool.cycles) == (32, 32, 32)
+    assert (pool.dram_reads_ifmap, pool.dram_writes_ofmap, pool.cycles, pool.macs) == (32, 0, 0, 0)  # was
+    # (32, 32, 32) with the sums' adds: the write charged to the gate, also when blocks.0 was skipped
+    sums = table[(table.layer == "blocks.0.conv2.sums") & (table.active == 16)].iloc[0]
+    assert (sums.block, sums.role, sums.kind, sums.source) == ("blocks.0", "backbone", "sums", "fused into blocks.0.conv2")
+    assert (sums.dram_reads_ifmap, sums.dram_writes_ofmap, sums.cycles, sums.macs) == (0, 32, 32, 16 * 32 * 32)
     add = table[(table.layer == "blocks.1.add") & (table.active == 16)].iloc[0]
     assert (add.dram_reads_ifmap, add.dram_writes_ofmap, add.sram_reads_ifmap, add.cycles) == (16 * 32 * 32, 0, 0, 0)
     emb = table[(table.layer == "blocks.1.lgate.conv") & (table.active == 10)].iloc[0]
@@ -438,7 +444,9 @@ def test_exit_rows_by_hand(resnet_exit_case):
     assert c2.source == "scalesim, ofmap not stored" and c2.dram_writes_ofmap == 0 and c2.dram_reads_ifmap > 0
     gp = row("exits.0.pool#1")
     assert gp.source == "fused into exits.0.conv2"
-    assert (gp.dram_reads_ifmap, gp.dram_writes_ofmap, gp.cycles) == (128, 128, 128)
+    sums = row("exits.0.conv2.sums")  # was one row (128, 128, 128): the write is conv2's, the read the FC's
+    assert (gp.dram_reads_ifmap, sums.dram_writes_ofmap, sums.cycles) == (128, 128, 128)
+    assert (gp.dram_writes_ofmap, gp.cycles, sums.dram_reads_ifmap, sums.block) == (0, 0, 0, "exits.0")
     fc = row("exits.0.fc")
     assert (fc.source, fc.macs, fc.cycles) == ("processor", 640, 0)
     assert fc.energy_pj == pytest.approx(pre.board_power_w * 640 / pre.proc_macs_per_s * 1e12)
@@ -567,7 +575,7 @@ class _LaunchLog(ReferenceBackend):
             key = (layer.name, "in", int(in_mask.sum()))
         else:
             key = (layer.name, "out", layer.out_ch)
-        self.log.append((key, residual is not None))
+        self.log.append((key, residual is not None, layer.params.pool))
         return super().run_layer(layer, x, residual, out_mask, in_mask)
 
 
@@ -578,7 +586,7 @@ def _random_gates(b, seed):
     p = dict(b.processor)
     p["layer_gate.proj.weight"] = rng.normal(0, 3, p["layer_gate.proj.weight"].shape).astype(np.float32)
     p["layer_gate.proj.bias"] = np.zeros(1, np.float32)
-    for k in p:
+    for k in sorted(p):  # (a safetensors load's key order varies from run to run)
         if k.endswith("lgate.conv.bias"):  # each block's LSTM input apart: mixed decisions
             p[k] = rng.normal(0, 3.0, p[k].shape).astype(np.float32)
         if k.endswith("cgate.fc.bias"):
@@ -586,11 +594,13 @@ def _random_gates(b, seed):
     return dataclasses.replace(b, processor=_Reads(p))
 
 
-def _logged_rows(table, launches, reads, maps):
+def _logged_rows(table, launches, reads, maps, skipped=()):
     """Table rows of the ops one image's run logged, mapped by hand: each engine launch; the residual
-    add fused into a launch that added one; each ARM layer whose weights the processor read (the
-    shared LSTM's n-th step is row #n); the global pool whose vector that layer or gate conv consumed;
-    each map the runner pooled in one pass (2x2 average, exit max pool), by its shapes."""
+    add fused into a launch that added one; the pooled sums a launch wrote (FLAG_POOL: its `.sums`
+    row); each ARM layer whose weights the processor read (the shared LSTM's n-th step is row #n);
+    the global pool (the read of the sums) whose vector that layer or gate conv consumed; each map the
+    runner pooled in one pass (2x2 average, exit max pool), by its shapes; each copy the runner made
+    of a skipped layer's features, in program order of the `skipped` layers (DenseNet), of their shape."""
     dense = table[(table.axis == "out") & (table.active == table.out_ch)].set_index("layer")
     rows = []
 
@@ -599,8 +609,10 @@ def _logged_rows(table, launches, reads, maps):
             n for n in dense.index if n.startswith(owner + ".pool") and dense.out_h[n] * dense.out_w[n] == 1)
         rows.append((name, "out", int(dense.out_ch[name])))
 
-    for key, residual in launches:
+    for key, residual, pool in launches:
         rows.append(key)
+        if pool:
+            rows.append((key[0] + ".sums", "out", int(dense.out_ch[key[0]])))
         if residual:
             add = dense[(dense.kind == "add") & (dense.fused_into == key[0])]
             rows.append((add.index[0], "out", int(add.out_ch.iloc[0])))
@@ -627,7 +639,18 @@ def _logged_rows(table, launches, reads, maps):
             hit = proc[(proc.in_ch == a[0]) & (proc.in_h == a[1]) & (proc.out_h == o[1])]
             assert len(hit) == 1, (op, a, o)
             rows.append((hit.index[0], "out", int(hit.out_ch.iloc[0])))
+    copies = [(a, o) for op, a, o in maps if op == "copy"]
+    assert len(copies) == len(skipped)
+    for name, (a, o) in zip(skipped, copies):
+        row = dense.loc[name + ".skip_copy"]
+        assert tuple(a) == tuple(o) == (row.out_ch, row.out_h, row.out_w)
+        rows.append((name + ".skip_copy", "out", int(row.out_ch)))
     return rows
+
+
+def _skipped_copies(m, r) -> list[str]:
+    """The layers whose skip the runner answers with a copy (DenseNet), in program order."""
+    return [m.block_names[j] for j, ran in enumerate(r.block_run) if not ran] if m.family == "densenet" else []
 
 
 def _runs(b, x, n_exits):
@@ -663,7 +686,7 @@ def test_calibration_replay_is_what_the_runner_ran(exit_case):
     runs = _runs(b, x[:4], len(m.exits))
     skipped = closed = fallbacks = 0
     for mode, r, launches, reads in runs:
-        want = _logged_rows(table, launches, reads, r.processor_maps)
+        want = _logged_rows(table, launches, reads, r.processor_maps, _skipped_copies(m, r))
         assert sorted(executed_rows(table, b, r)) == sorted(want), mode
         skipped += r.block_run.count(0)
         closed += sum(int((1 - v).sum()) for v in r.channel_masks.values())
@@ -671,7 +694,7 @@ def test_calibration_replay_is_what_the_runner_ran(exit_case):
     assert skipped and closed and fallbacks  # the decisions really vary
     idx = table.set_index(["layer", "axis", "active"])
     results = [r for _, r, _, _ in runs]
-    logged = [k for _, r, la, re in runs for k in _logged_rows(table, la, re, r.processor_maps)]
+    logged = [k for _, r, la, re in runs for k in _logged_rows(table, la, re, r.processor_maps, _skipped_copies(m, r))]
     want = config_counts(idx.loc[pd.MultiIndex.from_tuples(logged)].reset_index())
     got = counts_from_runs(table, b, results)
     assert got == pytest.approx({k: v / len(results) for k, v in want.items()}, rel=1e-12)
