@@ -123,7 +123,8 @@ def test_gates_and_adds_are_costed_where_they_run(table):
     assert (pool.dram_reads_ifmap, pool.dram_writes_ofmap, pool.cycles, pool.macs) == (32, 0, 0, 0)  # was
     # (32, 32, 32) with the sums' adds: the write charged to the gate, also when blocks.0 was skipped
     sums = table[(table.layer == "blocks.0.conv2.sums") & (table.active == 16)].iloc[0]
-    assert (sums.block, sums.role, sums.kind, sums.source) == ("blocks.0", "backbone", "sums", "fused into blocks.0.conv2")
+    # only blocks.1's gate reads them: gate work (the static network would not write them), of blocks.0
+    assert (sums.block, sums.role, sums.kind, sums.source) == ("blocks.0", "gate", "sums", "fused into blocks.0.conv2")
     assert (sums.dram_reads_ifmap, sums.dram_writes_ofmap, sums.cycles, sums.macs) == (0, 32, 32, 16 * 32 * 32)
     add = table[(table.layer == "blocks.1.add") & (table.active == 16)].iloc[0]
     assert (add.dram_reads_ifmap, add.dram_writes_ofmap, add.sram_reads_ifmap, add.cycles) == (16 * 32 * 32, 0, 0, 0)
@@ -728,3 +729,97 @@ def test_calibration_replay_costs_what_the_model_costs(exit_case):
             else:
                 want = float(ev.sum())
             assert scale * rows[col].sum() == pytest.approx(want, rel=1e-9), (mode, metric)
+
+
+# ----------------------------------------------------------------------------- what a skip costs
+
+
+def test_skip_copy_row_by_hand(dense_case):
+    """A skipped dense layer's features are the previous layer's, copied by the processor into the
+    layer's slot of the block buffer: growth 4 maps of 16x16 = 1024 words read and 1024 written over
+    DRAM, one processor op per word read, no MACs (FLOPs 0), no engine cycles; paid only when the
+    layer is skipped (the cost plan's s, and the gradient of the expected cost in the run decision is
+    f + c + V(k) - s). The first layer of a block cannot be skipped: no row."""
+    from ddi_hw.cost import CostTable
+
+    m, _, table, _, _ = dense_case
+    pre = load_preset("zedboard")
+    row = table[(table.layer == "dense_blocks.0.1.skip_copy") & (table.active == 4)].iloc[0]
+    assert (row.kind, row.block, row.source) == ("copy", "dense_blocks.0.1", "processor, skipped-layer copy")
+    assert (row.macs, row.dram_reads_ifmap, row.dram_writes_ofmap, row.cycles) == (0, 4 * 256, 4 * 256, 0)
+    assert row.proc_s == pytest.approx(1024 / pre.proc_macs_per_s) and row.e_mac_pj == 0
+    assert row.energy_pj == pytest.approx(2048 * pre.dram_pj + pre.board_power_w * 1024 / pre.proc_macs_per_s * 1e12)
+    copies = set(table[table.kind == "copy"].layer)
+    assert copies == {f"{n}{'.skip_copy'}" for n, s in zip(m.block_names, m.block_skippable) if s}
+    mm = copy.deepcopy(m).attach_cost_table(CostTable.from_frame(table))
+    plan, j = mm.plan, mm.block_names.index("dense_blocks.0.1")
+    assert float(plan.s["energy"][j]) == pytest.approx(row.energy_pj) and float(plan.s["flops"][j]) == 0
+    assert float(plan.s["energy"][0]) == 0  # dense_blocks.0.0: never skipped
+    L = torch.full((1, plan.J), 0.5, dtype=torch.float64, requires_grad=True)
+    k = plan.K[None].clone()
+    plan.events_matrix(L, k, "energy", with_exits=False).sum().backward()
+    run = plan.f["energy"] + plan.c["energy"] + plan.V["energy"][torch.arange(plan.J), plan.K.long()]
+    assert torch.allclose(L.grad[0], run - plan.s["energy"])
+
+
+def test_a_skipped_dense_layer_is_copied_once_and_costed_so(dense_case):
+    """The runner answers each skipped dense layer with exactly one copy (its map-op log) of the
+    previous layer's features: growth maps of the layer's output size, the `.skip_copy` row's shape."""
+    from ddi_hw.deploy.backends import run_image
+
+    m, _, table, b, x = dense_case
+    b = _random_gates(b, 4)
+    copies = skipped = 0
+    for n in range(len(x)):
+        r = run_image(b, x[n].numpy(), ReferenceBackend())
+        names = _skipped_copies(m, r)
+        ops = [(a, o) for op, a, o in r.processor_maps if op == "copy"]
+        assert len(ops) == len(names)
+        for name, (a, o) in zip(names, ops):
+            row = table[(table.layer == name + ".skip_copy") & (table.active == table.out_ch)].iloc[0]
+            j = m.block_names.index(name)
+            assert tuple(a) == tuple(o) == tuple(b.manifest["tensors"][f"d{j}.y"]["shape"]) == \
+                (m.layers[j].growth, row.out_h, row.out_w) == (row.out_ch, row.out_h, row.out_w)
+        copies += len(ops)
+        skipped += r.block_run.count(0)
+    assert copies == skipped > 0
+
+
+def test_pooled_sums_are_charged_where_the_engine_writes_them(exit_case):
+    """Per image, with random decisions (skipped blocks, closed channels, exits, budgets): the pooled-sum
+    words the replay charges as written (`.sums` rows) are exactly those of the launches that wrote
+    pooled sums (FLAG_POOL: 2 words per output channel, the launch log), and every pooled vector the
+    processor used is charged one read (2 words per channel) -- also after a skipped ResNet block,
+    whose next gate reads the sums of the block's input, which an earlier conv wrote."""
+    from ddi_hw.calibrate import executed_rows
+
+    m, _, table, b, x = exit_case
+    b = _random_gates(b, 4)
+    idx = table.set_index(["layer", "axis", "active"])
+    reused = 0
+    for mode, r, launches, _ in _runs(b, x[:4], len(m.exits)):
+        rows = idx.loc[executed_rows(table, b, r)]
+        written = 2 * sum(int(table[(table.layer == key[0])].out_ch.iloc[0]) for key, _, pool in launches if pool)
+        pooled = (rows.kind == "sums") | ((rows.kind == "pool") & (rows.out_h * rows.out_w == 1))
+        assert rows[pooled].dram_writes_ofmap.sum() == written, mode
+        assert rows[rows.kind == "sums"].dram_reads_ifmap.sum() == 0
+        if m.family == "resnet":
+            reused += sum(1 for j in range(1, len(r.block_run)) if not r.block_run[j - 1] and m.blocks[j].lgate is not None)
+    assert reused or m.family != "resnet"  # some gate read the sums of a skipped block's input
+
+
+def test_replay_refuses_a_table_without_the_skip_rows(exit_case):
+    """A table from before the `.sums` / `.skip_copy` rows (pooled sums charged to the gates that read
+    them, no copy) is refused by name, not silently replayed."""
+    from ddi_hw.calibrate import counts_from_runs
+    from ddi_hw.deploy.backends import run_image
+
+    m, _, table, b, x = exit_case
+    b = _random_gates(b, 4)
+    results = [run_image(b, x[n].numpy(), ReferenceBackend()) for n in range(4)]
+    assert any(0 in r.block_run for r in results)
+    with pytest.raises(UserError, match="no `.sums` rows"):
+        counts_from_runs(table[table.kind != "sums"], b, results)
+    if m.family == "densenet":
+        with pytest.raises(UserError, match="no skip-copy row"):
+            counts_from_runs(table[table.kind != "copy"], b, results)
