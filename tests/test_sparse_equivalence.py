@@ -66,7 +66,10 @@ def brute_cost(model, force, metric="flops", upto_exit=None):
             run = 1.0 if j not in skip_col else float(force["layer"][s, skip_col[j]])
             gate = f"{blk}.cgate"
             for r, row in rows:
-                if row["role"] == "gate" and ".cgate." not in r and not r.startswith("channel_rnn"):
+                if row.get("kind") in ("sums", "copy"):  # pooled sums a launch of this block writes: only
+                    if run == (row["kind"] == "sums"):  # when it runs; a skipped layer's copy: only when skipped
+                        total += table.dense(r, metric)
+                elif row["role"] == "gate" and ".cgate." not in r and not r.startswith("channel_rnn"):
                     total += table.dense(r, metric)  # layer gate: evaluated whenever reached
                 elif not run:
                     continue
