@@ -250,7 +250,7 @@ class DynamicNet(nn.Module):
     def gate_overhead(self, metric: str = "flops"):
         """Per block: backbone cost (dense) and layer/channel gate cost relative to it
         (paper: LSTM gate ~0.04% / <1%, CNN gate ~12.5% of a block, DenseNet light gate ~11%).
-        `channel_gate` is the plan's c: with a profiled table it also holds the pooled sums the
+        `channel_gate` is the plan's c: it also holds the pooled sums the
         block's last conv writes for the next block's gates (their adds and 2 words per channel)."""
         import pandas as pd
 
