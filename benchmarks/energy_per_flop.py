@@ -34,8 +34,9 @@ def spread(arch: str, hw: str, cache_dir=None, jobs=None):
     rows = []
     for j, b in enumerate(names):
         K = int(plan.K[j])
-        # skipping the block saves f + c + V(K) (the layer gate g runs anyway)
-        save = {m: float(plan.f[m][j] + plan.c[m][j] + plan.V[m][j, K]) for m in ("flops", "energy")}
+        # skipping the block saves f + c + V(K) and costs s (the layer gate g runs anyway; s: a
+        # DenseNet layer's copy of the previous layer's features, 0 FLOPs)
+        save = {m: float(plan.f[m][j] + plan.c[m][j] + plan.V[m][j, K] - plan.s[m][j]) for m in ("flops", "energy")}
         # switching one channel off (mean over k) saves V(k) - V(k-1)
         dv = {m: float((plan.V[m][j, K] - plan.V[m][j, 0]) / K) for m in ("flops", "energy")}
         rows.append({"block": b, "skippable": bool(plan.skippable[j]), "width": K,

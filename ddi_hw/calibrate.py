@@ -312,6 +312,10 @@ def table_blocks(cost_table):
                         "kernel_h") if c not in cost_table.columns]
     if need:
         raise UserError(f"cost table lacks columns {need}; regenerate it with `ddi-hw profile`")
+    fused = cost_table.source.astype(str).str.startswith("fused into") if "source" in cost_table else None
+    if fused is not None and (fused & (cost_table.kind == "pool")).any() and not (cost_table.kind == "sums").any():
+        raise UserError("cost table charges pooled sums to the gates that read them (no `.sums` rows, from an "
+                        "older `ddi-hw profile`); profile the model again with this version")
     dense = cost_table[cost_table.axis == "out"].sort_values("active").groupby("layer", sort=False).last()
     by_block: dict[str, list] = {}
     for layer, row in dense.iterrows():
@@ -324,9 +328,11 @@ def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, st
     `ImageResult`), replayed from the bundle program and the image's decisions. Every row belongs to
     one step of the program by its `block` column, grouped as the model's cost plan groups them
     (`ddi_hw.models.base.CostPlan`): the stem, transitions and head whenever reached; a block's layer
-    gate whenever the block is reached (its pool, embedding, LSTM step, projection on the ARM); the
-    rest of a block only if it ran -- its channel gate (engine convs, pooled sums, FC on the ARM), its
-    convs at the active channels of their gated axis, the rows fused into them (residual add);
+    gate whenever the block is reached (its pool's read of the pooled sums or the map, embedding, LSTM
+    step, projection on the ARM); the rest of a block only if it ran -- its channel gate (engine convs,
+    pooled sums, FC on the ARM), its convs at the active channels of their gated axis, the rows fused
+    into them (residual add, the `.sums` a conv writes) -- and only if it was skipped, its `.skip_copy`
+    (a DenseNet layer's copy of the previous layer's features);
     an exit branch's rows (one-pass max pool and FC on the ARM, its convs, the pooled sums) when the
     branch ran (`exits_run`: also a budget's fallbacks); nothing after the exit the image stopped at,
     and of the block a budget stopped it in (`stopped_block`) only the gates that ran."""
@@ -352,6 +358,15 @@ def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, st
             return
         seen.add(block)
         for layer, row in by_block.get(block, ()):
+            if row.kind == "copy":  # paid only by a skip
+                if not ran:
+                    out.append((layer, "out", int(row.active)))
+                continue
+            if row.kind == "sums":  # paid with the launch that writes them: a channel gate's conv or the
+                by_gate = dense.role.get(row.fused_into) == "gate"  # block's own convs
+                if ran and (channel_gate is None or (by_gate and channel_gate)):
+                    out.append((layer, "out", int(row.active)))
+                continue
             if row.role == "gate":
                 kind = GATE_KINDS.get(str(row.gate_kind))
                 if kind is None:
@@ -380,7 +395,12 @@ def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, st
                 break
             if block >= len(result.block_run):
                 break
-            run(block_of(layers[first["layer"]].name), bool(result.block_run[block]))
+            name = block_of(layers[first["layer"]].name)
+            if st.get("skip_from") and not result.block_run[block] and \
+                    not any(row.kind == "copy" for _, row in by_block.get(name, ())):
+                raise UserError(f"cost table has no skip-copy row for {name} (from an older `ddi-hw profile`); "
+                                "profile the model again with this version")
+            run(name, bool(result.block_run[block]))
             block += 1
             if not result.block_run[block - 1]:
                 i = st["end"]

@@ -40,7 +40,7 @@ class CostTable:
                             "energy_models.profile_model or CostTable.from_specs")
         have = ["flops"] + [m for m, col in _METRIC_COLUMN.items() if col in df.columns]
         spec_cols = [c for c in ("kind", "block", "role", "out_gate", "in_gate", "layer_gate", "gate_kind",
-                                 "in_ch", "out_ch") if c in df.columns]
+                                 "fused_into", "in_ch", "out_ch") if c in df.columns]
         curves: dict[tuple[str, str, str], torch.Tensor] = {}
         rows: dict[str, dict] = {}
         for (layer, axis), g in df.groupby(["layer", "axis"], sort=False):
@@ -58,18 +58,22 @@ class CostTable:
 
     @classmethod
     def from_specs(cls, specs: Iterable) -> "CostTable":
-        """FLOPs-only table from `LayerSpec`s: the same rows the profiler makes, MACs only."""
+        """FLOPs-only table from `LayerSpec`s: the same rows the profiler makes (the engine's
+        dataflow: `energy_models.dataflow.table_specs`), with the same MACs (`row_macs`)."""
         import pandas as pd
 
+        from energy_models.dataflow import row_macs, table_specs
+
         records = []
-        for s in specs:
+        for s, p in table_specs(list(specs)):
             base = s.as_dict()
             base["layer"] = base.pop("name")
+            base["fused_into"] = p.fused_into  # the launch a fused row (add, pooled sums) happens in
             for k in range(s.out_ch + 1):
-                records.append({**base, "axis": "out", "active": k, "macs": s.macs_at(k, s.in_ch)})
+                records.append({**base, "axis": "out", "active": k, "macs": row_macs(s, p, "out", k)})
             if s.in_gate:
                 for c in range(s.in_ch + 1):
-                    records.append({**base, "axis": "in", "active": c, "macs": s.macs_at(s.out_ch, c)})
+                    records.append({**base, "axis": "in", "active": c, "macs": row_macs(s, p, "in", c)})
         return cls.from_frame(pd.DataFrame.from_records(records))
 
     # ------------------------------------------------------------------ queries

@@ -13,7 +13,22 @@ Placement of every spec (`place`), in execution order:
                   residual is read once per output word in that conv's STORE loop, nothing else.
 - `global_pool`   fused into the conv that produced exactly its input (same channels and size:
                   FLAG_POOL): sums accumulated in STORE, one int32 per channel written after the
-                  ofmap and read once by the processor; the feature map is not read again.
+                  ofmap; the feature map is not read again. The pool's row prices what its consumer
+                  does: the processor reads the sums (2 words per channel). The engine's part is a
+                  `sums` row of the producing conv (below): a pool whose producer did not run this
+                  time (a skipped ResNet block: the next gate reads the sums of the block's input,
+                  written by an earlier conv) costs only that read.
+- `sums`          (no traced op) the pooled sums one FLAG_POOL launch accumulates and writes, once
+                  however many pools read them: the adds, 2 words per channel, the WRITE_POOL loop.
+                  Named `<conv>.sums`, in the conv's block and gates, so it is paid exactly when
+                  that launch runs; its role is "gate" (with the first reader's gate kind) when
+                  only gates read the sums (the static network would not write them), else the conv's.
+- `copy`          (no traced op) the features of a skipped layer whose output is the previous
+                  layer's (`LayerSpec.skip == "copy"`, DenseNet): the processor copies the k maps
+                  into the layer's slot of the block buffer (each word read and written once over
+                  DRAM, one op per word on the processor, no arithmetic: 0 MACs). Named
+                  `<block>.skip_copy`, paid only when the layer is skipped (the cost plan's
+                  skip-only term).
 - `processor_map` a pool the processor runs on a map in DRAM: a global pool whose input no single
                   conv produced (DenseNet: the head's BN + ReLU + pool over the last concatenation,
                   the gates' pools over a concatenation or a transition's output) and every non-global
@@ -31,19 +46,22 @@ Placement of every spec (`place`), in execution order:
 - `other`         everything else as traced (an add no conv can take): analytic rows.
 Concatenation has no row: a dense block's features are one DRAM buffer in CHW layout, each
 producer writes its channels at their offset and a consumer reads a prefix, so nothing is copied
-(the runner does the same: `ddi_hw.deploy.backends`, `concat`).
+(the runner does the same: `ddi_hw.deploy.backends`, `concat`) -- except a skipped layer's slot
+(`copy`). `table_specs` lists every row's spec, the traced ones and the `sums` / `copy` ones.
 The `source` column of the table says which rule costed a row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 WORDS_PER_POOLED = 2  # one int32 per channel = two 16-bit words
+SUMS_SUFFIX, COPY_SUFFIX = ".sums", ".skip_copy"  # the rows with no traced op (`table_specs`)
+COPY_SOURCE = "skipped-layer copy"
 
 
 @dataclass(frozen=True)
 class Placement:
-    op: str  # conv | gate_conv | residual_add | global_pool | processor_map | vector | other
+    op: str  # conv | gate_conv | residual_add | global_pool | sums | copy | processor_map | vector | other
     fused_into: str = ""  # the engine launch this op happens inside (residual_add, global_pool)
     store: bool = True  # a gate / exit conv: False when only its pooled sums are used
     reuse: int = 0  # processor_map of a gate pool: leading channels whose sums the processor has
@@ -84,6 +102,43 @@ def place(specs) -> dict[str, Placement]:
             # a gate's / exit's last conv: no consumer but its pool, never written (FLAG_NO_STORE)
             out[name] = Placement(p.op, store=False)
     return out
+
+
+def table_specs(specs) -> list[tuple]:
+    """(spec, placement) of every cost-table row in execution order: the traced specs, a `sums`
+    spec right after each conv that writes pooled sums (FLAG_POOL; its channels, block and gates; role
+    "gate" when only gates read them, else its role), and a `copy` spec after each layer whose skip is a copy (`skip == "copy"`; k maps of its
+    output's size, its block and layer gate, no channel gate)."""
+    where = place(specs)
+    readers: dict[str, list] = {}
+    for s in specs:
+        if where[s.name].op == "global_pool":
+            readers.setdefault(where[s.name].fused_into, []).append(s)
+    out = []
+    for s in specs:
+        out.append((s, where[s.name]))
+        if s.name in readers:
+            gates = [r for r in readers[s.name] if r.role == "gate"]
+            role, kind = ("gate", gates[0].gate_kind) if len(gates) == len(readers[s.name]) else (s.role, s.gate_kind)
+            out.append((replace(s, name=s.name + SUMS_SUFFIX, kind="sums", in_ch=s.out_ch, in_h=s.out_h,
+                                in_w=s.out_w, kernel_h=1, kernel_w=1, stride=1, padding=0, groups=1,
+                                in_gate=None, skip=None, role=role, gate_kind=kind), Placement("sums", s.name)))
+        if s.skip == "copy":
+            out.append((replace(s, name=s.block + COPY_SUFFIX, kind="copy", in_ch=s.out_ch, in_h=s.out_h,
+                                in_w=s.out_w, kernel_h=1, kernel_w=1, stride=1, padding=0, groups=1,
+                                out_gate=None, in_gate=None, skip=None), Placement("copy")))
+    return out
+
+
+def row_macs(spec, p: Placement, axis: str, active: int) -> int:
+    """MACs of a row (FLOPs = 2 x MACs, the same rule for the FLOPs-only table and every preset):
+    the traced count, except a global pool's row (its adds are the producing launch's: `sums`) and a
+    skipped layer's copy (no arithmetic)."""
+    if p.op in ("global_pool", "copy"):
+        return 0
+    if p.op == "sums":
+        return spec.out_h * spec.out_w * active
+    return spec.macs_at(active, spec.in_ch) if axis == "out" else spec.macs_at(spec.out_ch, active)
 
 
 def _pool_producer(specs, i) -> str | None:
@@ -134,10 +189,11 @@ def fused_counts(spec, p: Placement, active: int) -> dict:
     if p.op == "residual_add":
         words = spec.out_h * spec.out_w * active
         c.update(macs=words, dram_reads_ifmap=words)  # the adds; the residual read in STORE
-    elif p.op == "global_pool":
-        c.update(macs=spec.in_h * spec.in_w * active,  # the sums, in STORE
+    elif p.op == "global_pool":  # its consumer's part: the processor reads the sums
+        c.update(dram_reads_ifmap=WORDS_PER_POOLED * active)
+    elif p.op == "sums":  # the producing launch's part
+        c.update(macs=row_macs(spec, p, "out", active),  # the sums, in STORE
                  dram_writes_ofmap=WORDS_PER_POOLED * active,  # written after the ofmap
-                 dram_reads_ifmap=WORDS_PER_POOLED * active,  # read by the processor
                  cycles=WORDS_PER_POOLED * active)  # the WRITE_POOL loop (II=2 per channel)
     else:
         raise ValueError(f"{p.op} is not a fused op")
@@ -158,8 +214,26 @@ def processor_counts(spec, p: Placement, active: int) -> dict:
     return c
 
 
+def copy_counts(spec, active: int, array_cols: int, on_processor: bool) -> dict:
+    """Counts of a skipped layer's copy of `active` maps: each word read and written once over DRAM,
+    no MACs; on a preset without a processor, through SRAM on the array's lanes (like `other`).
+    Processor time (one op per word read) is the caller's, as for `processor_map`."""
+    import math
+
+    from energy_models.scalesim_runner import COUNT_COLUMNS
+
+    words = spec.out_h * spec.out_w * active
+    c = dict.fromkeys(COUNT_COLUMNS, 0)
+    c.update(dram_reads_ifmap=words, dram_writes_ofmap=words)
+    if not on_processor:
+        c.update(sram_reads_ifmap=words, sram_writes_ofmap=words, cycles=math.ceil(words / array_cols))
+    return c
+
+
 def source_label(p: Placement, on_processor: bool) -> str:
-    if p.op in ("residual_add", "global_pool"):
+    if p.op == "copy":
+        return f"{'processor' if on_processor else 'analytic'}, {COPY_SOURCE}"
+    if p.op in ("residual_add", "global_pool", "sums"):
         return f"fused into {p.fused_into}"
     if p.op in ("conv", "gate_conv") and not p.store:
         return "scalesim, ofmap not stored"
@@ -195,9 +269,9 @@ def launch_flags(specs) -> dict[str, dict]:
 
 def launch_counts(df, layer: str, axis: str, active: int) -> dict:
     """What the cost table says one engine launch costs: its conv row at (axis, active) plus the
-    rows fused into it (residual add: the residual read; global pool: the pooled words the engine
-    writes -- the processor's read of them is not engine traffic), for comparison with the
-    C-simulated engine's counters. Words are 16-bit."""
+    rows fused into it (residual add: the residual read; its `sums` row: the pooled words the engine
+    writes -- a global pool's own row, the processor's read of them, is not engine traffic), for
+    comparison with the C-simulated engine's counters. Words are 16-bit."""
     conv = df[(df.layer == layer) & (df.axis == axis) & (df.active == active)]
     if len(conv) != 1:
         raise ValueError(f"no single table row for {layer} {axis}={active}")

@@ -6,14 +6,18 @@ whose input channels are gated (`in_gate`). What each row costs follows the engi
 (energy_models/dataflow.py): conv rows are simulated by SCALE-Sim (`source` "scalesim", or
 "scalesim, ofmap not stored" for a gate conv whose only consumer is its pool); residual adds and
 global pools are fused into the conv that produces their input ("fused into <layer>", named in
-`fused_into`); layers on pooled vectors and pools of maps the engine cannot fuse run on the
-preset's processor if it has one ("processor"); other pools are analytic ("analytic").
+`fused_into`: a pool's own row is its consumer's read of the sums, the conv's `<conv>.sums` row the
+engine's accumulate and write); layers on pooled vectors and pools of maps the engine cannot fuse
+run on the preset's processor if it has one ("processor"); other pools are analytic ("analytic");
+a skipped DenseNet layer's copy of the previous layer's features is `<layer>.skip_copy`
+("processor, skipped-layer copy"). The rows with no traced op: `dataflow.table_specs`.
 """
 from __future__ import annotations
 
 import pandas as pd
 
-from energy_models.dataflow import fused_counts, place, processor_counts, source_label
+from energy_models.dataflow import (copy_counts, fused_counts, place, processor_counts, row_macs, source_label,
+                                    table_specs)
 from energy_models.energy import add_energy, analytic_counts
 from energy_models.errors import UserError
 from energy_models.presets import DATAFLOWS, DEFAULT_PRESET, load_preset
@@ -121,7 +125,8 @@ def profile_specs(specs, hardware=DEFAULT_PRESET, dataflow: str | None = None, c
     if dataflow not in DATAFLOWS:
         raise UserError(f"unknown dataflow '{dataflow}'; choose one of {', '.join(DATAFLOWS)}")
     sim = sim_fields(preset, dataflow)
-    where = place(specs)
+    rows_of = table_specs(specs)
+    where = {s.name: p for s, p in rows_of}
     on_proc = preset.proc_macs_per_s is not None
     eng = None
     if preset.engine is not None:
@@ -143,10 +148,9 @@ def profile_specs(specs, hardware=DEFAULT_PRESET, dataflow: str | None = None, c
             requests += [(sim_layer(s), axis, list(range(1, n + 1)), s.groups) for axis, n in axes(s)]
     counts = _run(requests, sim, cache_dir, jobs, progress)
     rows = []
-    for s in specs:
+    for s, p in rows_of:
         spec_cols = s.as_dict()
         spec_cols["layer"] = spec_cols.pop("name")
-        p = where[s.name]
         for axis, n in axes(s):
             for active in range(n + 1):
                 proc_s = 0.0
@@ -161,11 +165,14 @@ def profile_specs(specs, hardware=DEFAULT_PRESET, dataflow: str | None = None, c
                         c["dram_writes_ofmap"] = 0  # FLAG_NO_STORE: only the pooled sums leave
                 elif p.op == "vector":
                     c = dict.fromkeys(COUNT_COLUMNS, 0)
-                    c["macs"] = (s.macs_at(active, s.in_ch) if axis == "out"
-                                 else s.macs_at(s.out_ch, active))
+                    c["macs"] = row_macs(s, p, axis, active)
                     proc_s = c["macs"] / preset.proc_macs_per_s
-                elif p.op in ("residual_add", "global_pool"):
+                elif p.op in ("residual_add", "global_pool", "sums"):
                     c = fused_counts(s, p, active)
+                elif p.op == "copy":
+                    c = copy_counts(s, active, preset.array_cols, on_proc)
+                    if on_proc:  # one op per word read, as the processor's other map ops
+                        proc_s = c["dram_reads_ifmap"] / preset.proc_macs_per_s
                 elif p.op == "processor_map" and on_proc:
                     c = processor_counts(s, p, active)
                     proc_s = c["dram_reads_ifmap"] / preset.proc_macs_per_s  # one op per element read

@@ -9,6 +9,8 @@ control its channels. Model builders annotate modules with plain attributes (all
     module.ddi_in_gate  = "stage1.block0.cgate"  # channel gate masking this layer's input channels
     module.ddi_layer_gate = "stage1.block0.lgate"  # layer gate that can skip the whole block
     module.ddi_gate_kind = "cnn"        # role "gate": which kind of gate (the model's own registry)
+    module.ddi_skip = "copy"            # when its block is skipped, this layer's output is a copy of
+                                        # the previous layer's (DenseNet); default: nothing replaces it
 
 so plain torchvision-style models work unannotated and gated models need no special tracing.
 
@@ -57,6 +59,7 @@ class LayerSpec:
     in_gate: str | None = None
     layer_gate: str | None = None
     gate_kind: str | None = None
+    skip: str | None = None  # "copy": a skipped block's output is the previous layer's, copied
 
     @property
     def macs(self) -> int:
@@ -96,6 +99,7 @@ def _annotations(module, name: str) -> dict:
         in_gate=getattr(module, "ddi_in_gate", None),
         layer_gate=getattr(module, "ddi_layer_gate", None),
         gate_kind=getattr(module, "ddi_gate_kind", None),
+        skip=getattr(module, "ddi_skip", None),
     )
 
 

@@ -29,9 +29,12 @@ def random_plan(rng):
         e = {"kind": "block", "index": j, "g": num(0, 30) if rng.random() < 0.7 else 0.0,
              "f": num(0, 200), "c": num(0, 80) if K else 0.0, "V": V}
         skip = bool(rng.random() < 0.7)
+        e["s"] = num(0, 40) if skip and rng.random() < 0.5 else 0.0  # paid only when skipped (a DenseNet copy)
+        e["cg"] = e["c"] - (num(0, 10) if e["c"] >= 10 and rng.random() < 0.5 else 0.0)  # c less its sums
         skippable.append(skip)
         events.append(e)
-        low.append(e["g"] + (0.0 if skip else e["f"] + e["c"] + V[0]))
+        full = e["f"] + e["c"] + V[0]
+        low.append(e["g"] + (min(e["s"], full) if skip else full))
         if j in transitions:
             fixed()
         if j in exit_after:
@@ -43,13 +46,15 @@ def random_plan(rng):
 
 def simulate(plan, skippable, L, k, budget):
     """One image, event by event: (exit taken, stopped block, channel gate ran there, cost charged).
-    Cheapest way on: skippable blocks skipped (layer gate only), the others at zero channels."""
+    Cheapest way on: each skippable block skipped (layer gate + its skip cost s) or run at zero
+    channels, whichever costs less; the others at zero channels."""
     ev = plan["events"]
 
     def cheapest(e):
         if e["kind"] != "block":
             return e["cost"]
-        return e["g"] + (0.0 if skippable[e["index"]] else e["f"] + e["c"] + e["V"][0])
+        full = e["f"] + e["c"] + e["V"][0]
+        return e["g"] + (min(e["s"], full) if skippable[e["index"]] else full)
 
     def rest(col):  # after event col, up to and including the next exit (or the end)
         total = 0.0
@@ -72,14 +77,14 @@ def simulate(plan, skippable, L, k, budget):
             j = e["index"]
             spent += e["g"]
             if not L[j]:
+                spent += e["s"]
                 continue
             if armed and spent + e["c"] + e["f"] + e["V"][0] + rest(col) > budget:
                 return taken, j, False, spent
-            spent += e["c"]
             width = min(k[j], len(e["V"]) - 1)
-            if len(e["V"]) > 1 and armed and spent + e["f"] + e["V"][width] + rest(col) > budget:
-                return taken, j, True, spent
-            spent += e["f"] + e["V"][width]
+            if len(e["V"]) > 1 and armed and spent + e["c"] + e["f"] + e["V"][width] + rest(col) > budget:
+                return taken, j, True, spent + e["cg"]  # the channel gate ran, not the convs' sums
+            spent += e["c"] + e["f"] + e["V"][width]
     return -1, -1, False, spent
 
 
@@ -89,7 +94,7 @@ def first_exit_cost(plan, L, k):
     for e in plan["events"]:
         if e["kind"] == "block":
             j = e["index"]
-            total += e["g"] + (e["f"] + e["c"] + e["V"][min(k[j], len(e["V"]) - 1)] if L[j] else 0.0)
+            total += e["g"] + (e["f"] + e["c"] + e["V"][min(k[j], len(e["V"]) - 1)] if L[j] else e["s"])
         else:
             total += e["cost"]
         if e["kind"] == "exit":
@@ -156,9 +161,9 @@ def test_stops_where_the_next_block_no_longer_fits():
     """By hand: stem 10, block 0 (unskippable, 100), exit 0 (5), block 1 (skippable, layer gate 1,
     channel gate 4, conv 20 + 10 per channel of 4), exit 1 (5), head 3."""
     plan = {"events": [{"kind": "fixed", "cost": 10.0},
-                       {"kind": "block", "index": 0, "g": 0.0, "f": 100.0, "c": 0.0, "V": [0.0]},
+                       {"kind": "block", "index": 0, "g": 0.0, "f": 100.0, "c": 0.0, "s": 0.0, "cg": 0.0, "V": [0.0]},
                        {"kind": "exit", "index": 0, "cost": 5.0},
-                       {"kind": "block", "index": 1, "g": 1.0, "f": 20.0, "c": 4.0,
+                       {"kind": "block", "index": 1, "g": 1.0, "f": 20.0, "c": 4.0, "s": 0.0, "cg": 4.0,
                         "V": [0.0, 10.0, 20.0, 30.0, 40.0]},
                        {"kind": "exit", "index": 1, "cost": 5.0},
                        {"kind": "fixed", "cost": 3.0}],

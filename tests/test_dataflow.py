@@ -113,12 +113,19 @@ def test_fused_rows_are_launches_the_bundle_makes(gated, table, tmp_path):
 
 def test_gates_and_adds_are_costed_where_they_run(table):
     """Hand counts: the layer gate's pool reads only the pooled vector (2 words per channel), not
-    the 32x32 map; the residual add is one read per output word and no pass of its own; the gate's
-    vector layers take processor time only, charged at the board power."""
+    the 32x32 map; the conv that produced the map accumulates and writes those sums (its `.sums` row,
+    paid with its launch: the 16 x 32x32 adds, 2 words per channel, the WRITE_POOL loop); the residual
+    add is one read per output word and no pass of its own; the gate's vector layers take processor
+    time only, charged at the board power."""
     pre = load_preset("zedboard")
     pool = table[(table.layer == "blocks.1.lgate.pool") & (table.active == 16)].iloc[0]
     assert pool.source == "fused into blocks.0.conv2"
-    assert (pool.dram_reads_ifmap, pool.dram_writes_ofmap, pool.cycles) == (32, 32, 32)
+    assert (pool.dram_reads_ifmap, pool.dram_writes_ofmap, pool.cycles, pool.macs) == (32, 0, 0, 0)  # was
+    # (32, 32, 32) with the sums' adds: the write charged to the gate, also when blocks.0 was skipped
+    sums = table[(table.layer == "blocks.0.conv2.sums") & (table.active == 16)].iloc[0]
+    # only blocks.1's gate reads them: gate work (the static network would not write them), of blocks.0
+    assert (sums.block, sums.role, sums.kind, sums.source) == ("blocks.0", "gate", "sums", "fused into blocks.0.conv2")
+    assert (sums.dram_reads_ifmap, sums.dram_writes_ofmap, sums.cycles, sums.macs) == (0, 32, 32, 16 * 32 * 32)
     add = table[(table.layer == "blocks.1.add") & (table.active == 16)].iloc[0]
     assert (add.dram_reads_ifmap, add.dram_writes_ofmap, add.sram_reads_ifmap, add.cycles) == (16 * 32 * 32, 0, 0, 0)
     emb = table[(table.layer == "blocks.1.lgate.conv") & (table.active == 10)].iloc[0]
@@ -438,7 +445,9 @@ def test_exit_rows_by_hand(resnet_exit_case):
     assert c2.source == "scalesim, ofmap not stored" and c2.dram_writes_ofmap == 0 and c2.dram_reads_ifmap > 0
     gp = row("exits.0.pool#1")
     assert gp.source == "fused into exits.0.conv2"
-    assert (gp.dram_reads_ifmap, gp.dram_writes_ofmap, gp.cycles) == (128, 128, 128)
+    sums = row("exits.0.conv2.sums")  # was one row (128, 128, 128): the write is conv2's, the read the FC's
+    assert (gp.dram_reads_ifmap, sums.dram_writes_ofmap, sums.cycles) == (128, 128, 128)
+    assert (gp.dram_writes_ofmap, gp.cycles, sums.dram_reads_ifmap, sums.block) == (0, 0, 0, "exits.0")
     fc = row("exits.0.fc")
     assert (fc.source, fc.macs, fc.cycles) == ("processor", 640, 0)
     assert fc.energy_pj == pytest.approx(pre.board_power_w * 640 / pre.proc_macs_per_s * 1e12)
@@ -567,7 +576,7 @@ class _LaunchLog(ReferenceBackend):
             key = (layer.name, "in", int(in_mask.sum()))
         else:
             key = (layer.name, "out", layer.out_ch)
-        self.log.append((key, residual is not None))
+        self.log.append((key, residual is not None, layer.params.pool))
         return super().run_layer(layer, x, residual, out_mask, in_mask)
 
 
@@ -578,7 +587,7 @@ def _random_gates(b, seed):
     p = dict(b.processor)
     p["layer_gate.proj.weight"] = rng.normal(0, 3, p["layer_gate.proj.weight"].shape).astype(np.float32)
     p["layer_gate.proj.bias"] = np.zeros(1, np.float32)
-    for k in p:
+    for k in sorted(p):  # (a safetensors load's key order varies from run to run)
         if k.endswith("lgate.conv.bias"):  # each block's LSTM input apart: mixed decisions
             p[k] = rng.normal(0, 3.0, p[k].shape).astype(np.float32)
         if k.endswith("cgate.fc.bias"):
@@ -586,11 +595,13 @@ def _random_gates(b, seed):
     return dataclasses.replace(b, processor=_Reads(p))
 
 
-def _logged_rows(table, launches, reads, maps):
+def _logged_rows(table, launches, reads, maps, skipped=()):
     """Table rows of the ops one image's run logged, mapped by hand: each engine launch; the residual
-    add fused into a launch that added one; each ARM layer whose weights the processor read (the
-    shared LSTM's n-th step is row #n); the global pool whose vector that layer or gate conv consumed;
-    each map the runner pooled in one pass (2x2 average, exit max pool), by its shapes."""
+    add fused into a launch that added one; the pooled sums a launch wrote (FLAG_POOL: its `.sums`
+    row); each ARM layer whose weights the processor read (the shared LSTM's n-th step is row #n);
+    the global pool (the read of the sums) whose vector that layer or gate conv consumed; each map the
+    runner pooled in one pass (2x2 average, exit max pool), by its shapes; each copy the runner made
+    of a skipped layer's features, in program order of the `skipped` layers (DenseNet), of their shape."""
     dense = table[(table.axis == "out") & (table.active == table.out_ch)].set_index("layer")
     rows = []
 
@@ -599,8 +610,10 @@ def _logged_rows(table, launches, reads, maps):
             n for n in dense.index if n.startswith(owner + ".pool") and dense.out_h[n] * dense.out_w[n] == 1)
         rows.append((name, "out", int(dense.out_ch[name])))
 
-    for key, residual in launches:
+    for key, residual, pool in launches:
         rows.append(key)
+        if pool:
+            rows.append((key[0] + ".sums", "out", int(dense.out_ch[key[0]])))
         if residual:
             add = dense[(dense.kind == "add") & (dense.fused_into == key[0])]
             rows.append((add.index[0], "out", int(add.out_ch.iloc[0])))
@@ -627,7 +640,18 @@ def _logged_rows(table, launches, reads, maps):
             hit = proc[(proc.in_ch == a[0]) & (proc.in_h == a[1]) & (proc.out_h == o[1])]
             assert len(hit) == 1, (op, a, o)
             rows.append((hit.index[0], "out", int(hit.out_ch.iloc[0])))
+    copies = [(a, o) for op, a, o in maps if op == "copy"]
+    assert len(copies) == len(skipped)
+    for name, (a, o) in zip(skipped, copies):
+        row = dense.loc[name + ".skip_copy"]
+        assert tuple(a) == tuple(o) == (row.out_ch, row.out_h, row.out_w)
+        rows.append((name + ".skip_copy", "out", int(row.out_ch)))
     return rows
+
+
+def _skipped_copies(m, r) -> list[str]:
+    """The layers whose skip the runner answers with a copy (DenseNet), in program order."""
+    return [m.block_names[j] for j, ran in enumerate(r.block_run) if not ran] if m.family == "densenet" else []
 
 
 def _runs(b, x, n_exits):
@@ -710,7 +734,7 @@ def test_calibration_replay_is_what_the_runner_ran(exit_case):
     skipped = closed = fallbacks = 0
     stops = set()
     for mode, r, launches, reads in runs:
-        want = _logged_rows(table, launches, reads, r.processor_maps)
+        want = _logged_rows(table, launches, reads, r.processor_maps, _skipped_copies(m, r))
         assert sorted(executed_rows(table, b, r)) == sorted(want), mode
         skipped += r.block_run.count(0)
         closed += sum(int((1 - v).sum()) for v in r.channel_masks.values())
@@ -723,7 +747,7 @@ def test_calibration_replay_is_what_the_runner_ran(exit_case):
     assert stops & {"layer gate", "channel gate"}
     idx = table.set_index(["layer", "axis", "active"])
     results = [r for _, r, _, _ in runs]
-    logged = [k for _, r, la, re in runs for k in _logged_rows(table, la, re, r.processor_maps)]
+    logged = [k for _, r, la, re in runs for k in _logged_rows(table, la, re, r.processor_maps, _skipped_copies(m, r))]
     want = config_counts(idx.loc[pd.MultiIndex.from_tuples(logged)].reset_index())
     got = counts_from_runs(table, b, results)
     assert got == pytest.approx({k: v / len(results) for k, v in want.items()}, rel=1e-12)
@@ -794,3 +818,97 @@ def test_calibration_replay_costs_what_the_model_costs(exit_case):
             else:
                 want = float(ev.sum())
             assert scale * rows[col].sum() == pytest.approx(want, rel=1e-9), (mode, metric)
+
+
+# ----------------------------------------------------------------------------- what a skip costs
+
+
+def test_skip_copy_row_by_hand(dense_case):
+    """A skipped dense layer's features are the previous layer's, copied by the processor into the
+    layer's slot of the block buffer: growth 4 maps of 16x16 = 1024 words read and 1024 written over
+    DRAM, one processor op per word read, no MACs (FLOPs 0), no engine cycles; paid only when the
+    layer is skipped (the cost plan's s, and the gradient of the expected cost in the run decision is
+    f + c + V(k) - s). The first layer of a block cannot be skipped: no row."""
+    from ddi_hw.cost import CostTable
+
+    m, _, table, _, _ = dense_case
+    pre = load_preset("zedboard")
+    row = table[(table.layer == "dense_blocks.0.1.skip_copy") & (table.active == 4)].iloc[0]
+    assert (row.kind, row.block, row.source) == ("copy", "dense_blocks.0.1", "processor, skipped-layer copy")
+    assert (row.macs, row.dram_reads_ifmap, row.dram_writes_ofmap, row.cycles) == (0, 4 * 256, 4 * 256, 0)
+    assert row.proc_s == pytest.approx(1024 / pre.proc_macs_per_s) and row.e_mac_pj == 0
+    assert row.energy_pj == pytest.approx(2048 * pre.dram_pj + pre.board_power_w * 1024 / pre.proc_macs_per_s * 1e12)
+    copies = set(table[table.kind == "copy"].layer)
+    assert copies == {f"{n}{'.skip_copy'}" for n, s in zip(m.block_names, m.block_skippable) if s}
+    mm = copy.deepcopy(m).attach_cost_table(CostTable.from_frame(table))
+    plan, j = mm.plan, mm.block_names.index("dense_blocks.0.1")
+    assert float(plan.s["energy"][j]) == pytest.approx(row.energy_pj) and float(plan.s["flops"][j]) == 0
+    assert float(plan.s["energy"][0]) == 0  # dense_blocks.0.0: never skipped
+    L = torch.full((1, plan.J), 0.5, dtype=torch.float64, requires_grad=True)
+    k = plan.K[None].clone()
+    plan.events_matrix(L, k, "energy", with_exits=False).sum().backward()
+    run = plan.f["energy"] + plan.c["energy"] + plan.V["energy"][torch.arange(plan.J), plan.K.long()]
+    assert torch.allclose(L.grad[0], run - plan.s["energy"])
+
+
+def test_a_skipped_dense_layer_is_copied_once_and_costed_so(dense_case):
+    """The runner answers each skipped dense layer with exactly one copy (its map-op log) of the
+    previous layer's features: growth maps of the layer's output size, the `.skip_copy` row's shape."""
+    from ddi_hw.deploy.backends import run_image
+
+    m, _, table, b, x = dense_case
+    b = _random_gates(b, 4)
+    copies = skipped = 0
+    for n in range(len(x)):
+        r = run_image(b, x[n].numpy(), ReferenceBackend())
+        names = _skipped_copies(m, r)
+        ops = [(a, o) for op, a, o in r.processor_maps if op == "copy"]
+        assert len(ops) == len(names)
+        for name, (a, o) in zip(names, ops):
+            row = table[(table.layer == name + ".skip_copy") & (table.active == table.out_ch)].iloc[0]
+            j = m.block_names.index(name)
+            assert tuple(a) == tuple(o) == tuple(b.manifest["tensors"][f"d{j}.y"]["shape"]) == \
+                (m.layers[j].growth, row.out_h, row.out_w) == (row.out_ch, row.out_h, row.out_w)
+        copies += len(ops)
+        skipped += r.block_run.count(0)
+    assert copies == skipped > 0
+
+
+def test_pooled_sums_are_charged_where_the_engine_writes_them(exit_case):
+    """Per image, with random decisions (skipped blocks, closed channels, exits, budgets): the pooled-sum
+    words the replay charges as written (`.sums` rows) are exactly those of the launches that wrote
+    pooled sums (FLAG_POOL: 2 words per output channel, the launch log), and every pooled vector the
+    processor used is charged one read (2 words per channel) -- also after a skipped ResNet block,
+    whose next gate reads the sums of the block's input, which an earlier conv wrote."""
+    from ddi_hw.calibrate import executed_rows
+
+    m, _, table, b, x = exit_case
+    b = _random_gates(b, 4)
+    idx = table.set_index(["layer", "axis", "active"])
+    reused = 0
+    for mode, r, launches, _ in _runs(b, x[:4], len(m.exits)):
+        rows = idx.loc[executed_rows(table, b, r)]
+        written = 2 * sum(int(table[(table.layer == key[0])].out_ch.iloc[0]) for key, _, pool in launches if pool)
+        pooled = (rows.kind == "sums") | ((rows.kind == "pool") & (rows.out_h * rows.out_w == 1))
+        assert rows[pooled].dram_writes_ofmap.sum() == written, mode
+        assert rows[rows.kind == "sums"].dram_reads_ifmap.sum() == 0
+        if m.family == "resnet":
+            reused += sum(1 for j in range(1, len(r.block_run)) if not r.block_run[j - 1] and m.blocks[j].lgate is not None)
+    assert reused or m.family != "resnet"  # some gate read the sums of a skipped block's input
+
+
+def test_replay_refuses_a_table_without_the_skip_rows(exit_case):
+    """A table from before the `.sums` / `.skip_copy` rows (pooled sums charged to the gates that read
+    them, no copy) is refused by name, not silently replayed."""
+    from ddi_hw.calibrate import counts_from_runs
+    from ddi_hw.deploy.backends import run_image
+
+    m, _, table, b, x = exit_case
+    b = _random_gates(b, 4)
+    results = [run_image(b, x[n].numpy(), ReferenceBackend()) for n in range(4)]
+    assert any(0 in r.block_run for r in results)
+    with pytest.raises(UserError, match="no `.sums` rows"):
+        counts_from_runs(table[table.kind != "sums"], b, results)
+    if m.family == "densenet":
+        with pytest.raises(UserError, match="no skip-copy row"):
+            counts_from_runs(table[table.kind != "copy"], b, results)

@@ -200,11 +200,16 @@ def _edit_manifest(path, fn):
     (lambda m: m["program"][2].__setitem__("end", 1), "jumps"),  # a loop back would never end
     (lambda m: m["processor_shapes"].__setitem__("fc.weight", [3, 3]), "fc.weight"),
     # bundles of the previous formats (/3: exit branches on the processor in float; /4: an exit's max
-    # pools as successive 2x2 passes) are refused by name
+    # pools as successive 2x2 passes; /5: no skip-only cost `s`, pooled sums charged to the gates) are
+    # refused by name
     (lambda m: m.__setitem__("format", "ddi-hw-bundle/3"),
-     r"format 'ddi-hw-bundle/3', expected 'ddi-hw-bundle/5'; re-export"),
+     r"format 'ddi-hw-bundle/3', expected 'ddi-hw-bundle/6'; re-export"),
     (lambda m: m.__setitem__("format", "ddi-hw-bundle/4"),
-     r"format 'ddi-hw-bundle/4', expected 'ddi-hw-bundle/5'; re-export"),
+     r"format 'ddi-hw-bundle/4', expected 'ddi-hw-bundle/6'; re-export"),
+    (lambda m: m.__setitem__("format", "ddi-hw-bundle/5"),
+     r"format 'ddi-hw-bundle/5', expected 'ddi-hw-bundle/6'; re-export"),
+    (lambda m: next(e for e in m["cost_plan"]["events"] if e["kind"] == "block").pop("s"),
+     "cost_plan is malformed"),  # a /5 plan relabelled /6
     (lambda m: _exit_step(m).__setitem__("pool", 3), r"bad max-pool window 3 \(a power of two, 1..256\)"),
     (lambda m: _exit_step(m).pop("pool"), "bad max-pool window None"),  # a /4 step (`pools`) relabelled /5
     (lambda m: _exit_step(m).__setitem__("layer", 0),

@@ -66,7 +66,10 @@ def brute_cost(model, force, metric="flops", upto_exit=None):
             run = 1.0 if j not in skip_col else float(force["layer"][s, skip_col[j]])
             gate = f"{blk}.cgate"
             for r, row in rows:
-                if row["role"] == "gate" and ".cgate." not in r and not r.startswith("channel_rnn"):
+                if row.get("kind") in ("sums", "copy"):  # pooled sums a launch of this block writes: only
+                    if run == (row["kind"] == "sums"):  # when it runs; a skipped layer's copy: only when skipped
+                        total += table.dense(r, metric)
+                elif row["role"] == "gate" and ".cgate." not in r and not r.startswith("channel_rnn"):
                     total += table.dense(r, metric)  # layer gate: evaluated whenever reached
                 elif not run:
                     continue
@@ -95,10 +98,17 @@ def brute_budget(model, force, budget, metric="flops"):
         rows_by_block.setdefault(row["block"], []).append((name, row))
     skip_col = {j: i for i, j in enumerate(model.skippable_idx)}
 
-    def parts(blk, k):  # (layer gate, channel gate, backbone at k active channels)
-        lg = cg = bb = 0.0
+    def parts(blk, k):  # (layer gate, channel gate, backbone at k active channels, a skip's copy)
+        lg = cg = bb = sk = 0.0
         for r, row in rows_by_block.get(blk, []):
-            if row["role"] == "gate" and ".cgate." not in r and not r.startswith("channel_rnn"):
+            if row.get("kind") == "copy":  # paid only when skipped
+                sk += table.dense(r, metric)
+            elif row.get("kind") == "sums":  # with the launch that writes them (`<conv>.sums`)
+                if table.rows[r[: -len(".sums")]]["role"] == "gate":
+                    cg += table.dense(r, metric)
+                else:
+                    bb += table.dense(r, metric)
+            elif row["role"] == "gate" and ".cgate." not in r and not r.startswith("channel_rnn"):
                 lg += table.dense(r, metric)
             elif row["role"] == "gate":
                 cg += table.dense(r, metric)
@@ -108,7 +118,7 @@ def brute_budget(model, force, budget, metric="flops"):
                 bb += float(table.curve(r, "in", metric)[k])
             else:
                 bb += table.dense(r, metric)
-        return lg, cg, bb
+        return lg, cg, bb, sk
 
     events, j = [], 0
     for kind, blk in model.events:  # (kind, block index or None, block name)
@@ -119,8 +129,8 @@ def brute_budget(model, force, budget, metric="flops"):
         kind, jj, blk = e
         if kind != "block":
             return sum(table.dense(r, metric) for r, _ in rows_by_block.get(blk, []))
-        lg, cg, bb = parts(blk, 0)
-        return lg + (0.0 if jj in skip_col else cg + bb)
+        lg, cg, bb, sk = parts(blk, 0)
+        return lg + (min(sk, cg + bb) if jj in skip_col else cg + bb)
 
     rest = []
     for col in range(len(events)):
@@ -143,9 +153,10 @@ def brute_budget(model, force, budget, metric="flops"):
                 continue
             gate = f"{blk}.cgate"
             k = int(force["channel"][gate][s].sum()) if gate in force["channel"] else 0
-            lg, cg, bb0 = parts(blk, 0)
+            lg, cg, bb0, sk = parts(blk, 0)
             spent += lg
             if jj in skip_col and not force["layer"][s, skip_col[jj]]:
+                spent += sk
                 continue
             if armed and spent + cg + bb0 + rest[col] > budget:
                 stopped = jj

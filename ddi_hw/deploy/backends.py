@@ -15,7 +15,9 @@ or the RNN variant), the exits' and the final classifier on the pooled last tens
 budgeted-exit decisions (RADI) from the exported cost plan. A tensor no launch wrote pooled sums
 for (a DenseNet concatenation or transition output, the DenseNet head's BN + ReLU output) is
 pooled by the processor from the map; DenseNet's 2x2 average pools and the exit branches' max
-pools (one 2^k x 2^k pass each) also run there, in integer arithmetic; a concatenation copies nothing (`_BlockBuffers`).
+pools (one 2^k x 2^k pass each) also run there, in integer arithmetic; a concatenation copies nothing
+(`_BlockBuffers`), except a skipped dense layer's features, which the processor copies from the previous
+layer's into the layer's slot (a `copy` map op, the cost table's `.skip_copy` row).
 The gates' numpy forwards are `ddi_hw.deploy.processor.GATE_OPS`, one per gate kind. Layer
 skipping = the processor does not launch the engine; channel skipping = the engine's output/input
 channel masks.
@@ -117,7 +119,8 @@ class ImageResult:
     dense_iterations: int = 0  # the static network's (every block and channel on, no gates, no exits)
     cost: float = 0.0  # executed cost from the model's cost table (manifest cost_plan): all it ran
     processor_maps: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (op, input shape,
-    #   output shape) of every op the processor ran on a map in DRAM (pools, the exits' max pool)
+    #   output shape) of every op the processor ran on a map in DRAM (pools, the exits' max pool, a
+    #   skipped dense layer's copy)
     exits_run: list[int] = field(default_factory=list)  # exit branches run (under a budget: every fallback)
     stopped_at: int = -1  # the exit the program stopped at (-1: none); blocks after it never ran
     stopped_block: int = -1  # under a budget: the block it stopped in (its gates ran, not its convs; -1: none)
@@ -284,13 +287,14 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
     """One normalised (3, H, W) float image through the bundle's program.
 
     Steps: `input` quantises the image; `conv` launches the engine; `block` opens a residual block
-    or dense layer (its `layer_gate` may skip it: nothing is launched, the output is the input or
-    the previous layer's features); `channel_gate` sets the masks of the block's convs; `concat` /
-    `avgpool2` are integer processor ops; `exit` runs an exit branch when `exit_at` names it (the image
-    stops there) or, under a `budget` (in the cost plan's metric, FLOPs), whenever reached (the
-    fallback answer); `head` pools and classifies. Under a budget the image stops where the rule of
-    `ddi_hw.deploy.budget` says (at an exit, or in a block before its channel gate or its convs),
-    answers with its last exit branch and is charged all it ran (`cost`). `exit_at` overrides a budget."""
+    or dense layer (its `layer_gate` may skip it: nothing is launched, the output is the input, or
+    the previous layer's features copied into its slot); `channel_gate` sets the masks of the block's
+    convs; `concat` / `avgpool2` are integer processor ops; `exit` runs an exit branch when `exit_at`
+    names it (the image stops there) or, under a `budget` (in the cost plan's metric, FLOPs), whenever
+    reached (the fallback answer); `head` pools and classifies. Under a budget the image stops where
+    the rule of `ddi_hw.deploy.budget` says (at an exit, or in a block before its channel gate or its
+    convs), answers with its last exit branch and is charged all it ran (`cost`). `exit_at` overrides
+    a budget."""
     res = ImageResult(logits=np.zeros(0), dense_iterations=static_iterations(bundle))  # also if it exits early
     layout = _BlockBuffers(bundle)
     proc, env = _Processor(bundle, res.processor_maps, layout), {}
@@ -334,10 +338,13 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
                     res.stopped_block, res.stopped_after_channel_gate = j, True
                     return stop()
             res.block_run.append(int(run))
-            if not run:  # skipped block: nothing launched; output = input (ResNet) or a copy of
-                env[st["out"]] = env[st.get("skip_from") or st["in"]]  # the previous layer's (DenseNet)
-                if (st.get("skip_from") or st["in"]) in proc.pooled:
-                    proc.pooled[st["out"]] = proc.pooled[st.get("skip_from") or st["in"]]
+            if not run:  # skipped block: nothing launched; output = input (ResNet: its pooled sums,
+                src = st.get("skip_from") or st["in"]  # if a conv wrote them, serve the next gate) or
+                env[st["out"]] = env[src]  # the previous layer's features (DenseNet), which the
+                if st.get("skip_from"):  # processor copies into this layer's slot of the block buffer
+                    res.processor_maps.append(("copy", env[src].shape, env[src].shape))  # (`concat`)
+                if src in proc.pooled:
+                    proc.pooled[st["out"]] = proc.pooled[src]
                 i = st["end"]
                 continue
         elif op == "conv":

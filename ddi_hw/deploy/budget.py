@@ -10,8 +10,9 @@ block is reached, its channel gate and convs when it runs, every exit branch it 
 fallback), and the gates of the block it stopped in. From exit 0 on, the budget B is hard:
 
 - after exit i's branch, the image goes on only if spent + the cheapest way to the next exit fits
-  in B (`rest`: skippable blocks skipped, the others at zero active channels, that exit's branch
-  included; after the last exit: up to and including the head);
+  in B (`rest`: each skippable block skipped -- or run at zero channels if its skip cost `s` is
+  dearer --, the others at zero active channels, that exit's branch included; after the last exit:
+  up to and including the head);
 - before a block runs (its layer gate said "run"), it goes on only if spent + this block at zero
   active channels + `rest` fits (so its channel gate is paid for), and again once its channel gate
   chose k channels, with the block at k;
@@ -31,7 +32,7 @@ GATES_ONLY, GATES_AND_CHANNEL_GATE = 1, 2  # how much of the block an image stop
 
 class BudgetPlan:
     """One metric's cost plan (`{"events": [...], "min_event": [...]}`, see `CostPlan.export`) in the
-    form the rule reads. Events: fixed {cost}, block {index, g, f, c, V}, exit {index, cost}."""
+    form the rule reads. Events: fixed {cost}, block {index, g, f, c, s, cg, V}, exit {index, cost}."""
 
     def __init__(self, plan: dict):
         ev = plan["events"]
@@ -42,7 +43,11 @@ class BudgetPlan:
         self.exit_col = [c for c, e in enumerate(ev) if e["kind"] == "exit"]
         self.J = len(self.block_col)
         blocks = [ev[c] for c in self.block_col]
-        self.g, self.f, self.c = (np.array([float(e[x]) for e in blocks], dtype=np.float64) for x in "gfc")
+        self.g, self.f, self.c, self.s, self.cg = (np.array([float(e[x]) for e in blocks], dtype=np.float64)
+                                                   for x in ("g", "f", "c", "s", "cg"))
+        # s: paid only when skipped (a DenseNet copy); cg: the channel gate alone (c also holds the
+        # pooled sums the block's convs write for the next gates, which a block stopped before its
+        # convs never writes)
         self.V = [np.asarray(e["V"], dtype=np.float64) for e in blocks]
         self.K = np.array([len(v) - 1 for v in self.V], dtype=np.int64)  # full width (0: no channel gate)
         self.col_block = {c: j for j, c in enumerate(self.block_col)}
@@ -62,12 +67,13 @@ class BudgetPlan:
         if j is None:
             return np.full(len(L), self.cost[col])
         k = np.clip(k.astype(np.int64), 0, self.K[j])  # (a block without a channel gate: its one width)
-        return self.g[j] + L.astype(np.float64) * (self.f[j] + self.c[j] + self.V[j][k])
+        L = L.astype(np.float64)
+        return self.g[j] + L * (self.f[j] + self.c[j] + self.V[j][k]) + (1.0 - L) * self.s[j]
 
     def gates_cost(self, j: int, stage: np.ndarray) -> np.ndarray:
         """What ran of block j in an image that stopped in it: its layer gate, and its channel gate
         at stage GATES_AND_CHANNEL_GATE."""
-        return np.where(stage == GATES_AND_CHANNEL_GATE, self.g[j] + self.c[j], self.g[j])
+        return np.where(stage == GATES_AND_CHANNEL_GATE, self.g[j] + self.cg[j], self.g[j])
 
     def charged(self, L: np.ndarray, k: np.ndarray, stop_col: np.ndarray, stage: np.ndarray,
                 exits: bool = True) -> np.ndarray:

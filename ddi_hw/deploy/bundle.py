@@ -36,11 +36,12 @@ from ddi_hw.deploy.regmap import load_regmap
 from ddi_hw.errors import UserError
 from ddi_hw.validate import fields, read_json
 
-FORMAT = "ddi-hw-bundle/5"  # /2: manifest digest, non-overlapping blob ranges; /3: every gate kind with
+FORMAT = "ddi-hw-bundle/6"  # /2: manifest digest, non-overlapping blob ranges; /3: every gate kind with
 #   engine convs (CNN channel gate, DenseNet light gate) has them as engine layers (`layer`); /4: exit
 #   branches' convs are engine layers (`layer`), their max pools integer on the processor (`pooled`);
 #   /5: an exit's max pools are one pass (`pool`: window = stride, was `pools` 2x2 passes), and the
-#   cost plan prices that one pass
+#   cost plan prices that one pass; /6: the cost plan's block events carry `s` (cost paid only when the
+#   block is skipped: a DenseNet layer's copy) and charge pooled sums to the conv that writes them
 MANIFEST, ENGINE_BLOB, PROC_BLOB = "manifest.json", "engine.bin", "processor.safetensors"
 ALIGN = 64
 DIGEST_KEY = "manifest_sha256"
@@ -248,7 +249,7 @@ def _check_cost_plan(path: Path, plan) -> None:
                 ok &= e.get("index") == exits
                 exits += 1
         elif kind == "block":
-            ok &= _int(e.get("index")) and all(_num(e.get(k)) for k in "gfc") and isinstance(e.get("V"), list) \
+            ok &= _int(e.get("index")) and all(_num(e.get(k)) for k in "gfcs") and isinstance(e.get("V"), list) \
                 and len(e["V"]) > 0 and all(_num(x) for x in e["V"])
         else:
             ok = False

@@ -6,13 +6,16 @@ for blocks that cannot be skipped) and k_j (active channels of the block's gated
 full width without a channel gate). The executed cost is then read from the table in one
 vectorised pass over an ordered list of *events* (stem, block 0, exit 0, block 1, ..., head):
 
-    block j:  g_j + L_j * (f_j + c_j + V_j(k_j))
+    block j:  g_j + L_j * (f_j + c_j + V_j(k_j)) + (1 - L_j) * s_j
 
 g_j = layer-gate layers (evaluated whenever the block is reached, including the shared LSTM, once
-per call), c_j = channel-gate layers (MGL2S: only evaluated when the block runs), f_j = layers that
-run with the block but are not channel-gated (a projection shortcut), V_j(k) = the gated conv pair
-(first conv on axis "out", second on axis "in") interpolated at k. With straight-through decisions
-this is differentiable and equals the table value for hard decisions.
+per call), c_j = channel-gate layers (MGL2S: only evaluated when the block runs) and the pooled sums
+its last conv writes for the next block's gates, f_j = layers that run with the block but are not
+channel-gated (a projection shortcut, the residual add, the pooled sums written for the head), V_j(k) = the gated conv pair (first conv on axis "out", second on axis "in") interpolated
+at k, s_j = what a skip costs (a DenseNet layer's copy of the previous layer's features into its
+slot; 0 for a ResNet block, whose output is its input). With straight-through decisions this is
+differentiable (the expected cost g + p (f + c + V) + (1 - p) s in the gate's probability p) and
+equals the table value for hard decisions.
 
 Budgets (RADI anytime inference). With `budget=B` a sample follows the hard-budget rule of
 `ddi_hw.deploy.budget` (the board runner's too, on the same plan numbers): from exit 0 on it goes on
@@ -54,7 +57,11 @@ class CostPlan:
     Rows are assigned to events by their `block` column; inside a block by role and gates:
     backbone rows with an `out_gate` / `in_gate` form V (costed at k on that axis), other backbone
     rows f, gate rows whose `gate_kind` has the role "channel" c (runs only with the block), other
-    gate rows g (layer gate: runs whenever the block is reached).
+    gate rows g (layer gate: runs whenever the block is reached), rows of kind "copy" s (only when
+    the block is skipped: `energy_models.dataflow`, `copy`). The pooled sums a block's conv writes
+    only for gates (a `sums` row of role gate) are c: gate work paid only when that conv runs; a
+    fixed event's gate rows (the stem's sums for block 0's gates) are the next block's g. cg is c
+    without those sums: what a budget that stops the image between channel gate and convs charges.
     """
 
     def __init__(self, table: CostTable, events: list[tuple[str, str]], skippable: list[bool]):
@@ -63,6 +70,14 @@ class CostPlan:
         by_block: dict[str, list[str]] = {}
         for name, row in table.rows.items():
             by_block.setdefault(str(row.get("block", "")), []).append(name)
+        self._first_gates: set[str] = set()  # gate work of a fixed event: the next block's layer-gate cost
+        for s, (kind, b) in enumerate(events):
+            nxt = next((b2 for k2, b2 in events[s + 1:] if k2 == "block"), None)
+            if kind == "fixed" and nxt is not None:
+                moved = [n for n in by_block.get(b, []) if table.rows[n].get("role") == "gate"]
+                by_block[b] = [n for n in by_block[b] if n not in moved]
+                by_block.setdefault(nxt, []).extend(moved)
+                self._first_gates.update(moved)
         known = {b for _, b in events}
         stray = [n for b, ns in by_block.items() if b not in known for n in ns]
         if stray:
@@ -82,7 +97,7 @@ class CostPlan:
         self.K32 = self.K.numpy().astype(np.float32)  # SparseRun's starting active counts
         kmax = int(max([p[0] for p in parts] + [1]))
         total = lambda names, m: sum(table.dense(n, m) for n in names)  # noqa: E731
-        self.V, self.g, self.c, self.f, self.fixed, self.exit = {}, {}, {}, {}, {}, {}
+        self.V, self.g, self.c, self.cg, self.f, self.s, self.fixed, self.exit = {}, {}, {}, {}, {}, {}, {}, {}
         for m in self.metrics:
             V = torch.zeros(self.J, kmax + 1, dtype=torch.float64)
             for j, (K, gated, *_rest) in enumerate(parts):
@@ -91,8 +106,8 @@ class CostPlan:
                     V[j, : K + 1] = curve
                     V[j, K + 1:] = curve[-1]
             self.V[m] = V
-            self.f[m], self.g[m], self.c[m] = (torch.tensor([total(p[i], m) for p in parts], dtype=torch.float64)
-                                               for i in (2, 3, 4))
+            self.f[m], self.g[m], self.c[m], self.s[m], self.cg[m] = (
+                torch.tensor([total(p[i], m) for p in parts], dtype=torch.float64) for i in (2, 3, 4, 5, 6))
             self.fixed[m] = torch.tensor([total(by_block.get(b, []), m) for k, b in events if k == "fixed"],
                                          dtype=torch.float64)
             self.exit[m] = torch.tensor([total(by_block.get(b, []), m) for k, b in events if k == "exit"],
@@ -103,20 +118,31 @@ class CostPlan:
             ev = torch.zeros(self.S, dtype=torch.float64)
             ev[self.fixed_cols] = self.fixed[m]
             ev[self.exit_cols] = self.exit[m]
-            full = self.f[m] + self.c[m] + self.V[m][:, 0]  # unskippable block, all channels off
-            ev[self.block_cols] = self.g[m] + torch.where(self.skippable, torch.zeros_like(full), full)
+            full = self.f[m] + self.c[m] + self.V[m][:, 0]  # run, all channels off
+            ev[self.block_cols] = self.g[m] + torch.where(self.skippable, torch.minimum(self.s[m], full), full)
             self.min_event[m] = ev
 
     def _split(self, names: list[str]):
-        gated, fixed, lgate, cgate, widths = [], [], [], [], set()
+        gated, fixed, lgate, cgate, skip, widths = [], [], [], [], [], set()
+        channel_gate = []  # c without the sums: what a budget that stops the image after the channel gate charges
         for n in names:
             row = self.table.rows[n]
-            if row.get("role", "backbone") == "gate":  # channel gates run only with their block
+            if row.get("kind") == "copy":  # paid only when the block is skipped
+                skip.append(n)
+            elif n in self._first_gates:  # e.g. the stem's pooled sums for block 0's gates: paid
+                lgate.append(n)  # whenever the block is reached (the stem always ran before it)
+            elif row.get("kind") == "sums" and row.get("role") == "gate":  # sums a launch of this block
+                cgate.append(n)  # writes for gates: paid only when this block runs
+                if self.table.rows.get(str(row.get("fused_into")), {}).get("role") == "gate":
+                    channel_gate.append(n)  # written by the channel gate's own conv, for its FC
+            elif row.get("role", "backbone") == "gate":  # channel gates run only with their block
                 kind = GATE_KINDS.get(str(row.get("gate_kind")))
                 if kind is None:
                     raise UserError(f"cost table row {n!r} is a gate of unknown kind {row.get('gate_kind')!r}; "
                                     "profile this model again")
                 (cgate if kind.role == "channel" else lgate).append(n)
+                if kind.role == "channel":
+                    channel_gate.append(n)
             elif _given(row.get("out_gate")):
                 gated.append((n, "out"))
                 widths.add(len(self.table.curve(n, "out", "flops")) - 1)
@@ -127,7 +153,7 @@ class CostPlan:
                 fixed.append(n)
         if len(widths) > 1:
             raise UserError(f"gated layers {[n for n, _ in gated]} disagree on the channel count {widths}")
-        return (widths.pop() if widths else 0), gated, fixed, lgate, cgate
+        return (widths.pop() if widths else 0), gated, fixed, lgate, cgate, skip, channel_gate
 
     def check(self, metric: str) -> None:
         if metric not in self.metrics:
@@ -136,7 +162,8 @@ class CostPlan:
     def events_matrix(self, L: torch.Tensor, k: torch.Tensor, metric: str, with_exits: bool) -> torch.Tensor:
         """(N, S) cost of each event per sample; L, k are (N, J)."""
         L64 = L.to(torch.float64)
-        blk = self.g[metric] + L64 * (self.f[metric] + self.c[metric] + interp(self.V[metric], k))
+        blk = self.g[metric] + L64 * (self.f[metric] + self.c[metric] + interp(self.V[metric], k)) \
+            + (1 - L64) * self.s[metric]
         n = L.shape[0]
         ev = torch.zeros(n, self.S, dtype=torch.float64)
         ev = ev.index_copy(1, self.block_cols, blk)
@@ -153,10 +180,11 @@ class CostPlan:
         if not hasattr(self, "_np"):
             self._jidx = np.arange(self.J)
             self._np = {m: (float(self.fixed[m].sum()), self.g[m].numpy(), (self.f[m] + self.c[m]).numpy(),
-                            self.V[m].numpy()) for m in self.metrics}
-        fixed, g, fc, V = self._np[metric]
+                            self.V[m].numpy(), self.s[m].numpy()) for m in self.metrics}
+        fixed, g, fc, V, s = self._np[metric]
         v = V[self._jidx, k.astype(np.int64)]  # (N, J)
-        return torch.from_numpy(fixed + (g + L.astype(np.float64) * (fc + v)).sum(1))
+        L64 = L.astype(np.float64)
+        return torch.from_numpy(fixed + (g + L64 * (fc + v) + (1 - L64) * s).sum(1))
 
     def dense_cost(self, metric: str) -> float:
         """Static backbone: every block runs with every channel, no gates, no exits."""
@@ -177,6 +205,8 @@ class CostPlan:
                 K = int(self.K[block_i])
                 events.append({"kind": "block", "index": block_i, "g": float(self.g[metric][block_i]),
                                "f": float(self.f[metric][block_i]), "c": float(self.c[metric][block_i]),
+                               "s": float(self.s[metric][block_i]),  # paid only when skipped (a DenseNet copy)
+                               "cg": float(self.cg[metric][block_i]),  # c's channel gate alone (no sums)
                                "V": [float(v) for v in self.V[metric][block_i, :K + 1]]})
                 block_i += 1
             else:
@@ -254,7 +284,9 @@ class DynamicNet(nn.Module):
 
     def gate_overhead(self, metric: str = "flops"):
         """Per block: backbone cost (dense) and layer/channel gate cost relative to it
-        (paper: LSTM gate ~0.04% / <1%, CNN gate ~12.5% of a block, DenseNet light gate ~11%)."""
+        (paper: LSTM gate ~0.04% / <1%, CNN gate ~12.5% of a block, DenseNet light gate ~11%).
+        `channel_gate` is the plan's c: it also holds the pooled sums the
+        block's last conv writes for the next block's gates (their adds and 2 words per channel)."""
         import pandas as pd
 
         plan = self.plan

@@ -192,6 +192,9 @@ class DenseNet(DynamicNet):
                 ann(m, f"transitions.{t}", "backbone")
         for j, layer in enumerate(self.layers):
             self._annotate_gated_block(self._names[j], layer)
+            # a skipped layer's features are the previous layer's, copied into its slot (Fig. 3):
+            # the cost table prices that copy, paid only when the layer is skipped
+            layer.conv2.ddi_skip = "copy" if layer.skippable else None
         self._annotate_shared_gates_and_exits()
 
     def _head(self, h):
