@@ -107,8 +107,9 @@ def place(specs) -> dict[str, Placement]:
 def table_specs(specs) -> list[tuple]:
     """(spec, placement) of every cost-table row in execution order: the traced specs, a `sums`
     spec right after each conv that writes pooled sums (FLAG_POOL; its channels, block and gates; role
-    "gate" when only gates read them, else its role), and a `copy` spec after each layer whose skip is a copy (`skip == "copy"`; k maps of its
-    output's size, its block and layer gate, no channel gate)."""
+    "gate" when only gates read them, else its role), and a `copy` spec after each layer whose skip
+    is a copy (`skip == "copy"`; k maps of its output's size, its block and layer gate, no channel
+    gate)."""
     where = place(specs)
     readers: dict[str, list] = {}
     for s in specs:

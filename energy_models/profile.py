@@ -16,8 +16,15 @@ from __future__ import annotations
 
 import pandas as pd
 
-from energy_models.dataflow import (copy_counts, fused_counts, place, processor_counts, row_macs, source_label,
-                                    table_specs)
+from energy_models.dataflow import (
+    copy_counts,
+    fused_counts,
+    place,
+    processor_counts,
+    row_macs,
+    source_label,
+    table_specs,
+)
 from energy_models.energy import add_energy, analytic_counts
 from energy_models.errors import UserError
 from energy_models.presets import DATAFLOWS, DEFAULT_PRESET, load_preset

@@ -2,7 +2,6 @@
 plans, decisions and budgets. Costs are whole numbers (exact in float64), so the rule's decisions and
 charged costs must equal the simulation's exactly, ties (spent + cheapest rest == budget) included."""
 import numpy as np
-import pytest
 
 from ddi_hw.deploy.budget import BudgetPlan, BudgetWalk, walk
 

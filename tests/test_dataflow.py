@@ -893,7 +893,8 @@ def test_pooled_sums_are_charged_where_the_engine_writes_them(exit_case):
         assert rows[pooled].dram_writes_ofmap.sum() == written, mode
         assert rows[rows.kind == "sums"].dram_reads_ifmap.sum() == 0
         if m.family == "resnet":
-            reused += sum(1 for j in range(1, len(r.block_run)) if not r.block_run[j - 1] and m.blocks[j].lgate is not None)
+            reused += sum(1 for j in range(1, len(r.block_run))
+                          if not r.block_run[j - 1] and m.blocks[j].lgate is not None)
     assert reused or m.family != "resnet"  # some gate read the sums of a skipped block's input
 
 

@@ -57,8 +57,10 @@ def test_families_build_their_kind_and_cost_roles_come_from_the_registry():
         assert gate_rows and all(r["gate_kind"] in GATE_KINDS for r in gate_rows.values())
         # independent: a row belongs to a channel gate iff it comes from a `cgate` module or the shared channel LSTM
         # (the pooled sums a conv writes only for gates, `<conv>.sums`, are the engine's, not a gate module's)
-        by_name = {n for n in gate_rows if (".cgate." in n or n.startswith("channel_rnn.")) and not n.endswith(".sums")}
-        by_kind = {n for n, r in gate_rows.items() if GATE_KINDS[r["gate_kind"]].role == "channel" and r["kind"] != "sums"}
+        by_name = {n for n in gate_rows
+                   if (".cgate." in n or n.startswith("channel_rnn.")) and not n.endswith(".sums")}
+        by_kind = {n for n, r in gate_rows.items()
+                   if GATE_KINDS[r["gate_kind"]].role == "channel" and r["kind"] != "sums"}
         assert by_name == by_kind
         plan = m.plan
         names = m.block_names

@@ -11,9 +11,10 @@ vectorised pass over an ordered list of *events* (stem, block 0, exit 0, block 1
 g_j = layer-gate layers (evaluated whenever the block is reached, including the shared LSTM, once
 per call), c_j = channel-gate layers (MGL2S: only evaluated when the block runs) and the pooled sums
 its last conv writes for the next block's gates, f_j = layers that run with the block but are not
-channel-gated (a projection shortcut, the residual add, the pooled sums written for the head), V_j(k) = the gated conv pair (first conv on axis "out", second on axis "in") interpolated
-at k, s_j = what a skip costs (a DenseNet layer's copy of the previous layer's features into its
-slot; 0 for a ResNet block, whose output is its input). With straight-through decisions this is
+channel-gated (a projection shortcut, the residual add, the pooled sums written for the head),
+V_j(k) = the gated conv pair (first conv on axis "out", second on axis "in") interpolated at k,
+s_j = what a skip costs (a DenseNet layer's copy of the previous layer's features into its slot;
+0 for a ResNet block, whose output is its input). With straight-through decisions this is
 differentiable (the expected cost g + p (f + c + V) + (1 - p) s in the gate's probability p) and
 equals the table value for hard decisions.
 
