@@ -39,7 +39,10 @@ iadi iadi_flops60 flops 0.6
 iadi iadi_flops70 flops 0.7
 # Experiment on the IADI accuracy gap: the same run distilled from the static backbone (T = 4)
 iadi iadi_flops50_kd flops 0.5 --distill 0.7
-for n in 20 14 26; do static $n; done
+static 20
+# Control for the IADI accuracy gap: the static ResNet-38 re-trained with the IADI schedule, no gates
+train "$OUT/resnet38_retrain" --config $C/resnet38_retrain.yaml --init "$OUT/resnet38_static"
+for n in 14 26; do static $n; done
 
 # DDI: exits added to the 50 % IADI model, trained on L_o + sum_i L_i (+ alpha E, same dual rule)
 train "$OUT/ddi" --config $C/resnet38_ddi.yaml --init "$OUT/iadi_flops50"

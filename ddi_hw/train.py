@@ -1,7 +1,8 @@
 """`ddi-hw train`: static backbone, IADI (two steps) and DDI training from one YAML recipe.
 
 Stages (paper Sec. III-C / IV-A):
-- `static`: the backbone alone, cross-entropy. The baseline and the start of IADI.
+- `static`: the backbone alone, cross-entropy. The baseline and the start of IADI. With `init` (a
+  static run) it fine-tunes that run: the control that tells IADI's skipping from its re-training.
 - `iadi`: gates added to a trained static run (`init`). Step 1 freezes the backbone and trains
   only the gates until the skip ratio is ~0 (so batch-norm statistics stay valid); step 2 trains
   everything on L + alpha*E, flipping the sign of alpha every batch so the saving of the chosen
@@ -461,7 +462,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     cost_id = attach_costs(model, [cfg["resource"]], cfg["hardware"], ds.input_shape)
     dense_cost = float(model.dense_cost(cfg["resource"]))  # (also builds the cost plan outside any compiled code)
     init_info = None
-    if cfg["stage"] != "static" and not resume:
+    if cfg["init"] and not resume:
         state, side = ck.load_model_state(cfg["init"])
         ck.check_sidecar(side, cfg["init"])
         try:
@@ -470,8 +471,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
             first = str(err).strip().splitlines()[-1].strip()
             raise UserError(f"init {cfg['init']} does not fit this {cfg['stage']} model ({first}); "
                             "check that 'arch' and the gate options match the init run") from None
-        new_parts = gate_parameter_names(model) | exit_state_names(model) if cfg["stage"] == "iadi" \
-            else exit_state_names(model)
+        new_parts = {"static": set(), "ddi": exit_state_names(model)}.get(
+            cfg["stage"], gate_parameter_names(model) | exit_state_names(model))
         stray = [k for k in missing if k not in new_parts]
         if unexpected or stray:
             raise UserError(f"init {cfg['init']} does not fit this {cfg['stage']} model "

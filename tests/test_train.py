@@ -132,6 +132,22 @@ def test_distilled_iadi_differs_and_resumes_bit_exact(tmp_path):
         train({**kd, "distill": 0.2}, tmp_path / "cut", resume=True, show_progress=False)
 
 
+def test_static_fine_tune_starts_from_its_init(tmp_path):
+    """A static run with `init` (the re-training control for IADI) starts from the init run's weights."""
+    train(cfg(steps=4), tmp_path / "static", show_progress=False)
+    train(cfg(steps=1, lr=1e-30, init=str(tmp_path / "static")), tmp_path / "tuned", show_progress=False)
+    train(cfg(steps=1, lr=1e-30, seed=5), tmp_path / "fresh", show_progress=False)
+    a, b, c = _weights(tmp_path / "static"), _weights(tmp_path / "tuned"), _weights(tmp_path / "fresh")
+    params = [k for k in a if "running" not in k and "num_batches" not in k]  # BN statistics move anyway
+    assert params and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-20) for k in params)
+    assert not all(torch.allclose(a[k], c[k], rtol=0, atol=1e-3) for k in params)
+    assert ck.load_model_state(tmp_path / "tuned")[1]["init"]["run"] == "../static"
+    iadi = dict(stage="iadi", init=str(tmp_path / "static"), steps=1, gate_steps=1, target_saving=0.3)
+    train(cfg(**iadi), tmp_path / "iadi", show_progress=False)
+    with pytest.raises(UserError, match="does not fit this static model"):
+        train(cfg(steps=1, init=str(tmp_path / "iadi")), tmp_path / "bad", show_progress=False)
+
+
 def test_static_resume_ignores_gate_only_settings(tmp_path):
     """A static run never reads alpha or the target: a changed default must not block --resume."""
     run = tmp_path / "s"
