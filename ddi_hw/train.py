@@ -391,7 +391,7 @@ TRAIN_STATE_SCHEMA = {  # what `train` keeps in the resume file next to weights 
     "step": (int, "an integer >= 0", lambda v: v >= 0),
     "phase": (str, "gates or main", lambda v: v in ("gates", "main")),
     "phase_start": (int, "an integer >= 0", lambda v: v >= 0), "low_skip_run": int,
-    "config": dict, "?init": (dict, type(None)),
+    "config": dict, "?init": (dict, type(None)), "?seconds": (float, int),
 }
 RUN_FILES = ("model.safetensors", "model.json", "resume.safetensors", "metrics.csv")
 
@@ -546,6 +546,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     def save_all(final_metrics: dict[str, Any] | None = None):
         if rank != 0:
             return
+        state["seconds"] = round(time.time() - t0, 3)
         ck.save_resume(out_dir, model, optimizer, state)
         if final_metrics is not None:
             init_run = (state["init"] or {}).get("run")  # relative to out_dir; also after --resume
@@ -571,7 +572,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                           "saving {task.fields[saving]:.2f}"), TimeElapsedColumn(), TimeRemainingColumn()]
     progress = Progress(*columns, disable=not show_progress or rank != 0, transient=False)
     rows: list[dict[str, Any]] = []
-    t0 = time.time()
+    t0 = time.time() - state.get("seconds", 0.0)  # wall time adds up over --resume pieces
     window = {"loss": 0.0, "acc": 0.0, "skip": 0.0, "saving": 0.0, "n": 0}
     target = cfg["target_saving"]
     calib = cfg["calibrate_every"] if cfg["stage"] != "static" and cfg["alpha_rule"] == "dual" else 0

@@ -69,7 +69,12 @@ def test_resume_is_bit_exact_across_iadi_phase_switch(tmp_path):
     # interrupted after 1 step (inside step 1, gates only) and again after 3 (inside step 2)
     assert train(iadi, tmp_path / "cut", stop_after=1, show_progress=False) == {"stopped_at": 1}
     assert train(iadi, tmp_path / "cut", resume=True, stop_after=3, show_progress=False) == {"stopped_at": 3}
+    spent = ck.read_resume_meta(tmp_path / "cut" / "resume.safetensors")["state"]["seconds"]
     train(iadi, tmp_path / "cut", resume=True, show_progress=False)
+    with open(tmp_path / "cut" / "metrics.csv") as f:  # wall time adds up over the pieces
+        later = [float(r["seconds"]) for r in csv.DictReader(f) if int(r["step"]) > 3]
+    assert spent > 0 and later and min(later) > spent
+    assert ck.load_model_state(tmp_path / "cut")[1]["metrics"]["train_seconds"] > spent
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     for k in a:
