@@ -55,3 +55,13 @@ for t in 40 60; do iadi iadi_energy$t energy 0.$t; done
 # Evaluation: accuracy vs FLOPs/energy, budgets at the static baselines' costs (Table II), Table I
 ddi-hw eval "$OUT"/resnet{14,20,26,38}_static "$OUT"/iadi_* "$OUT/ddi" --data-dir "$D" --hardware zedboard --out "$OUT/eval"
 ddi-hw table1 "$OUT/eval/summary.csv" --out "$OUT/table1"
+
+# Fig. 12 where energy per FLOP spreads most (issue 12): DenseNet-BC-40 on zedboard (skipping a layer saves
+# 1.60x more energy per FLOP in the last dense block than in the first), the same target trained on FLOPs
+# and on energy from one backbone
+train "$OUT/densenet40_static" --config $C/densenet40_static.yaml
+for r in flops energy; do
+  train "$OUT/densenet40_iadi_${r}50" --config $C/densenet40_iadi.yaml --init "$OUT/densenet40_static" \
+    --resource $r --hardware zedboard --target-saving 0.5
+done
+ddi-hw eval "$OUT"/densenet40_static "$OUT"/densenet40_iadi_* --data-dir "$D" --hardware zedboard --out "$OUT/eval_densenet40"

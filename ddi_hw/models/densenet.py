@@ -3,7 +3,7 @@
 - CIFAR DenseNet-BC-L (32x32, growth 12): 3x3 stem conv to 2k channels, three dense blocks of
   (L-4)/6 bottleneck layers (BN-ReLU-1x1 conv to 4k, BN-ReLU-3x3 conv to k), transitions
   BN-ReLU-1x1 conv (compression 0.5)-2x2 avg pool, final BN-ReLU-pool-linear. L = 100 (paper),
-  76/82/88 (Table II baselines).
+  76/82/88 (Table II baselines), 40 (a CPU-sized net for the Fig. 12 comparison).
 - DenseNet-201 (224x224, growth 32): 7x7/2 stem conv 64 + BN + ReLU + 3x3/2 max pool, dense
   blocks of 6/12/48/32 layers, same transitions and head (torchvision's layout).
 
@@ -325,7 +325,7 @@ def _cifar_densenet(depth: int):
     return register_model(build)
 
 
-for _d in (76, 82, 88, 100):
+for _d in (40, 76, 82, 88, 100):
     _cifar_densenet(_d)
 
 
