@@ -49,13 +49,6 @@ train "$OUT/ddi" --config $C/resnet38_ddi.yaml --init "$OUT/iadi_flops50"
 
 # The remaining IADI targets (the bar: every target held to +-0.03 with one alpha setting)
 for t in 30 40 80; do iadi iadi_flops$t flops 0.$t; done
-# Fig. 12 as curve against curve: the energy-trained family at two more targets
-for t in 40 60; do iadi iadi_energy$t energy 0.$t; done
-
-# Evaluation: accuracy vs FLOPs/energy, budgets at the static baselines' costs (Table II), Table I
-ddi-hw eval "$OUT"/resnet{14,20,26,38}_static "$OUT"/iadi_* "$OUT/ddi" --data-dir "$D" --hardware zedboard --out "$OUT/eval"
-ddi-hw table1 "$OUT/eval/summary.csv" --out "$OUT/table1"
-
 # Fig. 12 where energy per FLOP spreads most (issue 12): DenseNet-BC-40 on zedboard (skipping a layer saves
 # 1.60x more energy per FLOP in the last dense block than in the first), the same target trained on FLOPs
 # and on energy from one backbone
@@ -65,3 +58,10 @@ for r in flops energy; do
     --resource $r --hardware zedboard --target-saving 0.5
 done
 ddi-hw eval "$OUT"/densenet40_static "$OUT"/densenet40_iadi_* --data-dir "$D" --hardware zedboard --out "$OUT/eval_densenet40"
+
+# Fig. 12 as curve against curve: the energy-trained family at two more targets
+for t in 40 60; do iadi iadi_energy$t energy 0.$t; done
+
+# Evaluation: accuracy vs FLOPs/energy, budgets at the static baselines' costs (Table II), Table I
+ddi-hw eval "$OUT"/resnet{14,20,26,38}_static "$OUT"/iadi_* "$OUT/ddi" --data-dir "$D" --hardware zedboard --out "$OUT/eval"
+ddi-hw table1 "$OUT/eval/summary.csv" --out "$OUT/table1"
