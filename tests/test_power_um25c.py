@@ -286,8 +286,9 @@ def test_mid_frame_start_corrupt_frame_and_replug_are_counted(tmp_path, teardown
     assert (logged > n_at_unplug).sum() >= 10
 
 
-def test_energy_of_a_known_trace_from_the_log(tmp_path, teardown):
-    """Integrate the logged power with analysis.integrate; compare to the exact integral."""
+def _known_trace(tmp_path, teardown):
+    """Log a known power trace from the simulated meter; return (measured, true, tolerance) in J."""
+    tmp_path.mkdir()
     t0 = time.monotonic()
     f = 0.5  # Hz
     volts = lambda t: 5.0 + 0.3 * math.sin(2 * math.pi * f * (t - t0))  # noqa: E731
@@ -337,7 +338,22 @@ def test_energy_of_a_known_trace_from_the_log(tmp_path, teardown):
     print(f"measured {measured:.5f} J, true {true:.5f} J, error {measured - true:+.5f} J, "
           f"tolerance {tol:.5f} J (rounding {tol_round:.5f}, stamps {tol_stamp:.5f}, "
           f"interpolation {tol_interp:.5f}); max dt {h * 1e3:.1f} ms")
-    assert abs(measured - true) <= tol
-    # the check is tight enough to catch a wrong scale or a lost stretch of samples (the tolerance
-    # is ~0.5 % of the energy on an idle machine; it grows with the stamping delays of a loaded one)
-    assert tol < 0.05 * true
+    return measured, true, tol
+
+
+def test_energy_of_a_known_trace_from_the_log(tmp_path, teardown):
+    """Integrate the logged power with analysis.integrate; compare to the exact integral.
+
+    The derived tolerance must hold on every capture. It is ~0.5 % of the energy on an idle
+    machine and grows with the stamping delays of a loaded one, so a capture is repeated (up to
+    three) until one is tight enough (< 5 %) to catch a wrong scale or a lost stretch of samples:
+    a CI machine busy for a few seconds no longer fails the test, a wrong integral still does.
+    """
+    tols = []
+    for k in range(3):
+        measured, true, tol = _known_trace(tmp_path / f"try{k}", teardown)
+        assert abs(measured - true) <= tol, (k, measured, true, tol)
+        tols.append(tol / true)
+        if tol < 0.05 * true:
+            break
+    assert min(tols) < 0.05, f"every capture was too loose to test anything: {tols}"
