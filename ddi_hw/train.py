@@ -61,8 +61,11 @@ CONFIG_SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "batch_size": (128, "a positive integer", lambda v: isinstance(v, int) and v > 0),
     "eval_batch_size": (500, "a positive integer", lambda v: isinstance(v, int) and v > 0),
     "lr": (0.05, "a positive number", lambda v: isinstance(v, _num) and v > 0),
-    "gate_lr_mult": (1.0, "a positive number (gate learning rate = lr * this, IADI/DDI)",
-                     lambda v: isinstance(v, _num) and v > 0),
+    "gate_lr_mult": (1.0, "a number >= 0 (gate learning rate = lr * this, IADI/DDI; 0 keeps DDI's gates "
+                     "as the IADI run trained them)", lambda v: isinstance(v, _num) and v >= 0),
+    "backbone_lr_mult": (1.0, "a number >= 0 (IADI/DDI: learning rate of the init run's layers = lr * this; "
+                         "0 keeps them as trained, e.g. DDI exits learned on a fixed IADI model)",
+                         lambda v: isinstance(v, _num) and v >= 0),
     "lr_schedule": ("cosine", "cosine|linear|constant", lambda v: v in ("cosine", "linear", "constant")),
     "warmup_frac": (0.0, "a fraction in [0, 1) of the main phase spent ramping the lr up linearly",
                     lambda v: isinstance(v, _num) and 0 <= v < 1),
@@ -241,7 +244,8 @@ RESUME_FREE_KEYS = ("eval_every", "log_every", "ckpt_every", "description", "thr
 # Keys a static run never reads (the gates' resource loss, distillation), so a changed default
 # (e.g. alpha) must not block resuming one.
 GATED_ONLY_KEYS = ("alpha", "alpha_rule", "alpha_gain", "resource", "hardware", "target_saving",
-                   "gate_steps", "gate_skip_tol", "gate_lr_mult", "calibrate_every", "distill", "distill_temp")
+                   "gate_steps", "gate_skip_tol", "gate_lr_mult", "backbone_lr_mult", "calibrate_every", "distill",
+                   "distill_temp")
 CALIB_DECAY = 0.8  # saving calibration: weight of the old estimate at each calibration pass
 CALIB_BOUND = 0.2  # ... and the largest correction of the target it may make
 
@@ -494,10 +498,14 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
         raise UserError(f"stage iadi: model {cfg['arch']} has no gate parameters; enable layer_gates or channel_gates")
     # Gates start from scratch on a pre-trained backbone: they may learn faster (gate_lr_mult) so the
     # target saving is reached early and the rest of the run, at a gentle backbone lr, recovers accuracy.
+    # The exits (DDI) are new too: they learn at the full lr whatever the backbone's multiplier.
     gate_set = gate_parameter_names(model) if cfg["stage"] != "static" else set()
+    exit_set = {n for n in exit_state_names(model) if cfg["stage"] == "ddi"}
     named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if n not in gate_set], "lr_mult": 1.0},
-              {"params": [p for n, p in named if n in gate_set], "lr_mult": float(cfg["gate_lr_mult"])}]
+    backbone_mult = 1.0 if cfg["stage"] == "static" else float(cfg["backbone_lr_mult"])
+    groups = [{"params": [p for n, p in named if n not in gate_set | exit_set], "lr_mult": backbone_mult},
+              {"params": [p for n, p in named if n in gate_set], "lr_mult": float(cfg["gate_lr_mult"])},
+              {"params": [p for n, p in named if n in exit_set], "lr_mult": 1.0}]
     optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg["lr"], momentum=cfg["momentum"],
                                 weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"] and cfg["momentum"] > 0)
     fmt = fmt_of(cfg)
@@ -509,7 +517,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     if resume:
         state = ck.load_resume(out_dir, model, optimizer)
         ignored = RESUME_FREE_KEYS + (GATED_ONLY_KEYS if cfg["stage"] == "static" else ())
-        changed = [k for k in cfg if k not in ignored and state["config"].get(k) != cfg[k]]
+        # a key the interrupted run's version did not know yet had its default then
+        changed = [k for k in cfg if k not in ignored and state["config"].get(k, CONFIG_SCHEMA[k][0]) != cfg[k]]
         if changed:
             k = changed[0]
             raise UserError(f"--resume: '{k}' is {cfg[k]!r} but the interrupted run used {state['config'].get(k)!r}; "
@@ -523,21 +532,33 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     if world > 1:
         dist.barrier()
 
-    gate_modules = {n.rsplit(".", 1)[0] for n in gate_names}
+    # A multiplier of 0 keeps that part exactly as the init run left it, batch-norm statistics included
+    # (IADI step 1 does so for the backbone): DDI exits learned on a fixed IADI model.
+    gate_modules = {n.rsplit(".", 1)[0] for n in gate_set}
+    exit_modules = {n.rsplit(".", 1)[0] for n in exit_set}
+
+    def part(name: str) -> str:
+        inside = lambda mods: any(name == g or name.startswith(g + ".") for g in mods)  # noqa: E731
+        return "gate" if inside(gate_modules) else "exit" if inside(exit_modules) else "backbone"
+
+    def frozen_parts(phase: str) -> set[str]:
+        if phase == "gates":
+            return {"backbone"}
+        mult = {"backbone": backbone_mult, "gate": float(cfg["gate_lr_mult"]), "exit": 1.0}
+        return {k for k, m in mult.items() if m == 0}
 
     def set_train_mode(phase: str):
-        """Train mode; in IADI step 1 the backbone's batch-norm statistics stay frozen too."""
+        """Train mode, but the batch-norm statistics of frozen parts stay as they are."""
         model.train()
-        if phase == "gates":
-            for n, m in model.named_modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and \
-                        not any(n == g or n.startswith(g + ".") for g in gate_modules):
-                    m.eval()
+        frozen = frozen_parts(phase)
+        for n, m in model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and part(n) in frozen:
+                m.eval()
 
     def configure_phase(phase: str):
-        gates_only = phase == "gates"
+        frozen = frozen_parts(phase)
         for n, p in model.named_parameters():
-            p.requires_grad_(not gates_only or n in gate_names)
+            p.requires_grad_(part(n.rsplit(".", 1)[0]) not in frozen)
         set_train_mode(phase)
         wrapped = DDP(model, find_unused_parameters=True) if world > 1 else model
         return compiled(wrapped) if cfg["compile"] else wrapped

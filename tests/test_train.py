@@ -208,6 +208,41 @@ def test_gate_lr_mult_scales_only_the_gate_update(tmp_path):
     assert moved > 0
 
 
+def test_ddi_backbone_lr_mult_frozen_and_scaled(tmp_path):
+    """DDI on a trained IADI run: backbone_lr_mult 0 and gate_lr_mult 0 keep every weight and
+    batch-norm statistic of the init run exactly while the exits learn; backbone_lr_mult 0.5 moves
+    the backbone exactly half as far as 1 in one plain-SGD step."""
+    train(cfg(steps=2), tmp_path / "static", show_progress=False)
+    train(cfg(stage="iadi", init=str(tmp_path / "static"), steps=2, gate_steps=0, alpha=0.5), tmp_path / "iadi",
+          show_progress=False)
+    base = cfg(stage="ddi", init=str(tmp_path / "iadi"), steps=1, alpha=0.5, momentum=0.0, weight_decay=0.0,
+               lr_schedule="constant")
+    for name, m in (("m0", 0.0), ("m05", 0.5), ("m1", 1.0)):  # m0: the gates are kept as well
+        train({**base, "backbone_lr_mult": m, "gate_lr_mult": 1.0 if m else 0.0}, tmp_path / name, show_progress=False)
+    from ddi_hw.models import create_model
+    from ddi_hw.train import exit_state_names, gate_parameter_names
+
+    iadi = _weights(tmp_path / "iadi")
+    m0, m05, m1 = (_weights(tmp_path / n) for n in ("m0", "m05", "m1"))
+    torch.manual_seed(3)  # the seed train() uses before building the model: the exits' start
+    start = create_model("resnet14", layer_gates=True, channel_gates=True, exits=True).state_dict()
+    exits = exit_state_names(create_model("resnet14", layer_gates=True, channel_gates=True, exits=True))
+    gates = gate_parameter_names(create_model("resnet14", layer_gates=True, channel_gates=True))
+    assert exits and all(k not in iadi for k in exits)
+    for k, v in iadi.items():  # frozen: backbone and gates, weights and BN statistics, as trained
+        assert torch.equal(m0[k], v), k
+    assert any(not torch.equal(m1[k], iadi[k]) for k in gates)  # by default the gates train on
+    moved = [k for k in iadi if k not in gates and "running" not in k and "num_batches" not in k
+             and not torch.equal(m1[k], iadi[k])]
+    assert moved  # the default trains the backbone too
+    for k in moved:
+        assert torch.allclose(m05[k] - iadi[k], 0.5 * (m1[k] - iadi[k]), rtol=1e-3, atol=2e-6), k
+    learned = [k for k in exits if k.endswith("weight") and not torch.equal(m0[k], start[k])]
+    assert len(learned) == len([k for k in exits if k.endswith("weight")])  # every exit layer learned
+    with pytest.raises(UserError, match="'backbone_lr_mult' is -1"):
+        cfg(backbone_lr_mult=-1)
+
+
 def test_alpha_sign_flip_moves_saving_to_target(tmp_path):
     static = tmp_path / "static"
     train(cfg(steps=30, lr=0.1), static, show_progress=False)
