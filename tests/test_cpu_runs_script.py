@@ -31,7 +31,7 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     outs = [c.split("--out ")[1].split()[0] for c in trains]
     names = [Path(o).name for o in outs]
     assert names == ["iadi_flops50", "iadi_energy50", "iadi_flops60", "iadi_flops70", "iadi_flops50_kd",
-                     "resnet20_static", "resnet38_retrain", "resnet14_static", "resnet26_static", "ddi",
+                     "resnet20_static", "resnet38_retrain", "resnet14_static", "resnet26_static", "ddi", "ddi_fixed",
                      "iadi_flops50_long", "ddi_long", "iadi_flops30", "iadi_flops40", "iadi_flops80",
                      "densenet40_static", "densenet40_iadi_flops50", "densenet40_iadi_energy50",
                      "iadi_energy40", "iadi_energy60"]
@@ -41,6 +41,7 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     assert f"--init {out}/resnet38_static" in trains[names.index("resnet38_retrain")]
     assert "--target-saving 0.5 --steps 6240 --data-dir" in trains[names.index("iadi_flops50_long")]
     assert f"--init {out}/iadi_flops50_long" in trains[names.index("ddi_long")]
+    assert "resnet38_ddi_fixed.yaml --init " + f"{out}/iadi_flops50 " in trains[names.index("ddi_fixed")]
     assert all("--threads 1" in c and f"--data-dir {tmp_path / 'data'}" in c for c in trains)
     energy = trains[names.index("iadi_energy50")]
     assert "--resource energy --hardware zedboard --target-saving 0.5" in energy
