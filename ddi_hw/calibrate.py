@@ -334,7 +334,7 @@ def executed_rows(cost_table, bundle, result, blocks=None) -> list[tuple[str, st
     into them (residual add, the `.sums` a conv writes) -- and only if it was skipped, its `.skip_copy`
     (a DenseNet layer's copy of the previous layer's features);
     an exit branch's rows (one-pass max pool and FC on the ARM, its convs, the pooled sums) when the
-    branch ran (`exits_run`: also a budget's fallbacks); nothing after the exit the image stopped at,
+    branch ran (`exits_run`: under a budget, every fallback it ran); nothing after the exit the image stopped at,
     and of the block a budget stopped it in (`stopped_block`) only the gates that ran."""
     from ddi_hw.models.gates import GATE_KINDS
 

@@ -12,7 +12,8 @@ Files written to `--out` (all CSV written atomically):
 - `predictions_<run>.csv`: per test image label, prediction, per-exit predictions, costs, saving.
 - `budgets.csv` + `budget_predictions_<run>.csv` (models with exits): for each budget B every
   image runs under the hard-budget rule (`ddi_hw.deploy.budget`, the model's `budget=` forward): it
-  answers with the last exit it passed (or the head) and is charged all it ran, at most B; accuracy
+  runs an exit branch only where it may need it, answers with the last exit branch it ran (or the
+  head) and is charged all it ran, at most B; accuracy
   next to the best static run that fits in the same budget (paper Tables II/III).
 - `skip_blocks.csv`, `skip_channels.csv`: skip ratio per block and per channel of every gate.
 - `acc_vs_cost.png` (FLOPs, energy, latency panels; static runs as baselines), `budgets.png`,

@@ -88,10 +88,11 @@ def brute_cost(model, force, metric="flops", upto_exit=None):
 
 def brute_budget(model, force, budget, metric="flops"):
     """Per sample, the budget rule walked over the cost table's rows (independent of the plan and of
-    ddi_hw.deploy.budget): from exit 0 on, go on past an exit only if spent + the cheapest way to
-    the next exit fits; before a block's channel gate only if the block at zero channels fits with
-    that cheapest way on, before its convs only if it fits at its k. Returns per sample (exit taken,
-    block stopped in or -1, cost of all it ran)."""
+    ddi_hw.deploy.budget): at an exit, skip its branch if the dearest way through the next exit's
+    branch (or the head) fits, and then check nothing until that exit; otherwise run the branch and
+    go on only if spent + the cheapest way to the next exit fits; before a block's channel gate only
+    if the block at zero channels fits with that cheapest way on, before its convs only if it fits at
+    its k. Returns per sample (exit taken, block stopped in or -1, cost of all it ran)."""
     table = model.cost_table
     rows_by_block = {}
     for name, row in table.rows.items():
@@ -132,24 +133,37 @@ def brute_budget(model, force, budget, metric="flops"):
         lg, cg, bb, sk = parts(blk, 0)
         return lg + (min(sk, cg + bb) if jj in skip_col else cg + bb)
 
-    rest = []
-    for col in range(len(events)):
+    def dearest(e):
+        kind, jj, blk = e
+        if kind != "block":
+            return cheapest(e)
+        lg, cg, _, sk = parts(blk, 0)
+        return lg + max(cg + parts(blk, model.gate_widths.get(f"{blk}.cgate", 0))[2], sk)
+
+    def ahead(col, price):
         total = 0.0
         for e in events[col + 1:]:
-            total += cheapest(e)
+            total += price(e)
             if e[0] == "exit":
                 break
-        rest.append(total)
+        return total
+
+    rest = [ahead(col, cheapest) for col in range(len(events))]
+    worst = [ahead(col, dearest) for col in range(len(events))]
     out = []
     for s in range(force["layer"].shape[0]):
-        spent, taken, armed, stopped, n_exit = 0.0, -1, False, -1, 0
+        spent, taken, armed, sure, stopped, n_exit = 0.0, -1, False, False, -1, 0
         for col, (kind, jj, blk) in enumerate(events):
-            if kind != "block":
+            if kind == "fixed":
                 spent += cheapest((kind, jj, blk))
-                if kind == "exit":
-                    taken, armed, n_exit = n_exit, True, n_exit + 1
+            elif kind == "exit":
+                armed, sure, n_exit = True, spent + worst[col] <= budget, n_exit + 1
+                if not sure:
+                    spent += cheapest((kind, jj, blk))
+                    taken = n_exit - 1
                     if spent + rest[col] > budget:
                         break
+            if kind != "block":
                 continue
             gate = f"{blk}.cgate"
             k = int(force["channel"][gate][s].sum()) if gate in force["channel"] else 0
@@ -158,12 +172,12 @@ def brute_budget(model, force, budget, metric="flops"):
             if jj in skip_col and not force["layer"][s, skip_col[jj]]:
                 spent += sk
                 continue
-            if armed and spent + cg + bb0 + rest[col] > budget:
+            if armed and not sure and spent + cg + bb0 + rest[col] > budget:
                 stopped = jj
                 break
             spent += cg
             bb = parts(blk, k)[2]
-            if gate in force["channel"] and armed and spent + bb + rest[col] > budget:
+            if gate in force["channel"] and armed and not sure and spent + bb + rest[col] > budget:
                 stopped = jj
                 break
             spent += bb
@@ -258,13 +272,15 @@ def test_budget_exits_match(name, size):
         assert torch.equal(d.exit_taken, s.exit_taken)
         assert torch.allclose(d.logits, s.logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(d.cost["flops"], s.cost["flops"])
-        # brute force: last exit within the budget (exit 0 if none fits), -1 if the head fits
+        # brute force: the exit it answers with and everything it ran, also past that exit up to
+        # where it stopped (the budget rule); the head whenever its path with every branch fits
+        brute = brute_budget(model, force, budget)
         for i in range(n):
-            fits = [e for e in range(n_exits) if exit_costs[i, e] <= budget]
-            want = -1 if final[i] <= budget else (fits[-1] if fits else 0)
+            want = brute[i][0]
             assert int(d.exit_taken[i]) == want
-            # charged: everything it ran, also past that exit up to where it stopped (the budget rule)
-            want_cost = brute_budget(model, force, budget)[i][2]
+            if final[i] <= budget:
+                assert want == -1
+            want_cost = brute[i][2]
             assert abs(float(d.cost["flops"][i]) - float(want_cost)) <= 1e-6 * float(want_cost)
             if want >= 0:
                 assert torch.allclose(d.logits[i], d.exit_logits[want][i])
@@ -277,19 +293,20 @@ def test_budget_stops_and_charges_like_brute_force(name, kw, size):
     """Random decisions and budgets (below exit 0's cost, between, above the whole network): the dense
     and the sparse path stop every sample where the per-sample brute force does, charge it the same
     cost (all it ran), never above the budget unless its own path to exit 0 already is, and answer
-    with the exit it last passed."""
+    with the last exit branch it ran."""
     model = randomize(create_model(name, layer_gates=True, channel_gates=True, exits=True, **kw))
     g = torch.Generator().manual_seed(11)
     n = 12
     x = torch.randn(n, 3, size, size, generator=g)
     first_exit = None
-    inside = 0
+    inside = at_exit = 0
     for trial in range(3):
         force = random_force(model, n, g, p_layer=0.3 + 0.2 * trial)
         full = brute_cost(model, force, upto_exit=len(model.exits))  # every branch, then the head
         first_exit = brute_cost(model, force, upto_exit=0)
+        plain = brute_cost(model, force)  # no branch: a path sure of the head runs none
         budgets = [float(first_exit.min()) * 0.5, float(full.max()) * 3, math.inf]
-        budgets += (torch.rand(5, generator=g, dtype=torch.float64) * (full.max() - first_exit.min())
+        budgets += (torch.rand(8, generator=g, dtype=torch.float64) * (plain.max() - first_exit.min())
                     + first_exit.min()).tolist()
         for budget in budgets:
             with torch.no_grad():
@@ -309,7 +326,15 @@ def test_budget_stops_and_charges_like_brute_force(name, kw, size):
                 e = int(d.exit_taken[i])
                 assert torch.allclose(s.logits[i], d.exit_logits[e][i] if e >= 0 else d.logits[i], atol=1e-4)
             inside += int((d.stopped_block >= 0).sum())
-    assert inside  # samples stopped between exits
+            at_exit += int(((d.exit_taken >= 0) & (d.stopped_block < 0)).sum())
+    assert at_exit  # samples stopped at an exit
+    # ... and between exits, where the blocks up to the next exit can cost more at their dearest than
+    # at their cheapest by more than an exit branch (the ResNets). In densenet_tiny every branch costs
+    # more than that spread: an image not sure of the next exit cannot pay its branch and the way on,
+    # so it stops at the exit (or, sure, skips the branch); never inside a block.
+    bp = model.plan.budget_plan("flops")
+    spread = max(bp.worst[c] - bp.rest[c] - bp.cost[c] for c in bp.exit_col)
+    assert (inside > 0) == (spread > 0), (inside, spread)
 
 
 def test_sparse_path_does_not_run_what_it_abandons():

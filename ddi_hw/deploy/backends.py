@@ -259,11 +259,11 @@ class _Budget:
         self.k = self.plan.K[None].astype(np.float64).copy()
         self.walk = BudgetWalk(self.plan, budget, self.L, self.k) if budget is not None else None
 
-    def cost(self, stop_col: int | None = None, stage: int = 0, exits: bool = True) -> float:
+    def cost(self, stop_col: int | None = None, stage: int = 0, ran: np.ndarray | None = None) -> float:
         """Executed cost of the events before `stop_col` (None: all), plus the gates of the block
-        there when stage > 0; exit branches if `exits`."""
+        there when stage > 0; the exit branches `ran` ((1, exits) bool; None: none)."""
         col = self.plan.S if stop_col is None else stop_col
-        return float(self.plan.charged(self.L, self.k, np.array([col]), np.array([stage]), exits)[0])
+        return float(self.plan.charged(self.L, self.k, np.array([col]), np.array([stage]), ran)[0])
 
 
 def static_iterations(bundle) -> int:
@@ -290,11 +290,11 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
     or dense layer (its `layer_gate` may skip it: nothing is launched, the output is the input, or
     the previous layer's features copied into its slot); `channel_gate` sets the masks of the block's
     convs; `concat` / `avgpool2` are integer processor ops; `exit` runs an exit branch when `exit_at`
-    names it (the image stops there) or, under a `budget` (in the cost plan's metric, FLOPs), whenever
-    reached (the fallback answer); `head` pools and classifies. Under a budget the image stops where
-    the rule of `ddi_hw.deploy.budget` says (at an exit, or in a block before its channel gate or its
-    convs), answers with its last exit branch and is charged all it ran (`cost`). `exit_at` overrides
-    a budget."""
+    names it (the image stops there) or, under a `budget` (in the cost plan's metric, FLOPs), when the
+    image may need it (the fallback answer; not when it is sure to reach the next exit); `head` pools
+    and classifies. Under a budget the image stops where the rule of `ddi_hw.deploy.budget` says (at
+    an exit, or in a block before its channel gate or its convs), answers with its last exit branch
+    and is charged all it ran (`cost`). `exit_at` overrides a budget."""
     res = ImageResult(logits=np.zeros(0), dense_iterations=static_iterations(bundle))  # also if it exits early
     layout = _BlockBuffers(bundle)
     proc, env = _Processor(bundle, res.processor_maps, layout), {}
@@ -308,7 +308,7 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
 
     def stop() -> ImageResult:  # the budget stopped the image: it answers with its last exit branch
         res.logits, res.exit_taken = fallback
-        res.cost = bud.cost(int(walk.stop_col[0]), int(walk.stage[0]))
+        res.cost = bud.cost(int(walk.stop_col[0]), int(walk.stage[0]), walk.ran)
         return res
 
     prog = bundle.program
@@ -371,18 +371,19 @@ def run_image(bundle, image: np.ndarray, backend: Backend, exit_at: int | None =
                 res.stopped_at = st["index"]
                 if bud:
                     col = bud.plan.exit_col[st["index"]]
-                    res.cost = bud.cost(col, exits=False) + bud.plan.cost[col]
+                    res.cost = bud.cost(col) + bud.plan.cost[col]
                 return res
-            if walk:  # every exit reached runs (the fallback from now on); go on if the next one fits
-                fallback = (proc.exit_branch(st, env, backend, res), st["index"])
-                if not walk.at_exit(st["index"])[0]:
+            if walk:  # the branch runs if the image may need it (its fallback from now on)
+                if walk.at_exit(st["index"])[0]:
+                    fallback = (proc.exit_branch(st, env, backend, res), st["index"])
+                if not walk.alive[0]:
                     res.stopped_at = st["index"]
                     return stop()
         elif op == "head":
             res.logits = proc.head(st, env, st["in"])
         i += 1
     if bud:  # (under a budget the head is reached only when the whole path fits)
-        res.cost = bud.cost(exits=walk is not None)
+        res.cost = bud.cost(ran=walk.ran if walk else None)
     return res
 
 

@@ -481,7 +481,7 @@ class DynamicNet(nn.Module):
         # the budget rule on the decisions the dense path made (not differentiable: inference only)
         Ln, kn = L.detach().double().numpy(), k.detach().double().numpy()
         w = walk(plan.budget_plan(metric), budget, Ln, kn)
-        out.cost = {m: torch.from_numpy(plan.budget_plan(m).charged(Ln, kn, w.stop_col, w.stage))
+        out.cost = {m: torch.from_numpy(plan.budget_plan(m).charged(Ln, kn, w.stop_col, w.stage, w.ran))
                     for m in plan.metrics}
         taken = torch.from_numpy(w.exit_taken()).long()
         out.exit_taken, out.stopped_block = taken, torch.from_numpy(w.stopped_block()).long()
@@ -622,14 +622,19 @@ class SparseRun:
         return np.arange(self.n) if self.active is None else self.active.numpy()
 
     def at_exit(self, i: int, h: torch.Tensor, branch: nn.Module) -> torch.Tensor | None:
-        """Under a budget: every running sample runs exit i (its fallback from now on); returns the
-        local indices of those that go on (`ddi_hw.deploy.budget`). None: no budget, everyone
-        continues and no exit branch runs."""
+        """Under a budget: the running samples the rule says may need exit i run its branch (their
+        fallback from now on; `ddi_hw.deploy.budget`); returns the local indices of those that go on.
+        None: no budget, everyone continues and no exit branch runs."""
         if self.walk is None:
             return None
-        self._store(self.active, branch(h))
         act = self._running()
-        keep = np.flatnonzero(self.walk.at_exit(i)[act])
+        run = np.flatnonzero(self.walk.at_exit(i)[act])
+        if len(run) == len(act):
+            self._store(self.active, branch(h))
+        elif len(run):
+            loc = torch.from_numpy(run)
+            self._store(torch.from_numpy(act[run]), branch(h[loc]))
+        keep = np.flatnonzero(self.walk.alive[act])
         self.active = torch.from_numpy(act[keep])
         return torch.from_numpy(keep)
 
@@ -668,7 +673,7 @@ class SparseRun:
             cost = {m: plan.hard_total(self._L, self._k, m) for m in plan.metrics}
             taken, stopped = torch.full((self.n,), -1, dtype=torch.long), None
         else:
-            cost = {m: torch.from_numpy(plan.budget_plan(m).charged(self._L, self._k, w.stop_col, w.stage))
+            cost = {m: torch.from_numpy(plan.budget_plan(m).charged(self._L, self._k, w.stop_col, w.stage, w.ran))
                     for m in plan.metrics}
             taken, stopped = (torch.from_numpy(a).long() for a in (w.exit_taken(), w.stopped_block()))
         skip = plan.skip_idx  # (numpy indexing: a torch op per small tensor costs ~5 us at batch 1)
