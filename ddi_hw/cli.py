@@ -46,7 +46,7 @@ def run_command(
     exit_at: Optional[int] = typer.Option(None, "--exit", callback=number(0, integer=True),
                                           help="stop every image at this exit branch"),
     budget: Optional[float] = typer.Option(None, callback=number(0, low_open=True),
-                                           help="per-image budget in FLOPs: anytime exits (RADI)"),
+                                           help="per-image hard budget in FLOPs: early exits (RADI)"),
     bitfile: Optional[str] = typer.Option(None, help="overlay .bit for --backend board (.hwh beside it)"),
     out: Optional[str] = typer.Option(None, help="per-image CSV (default BUNDLE/run_<backend>.csv)"),
 ) -> None:
