@@ -518,10 +518,11 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
         state = ck.load_resume(out_dir, model, optimizer)
         ignored = RESUME_FREE_KEYS + (GATED_ONLY_KEYS if cfg["stage"] == "static" else ())
         # a key the interrupted run's version did not know yet had its default then
-        changed = [k for k in cfg if k not in ignored and state["config"].get(k, CONFIG_SCHEMA[k][0]) != cfg[k]]
+        used = {k: state["config"].get(k, CONFIG_SCHEMA[k][0]) for k in cfg}
+        changed = [k for k in cfg if k not in ignored and used[k] != cfg[k]]
         if changed:
             k = changed[0]
-            raise UserError(f"--resume: '{k}' is {cfg[k]!r} but the interrupted run used {state['config'].get(k)!r}; "
+            raise UserError(f"--resume: '{k}' is {cfg[k]!r} but the interrupted run used {used[k]!r}; "
                             "resume with the same recipe and flags")
         if rank == 0:
             _truncate_metrics(metrics_path, state["step"])

@@ -162,6 +162,29 @@ def test_static_resume_ignores_gate_only_settings(tmp_path):
         train(cfg(steps=3, lr=0.5), run, resume=True, show_progress=False)
 
 
+def test_resume_of_a_run_written_before_a_new_key(tmp_path):
+    """A resume file written before a config key existed continues when the key has its default (what
+    that run used) and refuses any other value, naming the default."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    train(cfg(steps=2), tmp_path / "static", show_progress=False)
+    iadi = cfg(stage="iadi", init=str(tmp_path / "static"), steps=3, gate_steps=0, alpha=0.5)
+    run = tmp_path / "i"
+    assert train(iadi, run, stop_after=1, show_progress=False) == {"stopped_at": 1}
+    path = run / ck.RESUME_FILE
+    with safe_open(path, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["resume"])
+    del meta["state"]["config"]["backbone_lr_mult"]  # as a version before the key wrote it
+    save_file(tensors, path, metadata={"resume": json.dumps(meta)})
+    with pytest.raises(UserError, match="'backbone_lr_mult' is 0.5 but the interrupted run used 1.0"):
+        train({**iadi, "backbone_lr_mult": 0.5}, run, resume=True, show_progress=False)
+    train(iadi, run, resume=True, show_progress=False)
+    assert (run / ck.MODEL_FILE).exists()
+
+
 def test_gates_only_step_keeps_backbone_frozen(tmp_path):
     static = tmp_path / "static"
     train(cfg(steps=2), static, show_progress=False)
