@@ -25,7 +25,7 @@ when the image may need it:
 So it never spends more than B (up to float64 rounding), every image that stops has an exit
 answer, and it reaches the head exactly when its whole path fits. Running every exit passed (the
 anytime rule, for a budget not known in advance) would charge the branches of a path that fits
-anyway: on the CPU ResNet-38 DDI that was ~25 of ~114 MFLOPs per image at the full budget. Before
+anyway: on the CPU ResNet-38 DDI that was ~31 of ~114 MFLOPs per image at the full budget. Before
 exit 0 there is no answer to fall back on: every image runs its own decisions up to exit 0, and if
 that path and exit 0's branch cost more than B it stops at exit 0 charged that cost -- the one case
 above B (`ddi-hw eval` gives such a budget no row).
