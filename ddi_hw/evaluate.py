@@ -11,7 +11,8 @@ Files written to `--out` (all CSV written atomically):
   `energy_saving` = modelled energy, `latency_saving` = modelled cycles).
 - `predictions_<run>.csv`: per test image label, prediction, per-exit predictions, costs, saving.
 - `budgets.csv` + `budget_predictions_<run>.csv` (models with exits): for each budget B every
-  image runs under the hard-budget rule (`ddi_hw.deploy.budget`, the model's `budget=` forward): it
+  image runs under the hard-budget rule (`ddi_hw.deploy.budget` on the summary pass's decisions,
+  exactly the model's `budget=` forward, without a forward per budget): it
   runs an exit branch only where it may need it, answers with the last exit branch it ran (or the
   head) and is charged all it ran, at most B; accuracy
   next to the best static run that fits in the same budget (paper Tables II/III).
@@ -68,8 +69,8 @@ def _png(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def predict(model, ds, metrics: list[str], batch_size: int, limit: int | None, budget: float | None = None,
-            budget_metric: str = "flops", layer_gated: bool = True) -> dict[str, Any]:
+def predict(model, ds, metrics: list[str], batch_size: int, limit: int | None,
+            layer_gated: bool = True) -> dict[str, Any]:
     """One pass over the test set: labels, predictions, per-exit predictions, costs, gate skips.
 
     `layer_gated=False` ignores `layer_decisions` (a model without layer gates reports all ones).
@@ -80,21 +81,20 @@ def predict(model, ds, metrics: list[str], batch_size: int, limit: int | None, b
     from ddi_hw.data import test_batches
     from ddi_hw.train import sample_skip_ratio
 
-    acc: dict[str, list] = {"label": [], "pred": [], "exit_preds": [], "exit_taken": [], "layer": [],
-                            **{f"cost_{m}": [] for m in metrics}}
+    acc: dict[str, list] = {"label": [], "pred": [], "exit_preds": [], "layer": [],
+                            "block_run": [], "block_active": [], **{f"cost_{m}": [] for m in metrics}}
     ch_sum: dict[str, torch.Tensor] = {}
     ch_count = 0
     skip_per_sample = []
     with torch.no_grad():
         for x, y, _ in test_batches(ds, batch_size, limit):
-            out = model(x, mode="dense", budget=budget, budget_metric=budget_metric) if budget is not None \
-                else model(x, mode="dense")
+            out = model(x, mode="dense")
             acc["label"].append(y.numpy())
             acc["pred"].append(out.logits.argmax(1).numpy())
-            if out.exit_logits:
+            if out.exit_logits:  # (and the decisions the budget rule reads: `budget_outcome`)
                 acc["exit_preds"].append(torch.stack([e.argmax(1) for e in out.exit_logits], 1).numpy())
-            if out.exit_taken is not None:
-                acc["exit_taken"].append(out.exit_taken.numpy())
+                acc["block_run"].append(out.block_run.double().numpy())
+                acc["block_active"].append(out.block_active.double().numpy())
             for m in metrics:
                 acc[f"cost_{m}"].append(out.cost[m].double().numpy())
             if layer_gated and out.layer_decisions is not None and out.layer_decisions.numel():
@@ -211,7 +211,7 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
             for g, s in res["channel_skip"].items():
                 channel_rows += [{"run": name, "gate": g, "channel": k, "skip_ratio": float(v)}
                                  for k, v in enumerate(s)]
-            loaded[name] = (model, side, ds, dense)
+            loaded[name] = (model, side, ds, dense, res)
             progress.advance(task)
 
     summary_df = pd.DataFrame(summary)[SUMMARY_COLUMNS]
@@ -221,10 +221,9 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
     _csv(blocks_df, out_dir / "skip_blocks.csv")
     _csv(channels_df, out_dir / "skip_channels.csv")
 
-    budget_df = _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_size, limit, out_dir,
-                               notes)
+    budget_df = _budget_tables(loaded, summary_df, budgets, budget_metric, out_dir, notes)
     _plot_acc_vs_cost(summary_df, budget_df, metrics, out_dir / "acc_vs_cost.png")
-    for name, (model, side, ds, dense) in loaded.items():
+    for name, (model, side, ds, dense, _) in loaded.items():
         if not blocks_df[blocks_df.run == name].empty or not channels_df[channels_df.run == name].empty:
             _plot_skips(blocks_df[blocks_df.run == name], channels_df[channels_df.run == name], name,
                         out_dir / f"skip_{name}.png")
@@ -233,19 +232,24 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
             "predictions": pred_frames, "hardware": hardware if costed else None, "notes": notes}
 
 
-def _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_size, limit, out_dir, notes=None):
-    """Anytime accuracy per budget for every run with exits, beside the best static run that fits.
+def _budget_tables(loaded, summary_df, budgets, budget_metric, out_dir, notes=None):
+    """Accuracy per hard budget for every run with exits, beside the best static run that fits.
     A budget below what some image's path to the first exit costs cannot be met (that exit always
-    runs): it gets no row, and a note says so. Every other row's images spent at most the budget."""
+    runs): it gets no row, and a note says so. Every other row's images spent at most the budget.
+    The dense path's decisions and exit predictions do not depend on the budget, so the one pass of
+    the summary serves every budget: the rule (`CostPlan.budget_outcome`, what the model's `budget=`
+    forward runs) is applied to its decisions, no forward per budget."""
     import numpy as np
     import pandas as pd
 
     col = METRIC_COLUMNS[budget_metric]
     statics = summary_df[summary_df.stage == "static"].sort_values(col)
     rows = []
-    for name, (model, side, ds, dense) in loaded.items():
+    for name, (model, side, ds, dense, res) in loaded.items():
         if not side["model"].get("exits"):
             continue
+        L, k, head, exit_preds = res["block_run"], res["block_active"], res["pred"], res["exit_preds"]
+        n = len(head)
         if budgets:
             bs = sorted(budgets)
         else:  # the static baselines' costs below this model's dense cost, plus fractions of it
@@ -253,10 +257,12 @@ def _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_si
                         | {dense[budget_metric] * f for f in (0.3, 0.5, 0.7, 1.0)})
         frames = []
         for b in bs:
-            res = predict(model, ds, metrics, batch_size, limit, budget=b, budget_metric=budget_metric,
-                          layer_gated=bool(side["model"].get("layer_gates")))
-            correct = res["pred"] == res["label"]
-            worst = float(res[f"cost_{budget_metric}"].max())
+            w, cost = model.plan.budget_outcome(L, k, b, budget_metric)
+            exit_taken = w.exit_taken()
+            pred = np.where(exit_taken < 0, head, exit_preds[np.arange(n), np.maximum(exit_taken, 0)])
+            cost = cost[budget_metric]
+            correct = pred == res["label"]
+            worst = float(cost.max())
             if worst > b * (1 + 1e-9):
                 if notes is not None:
                     notes.append(f"{name}: budget {b:.4g} is below the cost of its first exit (up to {worst:.4g} "
@@ -266,10 +272,8 @@ def _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_si
             # the real competitor: the most accurate static net within the budget (at short schedules a
             # shallower net can beat a deeper one, so "the most expensive that fits" would flatter DDI)
             base = fits.loc[fits["accuracy"].idxmax()] if len(fits) else None
-            exit_taken = res["exit_taken"] if res["exit_taken"] is not None else np.full(len(correct), -1)
             row = {"run": name, "metric": budget_metric, "budget": b, "accuracy": float(correct.mean()),
-                   "mean_cost": float(res[f"cost_{budget_metric}"].mean()),
-                   "max_cost": float(res[f"cost_{budget_metric}"].max()),
+                   "mean_cost": float(cost.mean()), "max_cost": worst,
                    "final_share": float((exit_taken == -1).mean()),
                    "base_run": base["run"] if base is not None else "",
                    "base_arch": base["arch"] if base is not None else "",
@@ -277,9 +281,8 @@ def _budget_tables(loaded, summary_df, metrics, budgets, budget_metric, batch_si
                    "base_accuracy": float(base["accuracy"]) if base is not None else np.nan}
             row["acc_delta"] = row["accuracy"] - row["base_accuracy"]
             rows.append(row)
-            frames.append(pd.DataFrame({"budget": b, "index": np.arange(len(correct)), "label": res["label"],
-                                        "pred": res["pred"], "exit_taken": exit_taken,
-                                        "cost": res[f"cost_{budget_metric}"]}))
+            frames.append(pd.DataFrame({"budget": b, "index": np.arange(n), "label": res["label"],
+                                        "pred": pred, "exit_taken": exit_taken, "cost": cost}))
         if frames:
             _csv(pd.concat(frames), out_dir / f"budget_predictions_{name}.csv")
     budget_df = pd.DataFrame(rows, columns=["run", "metric", "budget", "accuracy", "mean_cost", "max_cost",

@@ -137,6 +137,37 @@ def test_all_runs_are_costed_on_one_preset_with_a_note(runs, tmp_path):
     assert alone.energy_pj.iloc[0] != pytest.approx(summary.energy_pj.iloc[1])
 
 
+def test_budget_rows_are_the_models_budget_forward(runs):
+    """The budget table applies the rule to the summary pass's decisions (one forward for every
+    budget); per image it must equal what the model's own `budget=` forward answers and charges."""
+    import torch
+
+    from ddi_hw.data import load_smoke, test_batches
+    from ddi_hw.runs import load_run
+
+    root, out, res = runs
+    bp = pd.read_csv(out / "budget_predictions_ddi.csv")
+    model = load_run(root / "ddi", ("flops", "energy"), "zedboard").model.eval()
+    ds = load_smoke()
+    budgets = sorted(bp.budget.unique())
+    assert len(budgets) >= 4
+    stops = set()
+    for b in budgets:
+        g = bp[bp.budget == b].sort_values("index")
+        preds, taken, costs = [], [], []
+        with torch.no_grad():
+            for x, _, _ in test_batches(ds, 50, 120):  # other batches than eval's (60): rows are independent
+                o = model(x, mode="dense", budget=b, budget_metric="flops")
+                preds.append(o.logits.argmax(1).numpy())
+                taken.append(o.exit_taken.numpy())
+                costs.append(o.cost["flops"].numpy())
+        assert (g.pred.to_numpy() == np.concatenate(preds)).all(), b
+        assert (g.exit_taken.to_numpy() == np.concatenate(taken)).all(), b
+        assert np.allclose(g.cost.to_numpy(), np.concatenate(costs), rtol=1e-12, atol=0), b
+        stops |= set(np.concatenate(taken).tolist())
+    assert -1 in stops and len(stops) > 1  # some budgets stop images at exits, some reach the head
+
+
 def test_budget_rows_never_cost_more_than_their_budget(runs, tmp_path):
     root, _, _ = runs
     res = evaluate_runs([root / "ddi"], tmp_path / "ev", metrics=("flops",), budgets=[1.0, 1e12], limit=20,

@@ -223,6 +223,13 @@ class CostPlan:
             self._budget_plans[metric] = BudgetPlan(self.export(metric))
         return self._budget_plans[metric]
 
+    def budget_outcome(self, L: np.ndarray, k: np.ndarray, budget: float, metric: str):
+        """The budget rule over decisions known in advance ((N, J) float64 block_run / block_active of
+        the dense path, which do not depend on the budget): the walk (where each image stops, the exit
+        it answers with) and each metric's charged cost."""
+        w = walk(self.budget_plan(metric), budget, L, k)
+        return w, {m: self.budget_plan(m).charged(L, k, w.stop_col, w.stage, w.ran) for m in self.metrics}
+
 
 class DynamicNet(nn.Module):
     """Base class. Subclasses set `events` [("fixed"|"block"|"exit", block name)] in execution
@@ -479,10 +486,8 @@ class DynamicNet(nn.Module):
             out.exit_taken = torch.full((n,), -1, dtype=torch.long)
             return out
         # the budget rule on the decisions the dense path made (not differentiable: inference only)
-        Ln, kn = L.detach().double().numpy(), k.detach().double().numpy()
-        w = walk(plan.budget_plan(metric), budget, Ln, kn)
-        out.cost = {m: torch.from_numpy(plan.budget_plan(m).charged(Ln, kn, w.stop_col, w.stage, w.ran))
-                    for m in plan.metrics}
+        w, cost = plan.budget_outcome(L.detach().double().numpy(), k.detach().double().numpy(), budget, metric)
+        out.cost = {m: torch.from_numpy(c) for m, c in cost.items()}
         taken = torch.from_numpy(w.exit_taken()).long()
         out.exit_taken, out.stopped_block = taken, torch.from_numpy(w.stopped_block()).long()
         stacked = torch.stack([out.logits] + out.exit_logits)  # (1+E, N, C)
