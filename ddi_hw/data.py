@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -367,6 +368,9 @@ def load_dataset(name: str, data_dir: str | Path | None) -> Dataset:
     if name not in DATASETS:
         raise UserError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
     if name == "smoke":
+        if data_dir is not None:  # a user pointing a smoke config at real data should know it is not used
+            print(f"note: data set 'smoke' is the built-in sklearn digits; --data-dir {data_dir} is not used "
+                  "(set dataset: cifar10 in the config to train on it)", file=sys.stderr)
         return load_smoke()
     if data_dir is None:
         raise UserError(f"data set '{name}' needs --data-dir (or use the built-in smoke-test set: dataset: smoke)")

@@ -645,6 +645,9 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                 for k, v in (("loss", float(loss_ce.detach())), ("acc", acc), ("skip", skip), ("saving", saving)):
                     window[k] += v
                 window["n"] += 1
+                n = window["n"]  # the bar shows this log window's running means, from the first step
+                progress.update(task, completed=state["step"], loss=window["loss"] / n, acc=window["acc"] / n,
+                                skip=window["skip"] / n, saving=window["saving"] / n)
                 if phase == "gates":  # step 1 ends when (nearly) nothing is skipped, or at its budget
                     state["low_skip_run"] = state["low_skip_run"] + 1 if skip <= cfg["gate_skip_tol"] else 0
                     if state["low_skip_run"] >= 10 or phase_step + 1 >= cfg["gate_steps"]:
@@ -652,13 +655,10 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                         net = configure_phase("main")
                         progress.update(task, total=state["step"] + main_steps)
                 if state["step"] % cfg["log_every"] == 0:
-                    n = window["n"]
                     rows.append({"step": state["step"], "phase": phase, "split": "train",
                                  "loss": window["loss"] / n, "acc": window["acc"] / n,
                                  "skip_ratio": window["skip"] / n, "saving": window["saving"] / n,
                                  "alpha": alpha, "lr": lr, "seconds": round(time.time() - t0, 3)})
-                    progress.update(task, loss=window["loss"] / n, acc=window["acc"] / n, skip=window["skip"] / n,
-                                    saving=window["saving"] / n)
                     if show_progress and rank == 0 and not progress.console.is_terminal \
                             and state["step"] % (10 * cfg["log_every"]) == 0:  # a log file gets plain lines
                         progress.console.print(
@@ -666,7 +666,6 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                             f"acc {window['acc'] / n:.3f} saving {window['saving'] / n:.3f} alpha {alpha:.3g} "
                             f"lr {lr:.4g} {time.time() - t0:.0f} s")
                     window = {k: 0.0 for k in window} | {"n": 0}
-                progress.update(task, completed=state["step"])
                 if phase == "main" and calib and state["step"] % calib == 0 and state.get("calib_n"):
                     calibrate(state, state.pop("calib_sum") / state.pop("calib_n"),
                               clean_saving(model, ds, cfg, state["step"] // calib, dense_cost, kwargs["layer_gates"]))

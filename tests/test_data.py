@@ -123,6 +123,14 @@ def test_smoke_dataset_is_labelled_and_sized():
     assert x.shape == (64, 3, 32, 32) and abs(float(x.mean())) < 0.5
 
 
+def test_smoke_dataset_says_a_data_dir_is_not_used(tmp_path, capsys):
+    data.load_dataset("smoke", None)
+    assert capsys.readouterr().err == ""
+    data.load_dataset("smoke", tmp_path)
+    err = capsys.readouterr().err
+    assert "not used" in err and str(tmp_path) in err and "dataset: cifar10" in err
+
+
 def test_image_folder(tmp_path):
     from PIL import Image
 
