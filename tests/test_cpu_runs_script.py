@@ -32,7 +32,8 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     names = [Path(o).name for o in outs]
     assert names == ["iadi_flops50", "iadi_energy50", "iadi_flops60", "iadi_flops70", "iadi_flops50_kd",
                      "resnet20_static", "resnet38_retrain", "resnet14_static", "resnet26_static", "ddi", "ddi_fixed",
-                     "iadi_flops50_long", "ddi_long_fixed", "ddi70_fixed", "iadi_flops30", "iadi_flops40", "iadi_flops80",
+                     "iadi_flops50_long", "ddi_long_fixed", "ddi70_fixed", "iadi_flops30", "iadi_flops40",
+                     "iadi_flops80",
                      "densenet40_static", "densenet40_iadi_flops50", "densenet40_iadi_energy50",
                      "iadi_energy40", "iadi_energy60"]
     resumed = [n for n, c in zip(names, trains) if c.endswith("--resume")]

@@ -393,6 +393,18 @@ def test_port_that_never_appears_is_an_error_and_leaves_no_file(tmp_path):
     assert not (tmp_path / "power.csv").exists()
 
 
+def test_a_log_without_samples_fails_with_the_likely_causes(tmp_path):
+    pty = Pty(tmp_path / "tty")  # a port that opens but sends only garbage
+    proc = _start_logger(tmp_path, "--duration", "1.5")
+    _wait(lambda: (tmp_path / "power.csv").exists())
+    pty.write(b"hello\nworld\n")
+    out, err = proc.communicate(timeout=120)
+    pty.close()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "logged 0 samples" in out and out.endswith("\n") and "samples  last" in out.splitlines()[0]
+    assert err.startswith("warning: no samples read") and "garbage 2" in err and "--meter" in err
+
+
 def test_line_buffer_is_bounded_and_over_long_garbage_counted(tmp_path):
     import threading
 

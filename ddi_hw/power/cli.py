@@ -79,8 +79,15 @@ def log_command(
         except KeyboardInterrupt:
             logger.stop.set()
             c = logger.counters
+    if not live.console.is_terminal:
+        typer.echo()  # rich leaves a log file's last status line unterminated
     why = f" (stopped by {got[0]})" if got else ""
     typer.echo(f"logged {c.samples} samples to {out}{why}; status in {status_path(Path(out))}")
+    if c.samples == 0:  # nothing measured is a failure a script must see, with the likely causes
+        typer.echo(f"warning: no samples read from the meter (garbage {c.garbage_lines}, timeouts {c.timeouts}, "
+                   f"open failures {c.open_failures}); check that --meter names this meter, --baud its rate, "
+                   "and that it is sending", err=True)
+        raise typer.Exit(1)
 
 
 @power_app.command("analyze")
