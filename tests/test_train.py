@@ -441,6 +441,9 @@ def test_target_miss_is_named_with_the_fix():
     msg = target_miss(c, {"saving": 0.43})
     assert "0.430" in msg and "0.5" in msg and "alpha" in msg
     assert target_miss(cfg(steps=1), {"saving": 0.0}) is None  # static runs have no target
+    frozen = cfg(stage="ddi", init="x", steps=1, target_saving=0.5, gate_lr_mult=0.0)
+    assert target_miss(frozen, {"saving": 0.7}) is None  # frozen gates keep the init run's saving
+    assert target_miss(cfg(stage="ddi", init="x", steps=1, target_saving=0.5, gate_lr_mult=0.5), {"saving": 0.7})
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
