@@ -42,7 +42,8 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     assert f"--init {out}/resnet38_static" in trains[names.index("resnet38_retrain")]
     assert "--target-saving 0.5 --steps 6240 --data-dir" in trains[names.index("iadi_flops50_long")]
     assert f"resnet38_ddi_fixed.yaml --init {out}/iadi_flops50_long " in trains[names.index("ddi_long_fixed")]
-    assert f"resnet38_ddi_fixed.yaml --init {out}/iadi_flops70 " in trains[names.index("ddi70_fixed")]
+    ddi70 = trains[names.index("ddi70_fixed")]
+    assert f"resnet38_ddi_fixed.yaml --init {out}/iadi_flops70 --target-saving 0.7 " in ddi70
     assert "resnet38_ddi_fixed.yaml --init " + f"{out}/iadi_flops50 " in trains[names.index("ddi_fixed")]
     assert all("--threads 1" in c and f"--data-dir {tmp_path / 'data'}" in c for c in trains)
     energy = trains[names.index("iadi_energy50")]
