@@ -6,7 +6,8 @@ Coefficients are the presets' cited estimates; nothing is fitted to Table I.
     python benchmarks/table1_forced.py [--draws 20] [--data-dir CIFAR --limit 1000]
 
 Layer skipping (the Table I row), channel skipping, and -- with --data-dir -- the committed IADI
-checkpoints (benchmarks/checkpoints/resnet38_iadi_*, their own decisions on CIFAR-10 test images).
+checkpoints (benchmarks/checkpoints/resnet38_iadi_* and cifar10_30ep/iadi_*, their own decisions on
+CIFAR-10 test images).
 Writes CSV + PNG to benchmarks/out/table1_forced/. The last line is a JSON object with
 zedboard_ratio_40..80 and eyeriss_ratio_40..80 (layer skipping; energy saving / FLOP saving).
 """
@@ -34,7 +35,8 @@ def checkpoints_table(data_dir: str, limit: int, cache_dir=None, jobs=None):
     from ddi_hw.export import load_checkpoint_model, test_images
     from energy_models.profile import profile_specs
 
-    runs = sorted((HERE / "checkpoints").glob("resnet38_iadi_*"))
+    root = HERE / "checkpoints"  # the 3000-step family (30-80 %) and the 30-epoch one
+    runs = sorted(root.glob("resnet38_iadi_*")) + sorted(root.glob("cifar10_30ep/iadi_*"))
     x, _y = test_images("cifar10", data_dir, limit)
     xs = torch.from_numpy(x)
     rows, tables = [], {}
@@ -53,7 +55,8 @@ def checkpoints_table(data_dir: str, limit: int, cache_dir=None, jobs=None):
                         cost[m] += float(out.cost[m].sum())
             fs = 1 - cost["flops"] / len(xs) / model.dense_cost("flops")
             es = 1 - cost["energy"] / len(xs) / model.dense_cost("energy")
-            rows.append({"run": run.name, "hardware": hw, "resource": side["config"].get("resource"),
+            rows.append({"run": run.relative_to(root).as_posix(), "hardware": hw,
+                         "resource": side["config"].get("resource"),
                          "images": len(xs), "flop_saving_pct": 100 * fs, "energy_saving_pct": 100 * es,
                          "ratio": es / fs if fs else float("nan"),
                          "energy_model": f"modelled: SCALE-Sim + Eq. 6 ({hw})"})
