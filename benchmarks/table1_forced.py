@@ -26,41 +26,14 @@ KEY = {"zedboard": "zedboard", "eyeriss-65nm": "eyeriss"}
 
 
 def checkpoints_table(data_dir: str, limit: int, cache_dir=None, jobs=None):
-    """Each committed IADI checkpoint's own decisions on `limit` CIFAR-10 test images (sparse path),
-    costed with the new table on each preset: counted FLOP and MODELLED energy saving."""
-    import pandas as pd
-    import torch
-
-    from ddi_hw.cost import CostTable
-    from ddi_hw.export import load_checkpoint_model, test_images
-    from energy_models.profile import profile_specs
+    """The committed IADI checkpoints' own decisions on `limit` CIFAR-10 test images, both presets."""
+    from ddi_hw.data import test_images
+    from ddi_hw.table1 import checkpoint_table
 
     root = HERE / "checkpoints"  # the 3000-step family (30-80 %) and the 30-epoch one
     runs = sorted(root.glob("resnet38_iadi_*")) + sorted(root.glob("cifar10_30ep/iadi_*"))
     x, _y = test_images("cifar10", data_dir, limit)
-    xs = torch.from_numpy(x)
-    rows, tables = [], {}
-    for run in runs:
-        model, side = load_checkpoint_model(run)
-        for hw in PRESETS:
-            if hw not in tables:
-                tables[hw] = CostTable.from_frame(profile_specs(model.specs(), hw, cache_dir=cache_dir,
-                                                               jobs=jobs, progress=False))
-            model.attach_cost_table(tables[hw])
-            cost = {"flops": 0.0, "energy": 0.0}
-            with torch.no_grad():
-                for i in range(0, len(xs), 250):
-                    out = model(xs[i:i + 250], mode="sparse")
-                    for m in cost:
-                        cost[m] += float(out.cost[m].sum())
-            fs = 1 - cost["flops"] / len(xs) / model.dense_cost("flops")
-            es = 1 - cost["energy"] / len(xs) / model.dense_cost("energy")
-            rows.append({"run": run.relative_to(root).as_posix(), "hardware": hw,
-                         "resource": side["config"].get("resource"),
-                         "images": len(xs), "flop_saving_pct": 100 * fs, "energy_saving_pct": 100 * es,
-                         "ratio": es / fs if fs else float("nan"),
-                         "energy_model": f"modelled: SCALE-Sim + Eq. 6 ({hw})"})
-    return pd.DataFrame(rows)
+    return checkpoint_table({r.relative_to(root).as_posix(): r for r in runs}, x, PRESETS, cache_dir, jobs)
 
 
 def main(argv=None) -> None:

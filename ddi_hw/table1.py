@@ -117,6 +117,43 @@ def forced_table(arch: str = "resnet74", mode: str = "layer", hardware=("zedboar
     return pd.DataFrame(rows, columns=FORCED_COLUMNS), pd.concat(parts, ignore_index=True)
 
 
+def checkpoint_table(runs: dict, images, hardware=("zedboard", "eyeriss-65nm"), cache_dir=None, jobs=None):
+    """Per run ({name: run dir}) and preset: the counted FLOP and MODELLED energy saving of the run's
+    own decisions on `images` (normalised (N, 3, H, W) float array), through the sparse path, vs its
+    dense backbone. One cost table per preset, shared by runs of one architecture."""
+    import pandas as pd
+    import torch
+
+    from ddi_hw.cost import CostTable
+    from ddi_hw.runs import load_run
+    from energy_models.profile import profile_specs
+
+    xs = torch.as_tensor(images)
+    rows, tables = [], {}
+    for name, run in runs.items():
+        loaded = load_run(run)
+        model = loaded.model
+        for hw in hardware:
+            key = (hw, loaded.side["model"]["name"])
+            if key not in tables:
+                tables[key] = CostTable.from_frame(profile_specs(model.specs(), hw, cache_dir=cache_dir,
+                                                                 jobs=jobs, progress=False))
+            model.attach_cost_table(tables[key])
+            cost = {"flops": 0.0, "energy": 0.0}
+            with torch.no_grad():
+                for i in range(0, len(xs), 250):
+                    out = model(xs[i:i + 250], mode="sparse")
+                    for m in cost:
+                        cost[m] += float(out.cost[m].sum())
+            fs = 1 - cost["flops"] / len(xs) / model.dense_cost("flops")
+            es = 1 - cost["energy"] / len(xs) / model.dense_cost("energy")
+            rows.append({"run": name, "hardware": hw, "resource": loaded.config.get("resource"),
+                         "images": len(xs), "flop_saving_pct": 100 * fs, "energy_saving_pct": 100 * es,
+                         "ratio": es / fs if fs else float("nan"),
+                         "energy_model": f"modelled: SCALE-Sim + Eq. 6 ({hw})"})
+    return pd.DataFrame(rows)
+
+
 def breakdown(model, table, hardware: str):
     """Share of the gated dense network's FLOPs and MODELLED energy per part: the parts that never
     skip (stem, blocks without a layer gate, head), the skippable blocks' backbone, the layer gates,

@@ -1,5 +1,6 @@
 """Table I from an eval summary (+ measured energy): values, labels, paper columns, files."""
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -118,3 +119,25 @@ def test_forced_layer_table_counts_flops_by_hand(tmp_path):
     assert r.paper_ratio == pytest.approx(47.10 / 50.0) and r.energy_model.startswith("modelled")
     assert set(parts.part) >= {"skippable blocks", "unskippable blocks", "layer gates", "fixed (stem, head)"}
     assert parts.energy_share_pct.sum() == pytest.approx(100)
+
+
+def test_checkpoint_table_is_the_dense_paths_cost_of_the_same_decisions():
+    """A committed IADI checkpoint's savings via the sparse path (what the table reports) equal those
+    the dense path charges for the same images, with the run's own decisions."""
+    import torch
+
+    from ddi_hw.runs import load_run
+    from ddi_hw.table1 import checkpoint_table
+
+    run = Path(__file__).resolve().parents[1] / "benchmarks" / "checkpoints" / "cifar10_30ep" / "iadi_flops70"
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)).numpy()
+    tab = checkpoint_table({"iadi70": run}, x, ("zedboard",))
+    ref = load_run(run, metrics=("flops", "energy"), hardware="zedboard").model
+    with torch.no_grad():
+        out = ref(torch.from_numpy(x), mode="dense")
+    want = {m: 100 * (1 - float(out.cost[m].double().mean()) / ref.dense_cost(m)) for m in ("flops", "energy")}
+    row = tab.iloc[0]
+    assert list(tab.run) == ["iadi70"] and row.images == 6 and row.resource == "flops"
+    assert want["flops"] > 20 and row.flop_saving_pct == pytest.approx(want["flops"], abs=1e-6)
+    assert row.energy_saving_pct == pytest.approx(want["energy"], abs=1e-6)
+    assert row.ratio == pytest.approx(want["energy"] / want["flops"], rel=1e-6)
