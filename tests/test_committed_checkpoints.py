@@ -54,6 +54,7 @@ def test_committed_checkpoint_is_self_consistent(run):
     if init:
         parent = json.loads((run / init / "model.json").read_text())  # a committed sibling
         assert parent["model"]["name"] == side["model"]["name"]
+        assert side["init"]["metrics"] == parent["metrics"], f"{run}: {init} is not the run it started from"
     with open(run / "metrics.csv") as f:
         final = [r for r in csv.DictReader(f) if r["phase"] == "final"]
     assert final and float(final[-1]["acc"]) == pytest.approx(side["metrics"]["acc"], abs=1e-12)
