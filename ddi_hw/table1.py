@@ -120,7 +120,9 @@ def forced_table(arch: str = "resnet74", mode: str = "layer", hardware=("zedboar
 def checkpoint_table(runs: dict, images, hardware=("zedboard", "eyeriss-65nm"), cache_dir=None, jobs=None):
     """Per run ({name: run dir}) and preset: the counted FLOP and MODELLED energy saving of the run's
     own decisions on `images` (normalised (N, 3, H, W) float array), through the sparse path, vs its
-    dense backbone. One cost table per preset, shared by runs of one architecture."""
+    dense backbone. One cost table per preset and model description (gates, exits), shared by runs."""
+    import json
+
     import pandas as pd
     import torch
 
@@ -134,7 +136,7 @@ def checkpoint_table(runs: dict, images, hardware=("zedboard", "eyeriss-65nm"), 
         loaded = load_run(run)
         model = loaded.model
         for hw in hardware:
-            key = (hw, loaded.side["model"]["name"])
+            key = (hw, json.dumps(loaded.side["model"], sort_keys=True))  # the model's full description
             if key not in tables:
                 tables[key] = CostTable.from_frame(profile_specs(model.specs(), hw, cache_dir=cache_dir,
                                                                  jobs=jobs, progress=False))
