@@ -236,7 +236,8 @@ def read_csv(path: str | Path, columns: Iterable[str], what: str, fix: str,
         raise UserError(f"{what} {path} is not a readable CSV table ({first}); {fix}") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise UserError(f"{what} {path} lacks columns {', '.join(missing)}; expected {', '.join(columns)}")
+        has = ", ".join(map(str, df.columns[:8])) + (", ..." if len(df.columns) > 8 else "")
+        raise UserError(f"{what} {path} lacks columns {', '.join(missing)} (its header: {has}); {fix}")
     if len(df) < min_rows:
         raise UserError(f"{what} {path} has {len(df)} data rows, needs at least {min_rows}; {fix}")
     for col, rule in (numbers or {}).items():

@@ -33,7 +33,7 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     assert names == ["iadi_flops50", "iadi_energy50", "iadi_flops60", "iadi_flops70", "iadi_flops50_kd",
                      "resnet20_static", "resnet38_retrain", "resnet14_static", "resnet26_static", "ddi", "ddi_fixed",
                      "iadi_flops50_long", "ddi_long_fixed", "ddi70_fixed", "iadi_flops30", "iadi_flops40",
-                     "iadi_flops80", "iadi_flops70_long", "ddi70_long_fixed",
+                     "ddi30_fixed", "ddi40_fixed", "iadi_flops80", "iadi_flops70_long", "ddi70_long_fixed",
                      "densenet40_static", "densenet40_iadi_flops50", "densenet40_iadi_energy50",
                      "iadi_energy40", "iadi_energy60"]
     resumed = [n for n, c in zip(names, trains) if c.endswith("--resume")]
@@ -47,6 +47,7 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     assert f"--init {out}/iadi_flops70_long --target-saving 0.7 " in trains[names.index("ddi70_long_fixed")]
     assert f"resnet38_ddi_fixed.yaml --init {out}/iadi_flops70 --target-saving 0.7 " in ddi70
     assert "resnet38_ddi_fixed.yaml --init " + f"{out}/iadi_flops50 " in trains[names.index("ddi_fixed")]
+    assert f"--init {out}/iadi_flops30 --target-saving 0.30 " in trains[names.index("ddi30_fixed")]
     assert all("--threads 1" in c and f"--data-dir {tmp_path / 'data'}" in c for c in trains)
     energy = trains[names.index("iadi_energy50")]
     assert "--resource energy --hardware zedboard --target-saving 0.5" in energy
