@@ -59,6 +59,7 @@ SMOKE_CFG = "arch: resnet14\ndataset: smoke\nsteps: 2\nbatch_size: 16\neval_batc
     (["profile", "--input-size", "0"], ["--input-size"]),
     (["power", "log", "--out", "p.csv", "--meter", "csv-stream", "--port", "x", "--duration", "nan"], ["--duration"]),
     (["power", "analyze", "p.csv", "w.csv", "--max-gap", "-1"], ["--max-gap"]),
+    (["power", "analyze", "p.csv", "w.csv", "--clock", "utc"], ["--clock", "wall"]),
     (["train", "--config", "c.yaml", "--out", "run", "--steps", "abc"], ["--steps"]),  # a usage error too
 ])
 def test_non_finite_or_out_of_range_numbers_are_refused_at_the_edge(tmp_path, args, words):

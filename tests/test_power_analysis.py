@@ -100,3 +100,78 @@ def test_no_idle_window_is_a_user_error():
     power, _, _ = _trace(rng, [(1.0, 2.0)])
     with pytest.raises(UserError, match="idle"):
         window_energies(power, _windows([(1.0, 2.0)], []))
+
+
+def _stalled_log(rng, windows, dp=2.0, p0=3.0, reboot_at=None):
+    """200 Hz samples; the meter's clock runs 80 ppm fast from its own epoch (and restarts from 0 at
+    `reboot_at`); the host reads each 1-3 ms late, except for a 0.6 s stall of the reader at 3.0 s
+    whose samples are all stamped when it wakes. Returns the log and the true host-clock times."""
+    stall_s = 0.6
+    true = np.arange(0, 8, 1 / 200) + 50.0  # host clock
+    mt = 1000.0 + (true - 50.0) * (1 + 80e-6)
+    if reboot_at is not None:
+        mt = np.where(true - 50 >= reboot_at, (true - 50 - reboot_at) * (1 + 80e-6), mt)
+    host = true + 0.001 + rng.exponential(0.002, len(true))
+    stall = (true >= 53.0) & (true < 53.0 + stall_s)
+    host[stall] = 53.0 + stall_s + 0.001
+    active = np.zeros(len(true), bool)
+    for a, b in windows:
+        active |= (true >= a) & (true < b)
+    p = p0 + dp * active
+    df = pd.DataFrame({"host_wall_s": host + 1e9, "host_mono_s": host, "meter_t_s": mt,
+                       "volts": 12.0, "amps": p / 12.0, "watts": p})
+    return df[HEADER], true
+
+
+@pytest.mark.parametrize("reboot_at", [None, 5.0])
+def test_meter_clock_times_undo_the_readers_stalls(reboot_at):
+    from ddi_hw.power.analysis import sample_times
+
+    rng = np.random.default_rng(1)
+    runs, idles = [(52.5, 53.3), (55.2, 55.8)], [(50.2, 52.3), (56.5, 57.9)]  # a run ends in the stall
+    power, true = _stalled_log(rng, runs, reboot_at=reboot_at)
+    t = sample_times(power)
+    assert np.abs(t - (true + 0.001)).max() < 2e-4  # the minimum latency stays; stall, jitter, drift go
+    assert (t <= power.host_mono_s.to_numpy()).all()  # never before the host saw it
+    per = window_energies(power, _windows(runs, idles))
+    assert np.allclose(per.energy_net_j, [2.0 * (b - a) for a, b in runs], atol=2.0 * 0.006)
+    assert (per.status == "ok").all()
+    # the same log stamped by the host only: the stall is a 0.6 s hole, and the window ending in it is lost
+    host_only = window_energies(power.assign(meter_t_s=np.nan), _windows(runs, idles))
+    assert list(host_only.status) == ["gap in samples", "ok"]
+
+
+def test_samples_without_a_meter_clock_keep_their_host_stamp():
+    from ddi_hw.power.analysis import sample_times
+
+    power, _ = _stalled_log(np.random.default_rng(2), [])
+    mt = power.meter_t_s.to_numpy().copy()
+    mt[::3] = np.nan
+    t = sample_times(power.assign(meter_t_s=mt))
+    assert np.array_equal(t[::3], power.host_mono_s.to_numpy()[::3])
+    assert np.array_equal(sample_times(power.assign(meter_t_s=np.nan)), power.host_mono_s.to_numpy())
+
+
+def test_analyze_a_log_from_another_machine_on_the_wall_clock(tmp_path):
+    """Logger on a workstation, windows on the board: their monotonic clocks share nothing, their
+    (NTP-synced) wall clocks do. `--clock wall` matches them; the default refuses the mismatch."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    runs, idles = [(1.0, 1.8), (2.1, 2.9), (3.2, 4.0)], [(0.1, 0.9), (5.4, 5.9)]
+    power, _, _ = _trace(rng, runs, dp=1.5, sigma=0.0, drift=0.0)
+    power = power.assign(host_mono_s=power.host_mono_s + 7000.0)  # the workstation's uptime clock
+    power.to_csv(tmp_path / "p.csv", index=False)
+    _windows(runs, idles).to_csv(tmp_path / "w.csv", index=False)
+
+    def analyze(*extra):
+        return subprocess.run([sys.executable, "-m", "ddi_hw.cli", "power", "analyze", "p.csv", "w.csv",
+                               "--out-dir", "out", *extra], cwd=tmp_path, capture_output=True, text=True)
+
+    r = analyze("--clock", "wall")
+    assert r.returncode == 0, r.stderr
+    per = pd.read_csv(tmp_path / "out" / "energy_windows.csv")
+    assert np.allclose(per.energy_net_j, [1.5 * (b - a) for a, b in runs], atol=1.5 * 0.004)
+    r = analyze()
+    assert r.returncode == 2 and "--clock wall" in r.stderr and "Traceback" not in r.stderr

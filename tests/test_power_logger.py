@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ddi_hw.errors import UserError
-from ddi_hw.power.analysis import read_power, read_windows, window_energies
+from ddi_hw.power.analysis import read_power, read_windows, sample_times, window_energies
 from ddi_hw.power.logger import make_logger, status_path
 from ddi_hw.power.meters import Shunt, get_profile
 from ddi_hw.power.windows import WindowRecorder
@@ -69,11 +69,13 @@ def test_streamed_trace_gives_known_energy_per_window(tmp_path):
     p0, drift, dp, sigma, rate = 3.0, 0.05, 2.0, 0.02, 200.0
     t_start = time.monotonic()
     rng = np.random.default_rng(0)
+    meter_late = [0.0]  # how far the simulated meter fell behind its 200 Hz schedule (machine load)
 
     def meter():
         n = 0
         while not stop.is_set():
             t = time.monotonic()
+            meter_late[0] = max(meter_late[0], t - (t_start + n / rate))
             p = p0 + drift * (t - t_start) + (dp if active.is_set() else 0.0) + rng.normal(0, sigma)
             v = 12.0 + rng.normal(0, 0.001)
             pty.write(f"{t!r},{v:.6f},{p / v:.7f}\n")
@@ -105,7 +107,10 @@ def test_streamed_trace_gives_known_energy_per_window(tmp_path):
     # the meter's own clock is the same monotonic clock here, so latency is measurable
     lat = (power.host_mono_s - power.meter_t_s).to_numpy()
     assert lat.min() >= 0
-    t = power.host_mono_s.to_numpy()
+    # the analysis times samples by the meter's clock (a starved reader delays host stamps, not samples)
+    t = sample_times(power)
+    assert np.ptp(t - power.meter_t_s.to_numpy()) < 1e-4  # one clock here: a constant offset (+ fitted drift)
+    lat = t - power.meter_t_s.to_numpy()
     windows = read_windows(tmp_path / "windows.csv")
     per = window_energies(power, windows)
     assert (per.status == "ok").all() and len(per) == 3
@@ -123,7 +128,10 @@ def test_streamed_trace_gives_known_energy_per_window(tmp_path):
               f"error {(r.energy_net_j - true) * 1e3:+.3f} mJ, derived tolerance {tol * 1e3:.3f} mJ")
         assert abs(r.energy_net_j - true) <= tol, (r.energy_net_j, true, tol)
         assert r.energy_per_inference_j == pytest.approx(r.energy_net_j / 10)
-        assert tol < 0.2 * true
+        if tol >= 0.2 * true and meter_late[0] > 0.05:  # the load delayed the simulated meter itself
+            pytest.skip(f"the machine starved this test's meter thread ({meter_late[0]:.2f} s behind): "
+                        "the window edges cannot be resolved; re-run on an idle machine")
+        assert tol < 0.2 * true  # the check above was sensitive
 
 
 def test_garbage_disconnect_and_clock_jump_are_counted_and_nothing_is_lost(tmp_path):

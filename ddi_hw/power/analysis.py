@@ -59,6 +59,36 @@ def read_windows(path: Path) -> pd.DataFrame:
     return df.sort_values("start_mono_s").reset_index(drop=True)
 
 
+def sample_times(power: pd.DataFrame, host_col: str = "host_mono_s", bin_s: float = 1.0,
+                 jump_s: float = 1.0) -> np.ndarray:
+    """When each sample was taken, on the host clock `host_col`. The host stamps a sample when it
+    reads it, which a busy reader delays by up to a whole batch; a meter that stamps its own samples
+    (meter_t_s) has no such delay. So, per stretch of steady meter clock (split where it steps back
+    or disagrees with the host by more than `jump_s`), time = meter_t * (1 + drift) + offset, with the
+    offset from the fastest-arriving sample (like NTP's minimum-delay filter: latency is never
+    negative, so every time stays <= its host stamp) and the drift fitted to the per-`bin_s` fastest
+    samples. Samples without a meter time keep their host stamp."""
+    host = power[host_col].to_numpy(float)
+    mt = power["meter_t_s"].to_numpy(float) if "meter_t_s" in power else np.full(len(host), np.nan)
+    t = host.copy()
+    ok = np.isfinite(mt)
+    idx = np.flatnonzero(ok)
+    if len(idx) < 2:
+        return t
+    dm, dh = np.diff(mt[idx]), np.diff(host[idx])
+    cuts = np.flatnonzero((dm <= 0) | (np.abs(dm - dh) > jump_s) | (np.diff(idx) > 1)) + 1
+    for seg in np.split(idx, cuts):
+        m, d = mt[seg], host[seg] - mt[seg]  # d = offset + drift * m + latency
+        drift = 0.0
+        bins = np.floor((m - m[0]) / bin_s)
+        if bins[-1] >= 2:  # a drift needs a few seconds of samples to be seen
+            first = np.r_[0, np.flatnonzero(np.diff(bins)) + 1]
+            fastest = [a + int(np.argmin(d[a:b])) for a, b in zip(first, np.r_[first[1:], len(seg)])]
+            drift = float(np.polyfit(m[fastest], d[fastest], 1)[0])
+        t[seg] = np.minimum(m + drift * m + float(np.min(d - drift * m)), host[seg])  # exact: no rounding up
+    return t
+
+
 def integrate(t: np.ndarray, p: np.ndarray, a: float, b: float) -> float:
     """Trapezoid of p(t) over [a, b], with p linearly interpolated at the edges."""
     inside = (t > a) & (t < b)
@@ -76,12 +106,19 @@ def _max_dt(t: np.ndarray, a: float, b: float) -> float:
 
 def window_energies(power: pd.DataFrame, windows: pd.DataFrame, time_col: str = "host_mono_s",
                     max_gap_s: float = 0.5) -> pd.DataFrame:
-    """One row per run window: gross and baseline-subtracted energy, and per inference."""
+    """One row per run window: gross and baseline-subtracted energy, and per inference, on the
+    samples' own times (`sample_times`) rather than the moments the host read them."""
     if power.empty:
         raise UserError("the power log has no readable samples")
-    t, p = power[time_col].to_numpy(float), power["watts"].to_numpy(float)
-    base = "start_mono_s" if time_col == "host_mono_s" else "start_wall_s"
+    t, p = sample_times(power, time_col), power["watts"].to_numpy(float)
+    order = np.argsort(t, kind="stable")
+    t, p = t[order], p[order]
+    base = time_col.replace("host_", "start_")  # host_mono_s -> start_mono_s, host_wall_s -> start_wall_s
     end = base.replace("start", "end")
+    if not ((windows[end] >= t[0]) & (windows[base] <= t[-1])).any():
+        hint = ("if the log and the windows come from different machines, use --clock wall"
+                if time_col == "host_mono_s" else "check that the log and the windows are from one session")
+        raise UserError(f"no window lies within the power log's time span ({time_col}); {hint}")
     idle = windows[windows["kind"] == "idle"]
     idle_pts = [((r[base] + r[end]) / 2, integrate(t, p, r[base], r[end]) / (r[end] - r[base]))
                 for _, r in idle.iterrows()
@@ -145,19 +182,21 @@ def summarize(per_window: pd.DataFrame, confidence: float = 0.95) -> pd.DataFram
 
 
 def plot_trace(power: pd.DataFrame, windows: pd.DataFrame, per_window: pd.DataFrame,
-               out_png: Path) -> None:
+               out_png: Path, clock: str = "mono") -> None:
     """Power vs time with run windows shaded and the baseline drawn: a visual sanity check."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t0 = float(power["host_mono_s"].iloc[0])
+    t = sample_times(power, f"host_{clock}_s")
+    t0 = float(t.min())
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(power["host_mono_s"] - t0, power["watts"], lw=0.6, color="k", label="measured power")
+    ax.plot(np.sort(t) - t0, power["watts"].to_numpy(float)[np.argsort(t, kind="stable")], lw=0.6, color="k",
+            label="measured power")
     for _, w in windows.iterrows():
         color = "tab:orange" if w["kind"] == "run" else "tab:blue"
-        ax.axvspan(w["start_mono_s"] - t0, w["end_mono_s"] - t0, color=color, alpha=0.2)
+        ax.axvspan(w[f"start_{clock}_s"] - t0, w[f"end_{clock}_s"] - t0, color=color, alpha=0.2)
     for _, w in per_window[per_window["status"] == "ok"].iterrows():
         ax.hlines(w["baseline_w"], w["start_s"] - t0, w["end_s"] - t0, color="tab:red")
     ax.set_xlabel("time since first sample (s)")

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ddi_hw.errors import UserError
 from ddi_hw.validate import number
 
 power_app = typer.Typer(no_args_is_help=True, help="Power meter logging and energy per inference.")
@@ -97,6 +98,9 @@ def analyze_command(
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="where results go (default: next to the log)"),
     max_gap: float = typer.Option(0.5, "--max-gap", callback=number(0, low_open=True),
                                   help="reject windows with a sample gap longer than this (s)"),
+    clock: str = typer.Option("mono", "--clock",
+                              help="mono: log and windows from one machine; wall: the log was recorded on "
+                                   "another machine (both clocks NTP-synced)"),
 ) -> None:
     """Energy per inference (baseline-subtracted) per configuration with a 95% t-interval."""
     from rich.console import Console
@@ -105,14 +109,16 @@ def analyze_command(
     from ddi_hw.power.analysis import plot_trace, read_power, read_windows, summarize, window_energies
     from ddi_hw.validate import output_dir
 
+    if clock not in ("mono", "wall"):
+        raise UserError(f"--clock {clock!r}: choose mono (one machine) or wall (log from another machine)")
     out_dir = output_dir(out_dir or power_csv.parent, "--out-dir")
     power, bad = read_power(power_csv)
     windows = read_windows(windows_csv)
-    per_window = window_energies(power, windows, max_gap_s=max_gap)
+    per_window = window_energies(power, windows, time_col=f"host_{clock}_s", max_gap_s=max_gap)
     summary = summarize(per_window)
     _atomic_csv(per_window, out_dir / "energy_windows.csv")
     _atomic_csv(summary, out_dir / "energy_summary.csv")
-    plot_trace(power, windows, per_window, out_dir / "power_trace.png")
+    plot_trace(power, windows, per_window, out_dir / "power_trace.png", clock)
     table = Table(title=f"measured energy per inference ({len(power)} samples, {bad} unreadable rows)")
     for col in ("config", "repeats", "energy/inf (mJ)", "95% CI (mJ)", "gross/inf (mJ)", "baseline (W)"):
         table.add_column(col)
