@@ -4,6 +4,10 @@
 # (model.safetensors) is skipped, an interrupted one (resume.safetensors; Ctrl-C, kill, end of a
 # session) continues with --resume; so run the script again until everything is done (~2 h pieces).
 # Usage:  D=~/data/cifar-10-batches-py OUT=runs bash benchmarks/cifar10_cpu_runs.sh
+# On a new machine, SEED (folders separated by ':') continues where another machine stopped: a run
+# finished there (NAME/model.safetensors) is copied instead of trained, and an interrupted piece
+# (NAME/resume.safetensors + metrics.csv; it names its init run relative to itself) is copied and resumed
+# unless OUT already holds a later piece. E.g. SEED=benchmarks/checkpoints/cifar10_30ep:benchmarks/checkpoints/pieces
 set -euo pipefail
 D=${D:?set D to the cifar-10-batches-py directory}
 OUT=${OUT:-runs}
@@ -11,9 +15,22 @@ C=$(cd "$(dirname "$0")/.." && pwd)/configs/cpu
 T="--threads ${THREADS:-2}"
 mkdir -p "$OUT"
 
+seed() {  # OUT_DIR: copy the run (finished, or a piece) of that name from the SEED folders, if any
+  local out=$1 name s
+  name=$(basename "$out")
+  local IFS=:
+  for s in ${SEED:-}; do
+    if [ -f "$s/$name/model.safetensors" ] || { [ -f "$s/$name/resume.safetensors" ] && [ ! -f "$out/resume.safetensors" ]; }; then
+      mkdir -p "$out" && cp "$s/$name"/* "$out"/ && echo "seeded $out from $s/$name"
+      return
+    fi
+  done
+}
+
 train() {  # OUT_DIR ARGS...: skip a finished run, resume an interrupted one, else start it
   local out=$1
   shift
+  [ -f "$out/model.safetensors" ] || seed "$out"
   if [ -f "$out/model.safetensors" ]; then echo "finished: $out"; return; fi
   local resume=""
   [ -f "$out/resume.safetensors" ] && resume="--resume"

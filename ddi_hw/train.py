@@ -401,6 +401,10 @@ TRAIN_STATE_SCHEMA = {  # what `train` keeps in the resume file next to weights 
 RUN_FILES = ("model.safetensors", "model.json", "resume.safetensors", "metrics.csv")
 
 
+def _same_dir(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def check_out_dir(out_dir: Path, resume: bool) -> None:
     """Before any work: --out is writable, and a fresh run finds none of a run's files there
     (appending to a stale metrics.csv would mix two runs); --resume finds its resume file."""
@@ -512,13 +516,16 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
     model.to(memory_format=fmt)
 
     state = {"step": 0, "phase": "gates" if cfg["stage"] == "iadi" and cfg["gate_steps"] > 0 else "main",
-             "phase_start": 0, "low_skip_run": 0, "init": init_info, "config": cfg}
+             "phase_start": 0, "low_skip_run": 0, "init": init_info,
+             "config": cfg | {"init": init_info["run"] if init_info else cfg["init"]}}  # no machine path
     metrics_path = out_dir / "metrics.csv"
     if resume:
         state = ck.load_resume(out_dir, model, optimizer)
         ignored = RESUME_FREE_KEYS + (GATED_ONLY_KEYS if cfg["stage"] == "static" else ())
         # a key the interrupted run's version did not know yet had its default then
         used = {k: state["config"].get(k, CONFIG_SCHEMA[k][0]) for k in cfg}
+        if used["init"] and cfg["init"] and _same_dir(out_dir / used["init"], cfg["init"]):
+            used["init"] = cfg["init"]  # recorded relative to the run (older files: absolute), given from here
         changed = [k for k in cfg if k not in ignored and used[k] != cfg[k]]
         if changed:
             k = changed[0]

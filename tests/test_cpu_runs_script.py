@@ -54,3 +54,34 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     assert f"--init {out}/resnet38_static" in energy
     assert f"--init {out}/densenet40_static --resource energy" in trains[names.index("densenet40_iadi_energy50")]
     assert [c.split()[0] for c in calls if not c.startswith("train ")] == ["eval", "eval", "table1"]
+
+
+def test_seed_continues_where_another_machine_stopped(tmp_path):
+    """SEED folders (the committed runs and pieces): a finished run there is copied, not trained; a piece
+    is copied and resumed; a later piece already in OUT is kept."""
+    bin_dir, out, seed = tmp_path / "bin", tmp_path / "runs", tmp_path / "seed"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    (bin_dir / "ddi-hw").write_text(f'#!/bin/bash\necho "$@" >> {log}\n')
+    (bin_dir / "ddi-hw").chmod(0o755)
+    for name, files in {"resnet38_static": ["model.safetensors", "model.json"], "iadi_flops50": ["model.safetensors"],
+                        "iadi_energy50": ["resume.safetensors", "metrics.csv"],
+                        "iadi_flops60": ["resume.safetensors"]}.items():
+        (seed / name).mkdir(parents=True)
+        for f in files:
+            (seed / name / f).write_text(f"seed {name}/{f}")
+    (out / "iadi_flops60").mkdir(parents=True)
+    (out / "iadi_flops60" / "resume.safetensors").write_text("later piece")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "D": str(tmp_path / "data"), "OUT": str(out),
+           "SEED": f"{tmp_path / 'empty'}:{seed}"}
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    trains = [c for c in log.read_text().splitlines() if c.startswith("train ")]
+    by_name = {Path(c.split("--out ")[1].split()[0]).name: c for c in trains}
+    assert "resnet38_static" not in by_name and "iadi_flops50" not in by_name  # copied, not trained
+    assert (out / "resnet38_static" / "model.json").read_text() == "seed resnet38_static/model.json"
+    assert by_name["iadi_energy50"].endswith("--resume")
+    assert (out / "iadi_energy50" / "metrics.csv").read_text() == "seed iadi_energy50/metrics.csv"
+    assert by_name["iadi_flops60"].endswith("--resume")
+    assert (out / "iadi_flops60" / "resume.safetensors").read_text() == "later piece"
+    assert not by_name["iadi_flops70"].endswith("--resume")

@@ -137,6 +137,26 @@ def test_distilled_iadi_differs_and_resumes_bit_exact(tmp_path):
         train({**kd, "distill": 0.2}, tmp_path / "cut", resume=True, show_progress=False)
 
 
+def test_an_interrupted_run_moves_to_another_machine(tmp_path):
+    """A resume file names no machine path (its init run is relative to it), so a piece of a run can be
+    carried elsewhere beside its init run and continued there, exactly; another init is refused."""
+    import shutil
+
+    static = tmp_path / "a" / "static"
+    train(cfg(steps=3), static, show_progress=False)
+    iadi = dict(stage="iadi", steps=3, gate_steps=1, alpha=0.5, target_saving=0.3)
+    train(cfg(**iadi, init=str(static)), tmp_path / "a" / "full", show_progress=False)
+    assert train(cfg(**iadi, init=str(static)), tmp_path / "a" / "cut", stop_after=2, show_progress=False)
+    assert str(tmp_path) not in (tmp_path / "a" / "cut" / ck.RESUME_FILE).read_bytes().decode("latin-1")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a" / "cut")
+    with pytest.raises(UserError, match="'init' is"):
+        train(cfg(**iadi, init=str(tmp_path / "b" / "full")), tmp_path / "b" / "cut", resume=True, show_progress=False)
+    train(cfg(**iadi, init=str(tmp_path / "b" / "static")), tmp_path / "b" / "cut", resume=True, show_progress=False)
+    a, b = _weights(tmp_path / "a" / "full"), _weights(tmp_path / "b" / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_static_fine_tune_starts_from_its_init(tmp_path):
     """A static run with `init` (the re-training control for IADI) starts from the init run's weights."""
     train(cfg(steps=4), tmp_path / "static", show_progress=False)
