@@ -86,7 +86,8 @@ CONFIG_SCHEMA: dict[str, tuple[Any, str, Any]] = {
     "alpha_rule": ("dual", "sign|dual (sign: the paper's flip every batch; dual: integral control on the "
                    "running saving)", lambda v: v in ALPHA_RULES),
     "calibrate_every": (20, "an integer >= 0 (dual rule: steps between eval-mode passes over one un-augmented "
-                        "training batch that correct the target for the augmentation's effect on the saving; 0 = off)",
+                        "training batch, from the second quarter of the main phase on, that correct the target for the "
+                        "augmentation's effect on the saving; 0 = off)",
                         lambda v: isinstance(v, int) and v >= 0),
     "alpha_gain": (0.05, "a number > 0 (dual rule: alpha change per step per unit of saving error)",
                    lambda v: isinstance(v, _num) and v > 0),
@@ -263,9 +264,12 @@ def calibrated_goal(state: dict[str, Any], target: float) -> float:
 
 
 def calibrate(state: dict[str, Any], aug_saving: float, clean_saving: float) -> None:
-    """Fold one calibration pass into the running estimates (first pass: taken as they are)."""
+    """Fold one calibration pass into the running estimates, which start at "no offset". Passes begin
+    after the first quarter of the main phase: in the gates' start-up the eval-mode saving is still ~0
+    while the train batches' rises, and such a pass, taken as it was, set the goal of a whole short run
+    (a 100-step smoke run overshot its 0.5 target to 0.6)."""
     for k, v in (("calib_aug", aug_saving), ("calib_clean", clean_saving)):
-        state[k] = v if k not in state else CALIB_DECAY * state[k] + (1 - CALIB_DECAY) * v
+        state[k] = CALIB_DECAY * state.get(k, 0.0) + (1 - CALIB_DECAY) * v
 
 
 def next_alpha(cfg: dict[str, Any], state: dict[str, Any], saving: float, goal: float, phase: str) -> float:
@@ -640,7 +644,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, data_dir: str | Path | None 
                     skip = _all_mean(skip, world)
                     goal = 0.0 if phase == "gates" else calibrated_goal(state, target)
                     alpha = next_alpha(cfg, state, saving, goal, phase)
-                    if calib and phase == "main":  # this window's train-batch savings, for `calibrate`
+                    if calib and phase == "main" and phase_step >= main_steps // 4:  # (after the start-up)
+                        # this window's train-batch savings, for `calibrate`
                         state["calib_sum"] = state.get("calib_sum", 0.0) + saving
                         state["calib_n"] = state.get("calib_n", 0) + 1
                     loss = loss + resource_loss(cost, alpha, loss.dtype)
