@@ -190,10 +190,10 @@ def plot_trace(power: pd.DataFrame, windows: pd.DataFrame, per_window: pd.DataFr
     import matplotlib.pyplot as plt
 
     t = sample_times(power, f"host_{clock}_s")
-    t0 = float(t.min())
+    order = np.argsort(t, kind="stable")
+    t0 = float(t[order[0]])
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(np.sort(t) - t0, power["watts"].to_numpy(float)[np.argsort(t, kind="stable")], lw=0.6, color="k",
-            label="measured power")
+    ax.plot(t[order] - t0, power["watts"].to_numpy(float)[order], lw=0.6, color="k", label="measured power")
     for _, w in windows.iterrows():
         color = "tab:orange" if w["kind"] == "run" else "tab:blue"
         ax.axvspan(w[f"start_{clock}_s"] - t0, w[f"end_{clock}_s"] - t0, color=color, alpha=0.2)
