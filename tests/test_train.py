@@ -462,6 +462,38 @@ def test_dual_rule_moves_the_real_gates_towards_the_target(tmp_path):
     assert str(tmp_path) not in (run / "model.json").read_text()
 
 
+def test_threshold_trim_lands_clean_images_on_the_target_and_moves_only_gate_biases(tmp_path):
+    from ddi_hw.data import clean_train_batch, load_dataset
+    from ddi_hw.models.gates import decision_biases
+    from ddi_hw.runs import load_run
+    from ddi_hw.train import TRIM_BATCHES, batch_stats
+
+    static = tmp_path / "static"
+    train(cfg(steps=30, lr=0.1), static, show_progress=False)
+    runs = {}
+    for trim in (False, True):  # 5 steps: far too short for alpha to reach the target on its own
+        runs[trim] = tmp_path / f"iadi_{trim}"
+        train(cfg(stage="iadi", init=str(static), steps=5, gate_steps=0, target_saving=0.4, trim_saving=trim),
+              runs[trim], show_progress=False)
+    plain, trimmed = (ck.load_model_state(runs[t]) for t in (False, True))
+    off = trimmed[1]["metrics"]["trim_offset"]
+    assert "trim_offset" not in plain[1]["metrics"] and abs(off) > 0.1
+    model = load_run(runs[True]).model
+    gate_bias = {id(b) for b in decision_biases(model)}
+    names = {n for n, p in model.named_parameters() if id(p) in gate_bias}
+    assert len(names) >= 2  # the shared layer-gate projection and the channel gates' FCs
+    for n, w in plain[0].items():  # only the gates' last biases moved, all by the same offset
+        assert torch.allclose(trimmed[0][n], w + off if n in names else w, atol=1e-6), n
+    # the saving on the un-augmented training images, counted here by hand from the model's costs
+    ds, c = load_dataset("smoke", None), trimmed[1]["config"]
+    model.eval()
+    with torch.no_grad():
+        s = [batch_stats(model(clean_train_batch(ds, i, c["batch_size"], c["seed"])[0], mode="dense"), "flops",
+                         trimmed[1]["dense_cost"]["flops"], True)[1] for i in range(TRIM_BATCHES)]
+    assert sum(s) / len(s) == pytest.approx(trimmed[1]["metrics"]["trim_train_saving"], abs=1e-6)
+    assert abs(sum(s) / len(s) - 0.4) < 0.03
+
+
 def test_target_miss_is_named_with_the_fix():
     c = cfg(stage="iadi", init="x", steps=1, target_saving=0.5)
     assert target_miss(c, {"saving": 0.5 + TARGET_TOL * 0.9}) is None

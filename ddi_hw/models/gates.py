@@ -244,6 +244,19 @@ class DenseLightGate(nn.Module):
         return logit, state, (logit > 0).float()
 
 
+def decision_biases(model: nn.Module) -> list[torch.Tensor]:
+    """The bias of every gate's last layer (the shared layer-gate projection, each channel gate's FC).
+    One offset added to all of them moves every 0/1 decision's threshold alike; as plain biases the
+    exported model and the board run the shifted gates unchanged (`ddi_hw.train.trim_saving`)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, SharedLSTMGate) and m.proj is not None:
+            out.append(m.proj.bias)
+        elif isinstance(m, (ChannelGateCNN, ChannelGateRNN, DenseLightGate)):
+            out.append(m.fc.bias)
+    return out
+
+
 # ----------------------------------------------------------------------------- the registry
 
 
