@@ -299,15 +299,20 @@ def next_alpha(cfg: dict[str, Any], state: dict[str, Any], saving: float, goal: 
 
 def clean_saving(model, ds, cfg: dict[str, Any], i: int, dense_cost: float, layer_gated: bool) -> float:
     """Eval-mode saving on the i-th un-augmented training batch (every rank computes the same)."""
-    import torch
 
     from ddi_hw.data import clean_train_batch
 
+    return eval_saving(model, clean_train_batch(ds, i, cfg["batch_size"], cfg["seed"])[0], cfg, dense_cost,
+                       layer_gated)
+
+
+def eval_saving(model, x, cfg: dict[str, Any], dense_cost: float, layer_gated: bool) -> float:
+    """Mean eval-mode saving (hard gate decisions) of the batch `x`."""
+    import torch
+
     model.eval()
-    x, _ = clean_train_batch(ds, i, cfg["batch_size"], cfg["seed"])
-    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     with torch.no_grad():
-        out = model(x.contiguous(memory_format=fmt), mode="dense")
+        out = model(x.contiguous(memory_format=fmt_of(cfg)), mode="dense")
     return batch_stats(out, cfg["resource"], dense_cost, layer_gated)[1]
 
 
@@ -330,14 +335,12 @@ def trim_saving(model, ds, cfg: dict[str, Any], dense_cost: float, layer_gated: 
     biases = decision_biases(model)
     base = [b.detach().clone() for b in biases]
     batches = [clean_train_batch(ds, i, cfg["batch_size"], cfg["seed"]) for i in range(TRIM_BATCHES)]
-    model.eval()
 
     def saving_at(off: float) -> float:
         with torch.no_grad():
             for b, b0 in zip(biases, base):
                 b.copy_(b0 + off)
-            total = sum(batch_stats(model(x.contiguous(memory_format=fmt_of(cfg)), mode="dense"), cfg["resource"],
-                                    dense_cost, layer_gated)[1] * len(x) for x, _ in batches)
+        total = sum(eval_saving(model, x, cfg, dense_cost, layer_gated) * len(x) for x, _ in batches)
         return total / sum(len(x) for x, _ in batches)
 
     target = cfg["target_saving"]
