@@ -16,6 +16,8 @@ Files written to `--out` (all CSV written atomically):
   runs an exit branch only where it may need it, answers with the last exit branch it ran (or the
   head) and is charged all it ran, at most B; accuracy
   next to the best static run that fits in the same budget (paper Tables II/III).
+- `budgets_best.csv`: per budget, the row of `budgets.csv` with the most accurate run (Table II over
+  several checkpoints with exits: the one to deploy for that budget).
 - `skip_blocks.csv`, `skip_channels.csv`: skip ratio per block and per channel of every gate.
 - `acc_vs_cost.png` (FLOPs, energy, latency panels; static runs as baselines), `budgets.png`,
   `skip_<run>.png` (Fig. 15 style) and `easy_hard_<run>.png` (Fig. 13: highest / lowest saving).
@@ -33,6 +35,7 @@ from ddi_hw.runs import load_run
 from ddi_hw.validate import number
 
 SUMMARY_CSV = "summary.csv"  # in --out: one row per checkpoint (read by table1 and the board notebook)
+BEST_BUDGETS_CSV = "budgets_best.csv"  # in --out: per budget, the best run with exits vs the best static net
 SUMMARY_COLUMNS = [
     "run",  # run directory name
     "arch", "stage", "dataset", "smoke_test",
@@ -289,9 +292,18 @@ def _budget_tables(loaded, summary_df, budgets, budget_metric, out_dir, notes=No
                                             "final_share", "base_run", "base_arch", "base_cost", "base_accuracy",
                                             "acc_delta"])
     _csv(budget_df, out_dir / "budgets.csv")
+    _csv(best_per_budget(budget_df), out_dir / BEST_BUDGETS_CSV)
     if len(budget_df):
         _plot_budgets(budget_df, budget_metric, out_dir / "budgets.png")
     return budget_df
+
+
+def best_per_budget(budget_df):
+    """Table II over a family of checkpoints with exits: per budget, the most accurate one (the
+    checkpoint a user would deploy for that budget), beside the best static net that fits."""
+    if budget_df.empty:
+        return budget_df.copy()
+    return budget_df.loc[budget_df.groupby("budget").accuracy.idxmax()].sort_values("budget").reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -431,5 +443,15 @@ def eval_command(
         t.add_row(r.run, r.stage, f"{r.accuracy:.4f}", f"{r.compute_saving:.3f}",
                   "" if r.energy_saving != r.energy_saving else f"{r.energy_saving:.3f} (modelled)")
     Console().print(t)
+    best = best_per_budget(res["budgets"])
+    if len(best):
+        t = Table(title=f"hard budgets ({budget_metric}): the best run with exits vs the best static net that fits")
+        for c in ("budget", "run", "accuracy", "static run", "static accuracy", "difference"):
+            t.add_column(c)
+        for _, r in best.iterrows():
+            t.add_row(f"{r.budget:.4g}", r.run, f"{r.accuracy:.4f}", r.base_run or "-",
+                      "" if r.base_accuracy != r.base_accuracy else f"{r.base_accuracy:.4f}",
+                      "" if r.acc_delta != r.acc_delta else f"{r.acc_delta:+.4f}")
+        Console().print(t)
     for note in res["notes"]:
         typer.echo(f"note: {note}")

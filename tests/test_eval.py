@@ -177,3 +177,31 @@ def test_budget_rows_never_cost_more_than_their_budget(runs, tmp_path):
     assert any("budget 1 is below the cost of its first exit" in n for n in res["notes"])
     with pytest.raises(UserError, match="--budgets item"):
         evaluate_runs([root / "ddi"], tmp_path / "ev3", budgets=[float("nan")], show_progress=False)
+
+
+def test_best_per_budget_is_the_most_accurate_run_with_exits(runs, tmp_path):
+    """Table II over a family: with two DDI checkpoints, each budget's row is the one of the two
+    that answers the most images right (counted from their own budget predictions)."""
+    from ddi_hw.evaluate import BEST_BUDGETS_CSV
+
+    root, _, _ = runs
+    train(validate_config({**TINY, "arch": "resnet20", "stage": "ddi", "init": str(root / "iadi"), "steps": 15,
+                           "alpha": 2.0, "target_saving": 0.4, "seed": 9, "lr": 0.3}), tmp_path / "ddi_b",
+          show_progress=False)
+    out = tmp_path / "ev"
+    evaluate_runs([root / "r14", root / "r20", root / "ddi", tmp_path / "ddi_b"], out, metrics=("flops",),
+                  limit=60, batch_size=60, show_progress=False)
+    best = pd.read_csv(out / BEST_BUDGETS_CSV)
+    budgets = pd.read_csv(out / "budgets.csv")
+    assert set(budgets.run) == {"ddi", "ddi_b"} and len(best) == budgets.budget.nunique() >= 4
+    for _, r in best.iterrows():
+        correct = {}
+        for run in ("ddi", "ddi_b"):
+            bp = pd.read_csv(out / f"budget_predictions_{run}.csv")
+            g = bp[bp.budget == r.budget]
+            correct[run] = int((g.pred == g.label).sum()) if len(g) else -1
+        assert correct[r.run] == max(correct.values()), r.budget
+        assert r.accuracy == pytest.approx(correct[r.run] / 60)
+        static = budgets[budgets.budget == r.budget].iloc[0]  # the static side is the same for every run
+        assert (r.base_run if isinstance(r.base_run, str) else "") == (
+            static.base_run if isinstance(static.base_run, str) else "")
