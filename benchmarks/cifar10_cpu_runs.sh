@@ -11,6 +11,7 @@
 set -euo pipefail
 D=${D:?set D to the cifar-10-batches-py directory}
 OUT=${OUT:-runs}
+EVAL=${EVAL:-$OUT/eval}  # the evaluations (benchmarks/out/cifar10_cpu/ holds the committed ones)
 C=$(cd "$(dirname "$0")/.." && pwd)/configs/cpu
 T="--threads ${THREADS:-2}"
 mkdir -p "$OUT"
@@ -94,7 +95,9 @@ for r in flops energy; do
   train "$OUT/densenet40_iadi_${r}50" --config $C/densenet40_iadi.yaml --init "$OUT/densenet40_static" \
     --resource $r --hardware zedboard --target-saving 0.5
 done
-ddi-hw eval "$OUT"/densenet40_static "$OUT"/densenet40_iadi_* --data-dir "$D" --hardware zedboard --out "$OUT/eval_densenet40"
+ddi-hw eval "$OUT"/densenet40_{static,iadi_flops50,iadi_energy50} --data-dir "$D" --hardware zedboard \
+  --out "$EVAL/densenet40"
+python "$(dirname "$0")/energy_aware_training.py" "$EVAL/densenet40/summary.csv" --out "$EVAL/densenet40"
 
 # Fig. 12 as curve against curve: the energy-trained family at two more targets
 for t in 40 60; do iadi iadi_energy$t energy 0.$t; done
@@ -105,14 +108,14 @@ for t in 40 60; do iadi iadi_energy$t energy 0.$t; done
 iadi iadi_flops70_long flops 0.7 --steps 6240
 train "$OUT/ddi70_long_fixed" --config $C/resnet38_ddi_fixed.yaml --init "$OUT/iadi_flops70_long" --target-saving 0.7
 
-# Evaluation (what benchmarks/out/cifar10_cpu/ holds, EVAL=benchmarks/out/cifar10_cpu): accuracy vs
-# FLOPs/energy of the static nets and the IADI family (iadi/), budgets at the static nets' costs with
-# every DDI checkpoint (Table II, table2/), Table I from the IADI rows (table1/)
-EVAL=${EVAL:-$OUT/eval}
+# Evaluation (what benchmarks/out/cifar10_cpu/ holds): accuracy vs FLOPs/energy of the static nets and the
+# one-recipe IADI family (iadi/), Table I from its rows (table1/), Fig. 12 from its FLOP- and energy-trained
+# members (fig12/), and hard budgets at the static nets' costs for every DDI checkpoint beside the IADI
+# models they sit on (Table II: table2/budgets_best.csv)
 S=("$OUT"/resnet{14,20,26,38}_static)
-ddi-hw eval "${S[@]}" "$OUT"/iadi_flops{30,40,50,60,70,80} "$OUT"/iadi_flops50_{long,kd} "$OUT"/iadi_flops70_long \
-  "$OUT"/iadi_energy{40,50,60} \
+ddi-hw eval "${S[@]}" "$OUT"/iadi_flops{30,40,50,60,70,80} "$OUT"/iadi_energy{40,50,60} \
   --data-dir "$D" --hardware zedboard --out "$EVAL/iadi"
-ddi-hw eval "${S[@]}" "$OUT"/ddi "$OUT"/ddi{30,40,70}_fixed "$OUT"/ddi_{,long_}fixed "$OUT"/ddi70_long_fixed \
-  --data-dir "$D" --hardware zedboard --out "$EVAL/table2"
 ddi-hw table1 "$EVAL/iadi/summary.csv" --out "$EVAL/table1"
+python "$(dirname "$0")/energy_aware_training.py" "$EVAL/iadi/summary.csv" --out "$EVAL/fig12"
+ddi-hw eval "${S[@]}" "$OUT"/iadi_flops{50,70}_long "$OUT"/ddi "$OUT"/ddi_{,long_}fixed "$OUT"/ddi{30,40,70}_fixed \
+  "$OUT"/ddi70_long_fixed --data-dir "$D" --hardware zedboard --out "$EVAL/table2"

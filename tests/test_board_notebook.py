@@ -33,7 +33,8 @@ def test_board_notebook_paths_are_the_clis():
     assert p["EVAL_SUMMARY"] == work / "eval" / SUMMARY_CSV
     assert p["IMAGES_NPY"] == p["BUNDLES"]["dense"] / IMAGES_NPY
     assert p["BITFILE"] == p["BUNDLES"]["dense"] / BITFILE
+    assert p["CHECKPOINTS"].parent == work / "checkpoints"
     for name, folder in p["BUNDLES"].items():  # deploy/NAME of a committed checkpoint
         ckpt = "resnet38_static" if name == "dense" else name
         assert folder == work / "deploy" / ckpt
-        assert (work / "checkpoints" / ckpt / "model.json").is_file(), ckpt
+        assert (p["CHECKPOINTS"] / ckpt / "model.json").is_file(), ckpt
