@@ -25,6 +25,7 @@ Files written to `--out` (all CSV written atomically):
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -442,7 +443,8 @@ def eval_command(
     for _, r in res["summary"].iterrows():
         t.add_row(r.run, r.stage, f"{r.accuracy:.4f}", f"{r.compute_saving:.3f}",
                   "" if r.energy_saving != r.energy_saving else f"{r.energy_saving:.3f} (modelled)")
-    Console().print(t)
+    console = Console() if sys.stdout.isatty() else Console(width=140)  # a log file keeps whole run names
+    console.print(t)
     best = best_per_budget(res["budgets"])
     if len(best):
         t = Table(title=f"hard budgets ({budget_metric}): the best run with exits vs the best static net that fits")
@@ -452,6 +454,6 @@ def eval_command(
             t.add_row(f"{r.budget:.4g}", r.run, f"{r.accuracy:.4f}", r.base_run or "-",
                       "" if r.base_accuracy != r.base_accuracy else f"{r.base_accuracy:.4f}",
                       "" if r.acc_delta != r.acc_delta else f"{r.acc_delta:+.4f}")
-        Console().print(t)
+        console.print(t)
     for note in res["notes"]:
         typer.echo(f"note: {note}")
