@@ -226,14 +226,17 @@ def evaluate_runs(run_dirs: list[str | Path], out_dir: str | Path, data_dir: str
     _csv(channels_df, out_dir / "skip_channels.csv")
 
     budget_df = _budget_tables(loaded, summary_df, budgets, budget_metric, out_dir, notes)
+    best_df = best_per_budget(budget_df)
+    _csv(best_df, out_dir / BEST_BUDGETS_CSV)
     _plot_acc_vs_cost(summary_df, budget_df, metrics, out_dir / "acc_vs_cost.png")
     for name, (model, side, ds, dense, _) in loaded.items():
         if not blocks_df[blocks_df.run == name].empty or not channels_df[channels_df.run == name].empty:
             _plot_skips(blocks_df[blocks_df.run == name], channels_df[channels_df.run == name], name,
                         out_dir / f"skip_{name}.png")
             _plot_easy_hard(pred_frames[name], ds, name, out_dir / f"easy_hard_{name}.png")
-    return {"summary": summary_df, "budgets": budget_df, "blocks": blocks_df, "channels": channels_df,
-            "predictions": pred_frames, "hardware": hardware if costed else None, "notes": notes}
+    return {"summary": summary_df, "budgets": budget_df, "best_budgets": best_df, "blocks": blocks_df,
+            "channels": channels_df, "predictions": pred_frames, "hardware": hardware if costed else None,
+            "notes": notes}
 
 
 def _budget_tables(loaded, summary_df, budgets, budget_metric, out_dir, notes=None):
@@ -293,7 +296,6 @@ def _budget_tables(loaded, summary_df, budgets, budget_metric, out_dir, notes=No
                                             "final_share", "base_run", "base_arch", "base_cost", "base_accuracy",
                                             "acc_delta"])
     _csv(budget_df, out_dir / "budgets.csv")
-    _csv(best_per_budget(budget_df), out_dir / BEST_BUDGETS_CSV)
     if len(budget_df):
         _plot_budgets(budget_df, budget_metric, out_dir / "budgets.png")
     return budget_df
@@ -445,7 +447,7 @@ def eval_command(
                   "" if r.energy_saving != r.energy_saving else f"{r.energy_saving:.3f} (modelled)")
     console = Console() if sys.stdout.isatty() else Console(width=140)  # a log file keeps whole run names
     console.print(t)
-    best = best_per_budget(res["budgets"])
+    best = res["best_budgets"]
     if len(best):
         t = Table(title=f"hard budgets ({budget_metric}): the best run with exits vs the best static net that fits")
         for c in ("budget", "run", "accuracy", "static run", "static accuracy", "difference"):
