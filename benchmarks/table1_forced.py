@@ -6,8 +6,7 @@ Coefficients are the presets' cited estimates; nothing is fitted to Table I.
     python benchmarks/table1_forced.py [--draws 20] [--data-dir CIFAR --limit 1000]
 
 Layer skipping (the Table I row), channel skipping, and -- with --data-dir -- the committed IADI
-checkpoints (benchmarks/checkpoints/resnet38_iadi_* and cifar10_30ep/iadi_*, their own decisions on
-CIFAR-10 test images).
+checkpoints (benchmarks/checkpoints/cifar10_30ep/iadi_*, their own decisions on CIFAR-10 test images).
 Writes CSV + PNG to benchmarks/out/table1_forced/. The last line is a JSON object with
 zedboard_ratio_40..80 and eyeriss_ratio_40..80 (layer skipping; energy saving / FLOP saving).
 """
@@ -30,10 +29,10 @@ def checkpoints_table(data_dir: str, limit: int, cache_dir=None, jobs=None):
     from ddi_hw.data import test_images
     from ddi_hw.table1 import checkpoint_table
 
-    root = HERE / "checkpoints"  # the 3000-step family (30-80 %) and the 30-epoch one
-    runs = sorted(root.glob("resnet38_iadi_*")) + sorted(root.glob("cifar10_30ep/iadi_*"))
+    root = HERE / "checkpoints" / "cifar10_30ep"
+    runs = sorted(root.glob("iadi_*"))
     x, _y = test_images("cifar10", data_dir, limit)
-    return checkpoint_table({r.relative_to(root).as_posix(): r for r in runs}, x, PRESETS, cache_dir, jobs)
+    return checkpoint_table({r.name: r for r in runs}, x, PRESETS, cache_dir, jobs)
 
 
 def main(argv=None) -> None:
