@@ -14,6 +14,7 @@ OUT=${OUT:-runs}
 EVAL=${EVAL:-$OUT/eval}  # the evaluations (benchmarks/out/cifar10_cpu/ holds the committed ones)
 C=$(cd "$(dirname "$0")/.." && pwd)/configs/cpu
 T="--threads ${THREADS:-2}"
+PY=${PY:-python}  # runs the Fig. 12 comparison script
 mkdir -p "$OUT"
 
 seed() {  # OUT_DIR: copy the run (finished, or a piece) of that name from the SEED folders, if any
@@ -97,7 +98,7 @@ for r in flops energy; do
 done
 ddi-hw eval "$OUT"/densenet40_{static,iadi_flops50,iadi_energy50} --data-dir "$D" --hardware zedboard \
   --out "$EVAL/densenet40"
-python "$(dirname "$0")/energy_aware_training.py" "$EVAL/densenet40/summary.csv" --out "$EVAL/densenet40"
+$PY "$(dirname "$0")/energy_aware_training.py" "$EVAL/densenet40/summary.csv" --out "$EVAL/densenet40"
 
 # Fig. 12 as curve against curve: the energy-trained family at two more targets
 for t in 40 60; do iadi iadi_energy$t energy 0.$t; done
@@ -116,6 +117,6 @@ S=("$OUT"/resnet{14,20,26,38}_static)
 ddi-hw eval "${S[@]}" "$OUT"/iadi_flops{30,40,50,60,70,80} "$OUT"/iadi_energy{40,50,60} \
   --data-dir "$D" --hardware zedboard --out "$EVAL/iadi"
 ddi-hw table1 "$EVAL/iadi/summary.csv" --out "$EVAL/table1"
-python "$(dirname "$0")/energy_aware_training.py" "$EVAL/iadi/summary.csv" --out "$EVAL/fig12"
+$PY "$(dirname "$0")/energy_aware_training.py" "$EVAL/iadi/summary.csv" --out "$EVAL/fig12"
 ddi-hw eval "${S[@]}" "$OUT"/iadi_flops{50,70}_long "$OUT"/ddi "$OUT"/ddi_{,long_}fixed "$OUT"/ddi{30,40,70}_fixed \
   "$OUT"/ddi70_long_fixed --data-dir "$D" --hardware zedboard --out "$EVAL/table2"

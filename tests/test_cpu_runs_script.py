@@ -22,7 +22,7 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     (out / "resnet20_static").mkdir()
     (out / "resnet20_static" / "resume.safetensors").write_bytes(b"")  # interrupted
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "D": str(tmp_path / "data"), "OUT": str(out),
-           "THREADS": "1"}
+           "THREADS": "1", "PY": str(fake)}
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert f"finished: {out}/resnet38_static" in r.stdout
@@ -33,9 +33,9 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     assert names == ["iadi_flops50", "iadi_energy50", "iadi_flops60", "iadi_flops70", "iadi_flops50_kd",
                      "resnet20_static", "resnet38_retrain", "resnet14_static", "resnet26_static", "ddi", "ddi_fixed",
                      "iadi_flops50_long", "ddi_long_fixed", "ddi70_fixed", "iadi_flops30", "iadi_flops40",
-                     "ddi30_fixed", "ddi40_fixed", "iadi_flops80", "iadi_flops70_long", "ddi70_long_fixed",
+                     "ddi30_fixed", "ddi40_fixed", "iadi_flops80",
                      "densenet40_static", "densenet40_iadi_flops50", "densenet40_iadi_energy50",
-                     "iadi_energy40", "iadi_energy60"]
+                     "iadi_energy40", "iadi_energy60", "iadi_flops70_long", "ddi70_long_fixed"]
     resumed = [n for n, c in zip(names, trains) if c.endswith("--resume")]
     assert resumed == ["resnet20_static"]
     assert "--target-saving 0.5 --distill 0.7 --data-dir" in trains[names.index("iadi_flops50_kd")]
@@ -53,7 +53,10 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     assert "--resource energy --hardware zedboard --target-saving 0.5" in energy
     assert f"--init {out}/resnet38_static" in energy
     assert f"--init {out}/densenet40_static --resource energy" in trains[names.index("densenet40_iadi_energy50")]
-    assert [c.split()[0] for c in calls if not c.startswith("train ")] == ["eval", "eval", "table1"]
+    steps = [c.split()[0] for c in calls if not c.startswith("train ")]  # (the Fig. 12 script: its path)
+    assert [Path(c).name for c in steps] == ["eval", "energy_aware_training.py", "eval", "table1",
+                                             "energy_aware_training.py", "eval"]
+    assert calls[-1].split("--out ")[1].split()[0] == f"{out}/eval/table2"
 
 
 def test_seed_continues_where_another_machine_stopped(tmp_path):
@@ -73,7 +76,7 @@ def test_seed_continues_where_another_machine_stopped(tmp_path):
     (out / "iadi_flops60").mkdir(parents=True)
     (out / "iadi_flops60" / "resume.safetensors").write_text("later piece")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "D": str(tmp_path / "data"), "OUT": str(out),
-           "SEED": f"{tmp_path / 'empty'}:{seed}"}
+           "SEED": f"{tmp_path / 'empty'}:{seed}", "PY": str(bin_dir / "ddi-hw")}
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     trains = [c for c in log.read_text().splitlines() if c.startswith("train ")]
