@@ -88,6 +88,9 @@ for t in 30 40; do
   train "$OUT/ddi${t}_fixed" --config $C/resnet38_ddi_fixed.yaml --init "$OUT/iadi_flops$t" --target-saving 0.$t
 done
 iadi iadi_flops80 flops 0.80
+# Fig. 12 as curve against curve on ResNet-38: the energy-trained family at two more targets (~1.1 h each)
+for t in 40 60; do iadi iadi_energy$t energy 0.$t; done
+
 # Fig. 12 where energy per FLOP spreads most (issue 12): DenseNet-BC-40 on zedboard (skipping a layer saves
 # 1.60x more energy per FLOP in the last dense block than in the first), the same target trained on FLOPs
 # and on energy from one backbone
@@ -99,9 +102,6 @@ done
 ddi-hw eval "$OUT"/densenet40_{static,iadi_flops50,iadi_energy50} --data-dir "$D" --hardware zedboard \
   --out "$EVAL/densenet40"
 $PY "$(dirname "$0")/energy_aware_training.py" "$EVAL/densenet40/summary.csv" --out "$EVAL/densenet40"
-
-# Fig. 12 as curve against curve: the energy-trained family at two more targets
-for t in 40 60; do iadi iadi_energy$t energy 0.$t; done
 
 # The lowest budget again (the next step for Table II's ResNet-14 budget, after issue 12's Fig. 12 runs):
 # the long joint phase put the 50 % model on the static frontier (86.50 -> 87.16 %), so the 70 % model with

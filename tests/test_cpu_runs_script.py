@@ -33,9 +33,9 @@ def test_script_skips_finished_resumes_interrupted_starts_the_rest(tmp_path):
     assert names == ["iadi_flops50", "iadi_energy50", "iadi_flops60", "iadi_flops70", "iadi_flops50_kd",
                      "resnet20_static", "resnet38_retrain", "resnet14_static", "resnet26_static", "ddi", "ddi_fixed",
                      "iadi_flops50_long", "ddi_long_fixed", "ddi70_fixed", "iadi_flops30", "iadi_flops40",
-                     "ddi30_fixed", "ddi40_fixed", "iadi_flops80",
+                     "ddi30_fixed", "ddi40_fixed", "iadi_flops80", "iadi_energy40", "iadi_energy60",
                      "densenet40_static", "densenet40_iadi_flops50", "densenet40_iadi_energy50",
-                     "iadi_energy40", "iadi_energy60", "iadi_flops70_long", "ddi70_long_fixed"]
+                     "iadi_flops70_long", "ddi70_long_fixed"]
     resumed = [n for n, c in zip(names, trains) if c.endswith("--resume")]
     assert resumed == ["resnet20_static"]
     assert "--target-saving 0.5 --distill 0.7 --data-dir" in trains[names.index("iadi_flops50_kd")]
