@@ -13,9 +13,9 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "energy_aware_training.py"
 
 
-def _summary(path, energy_acc):
+def _summary(path, energy_acc, energy_compute=0.64):
     rows = [("r38", "static", "", 0.88, 0.0, 0.0), ("f50", "iadi", "flops", 0.865, 0.50, 0.356),
-            ("f60", "iadi", "flops", 0.855, 0.60, 0.450), ("e50", "iadi", "energy", energy_acc, 0.64, 0.500)]
+            ("f60", "iadi", "flops", 0.855, 0.60, 0.450), ("e50", "iadi", "energy", energy_acc, energy_compute, 0.500)]
     pd.DataFrame([{"run": r, "arch": "resnet38", "stage": s, "trained_resource": t, "accuracy": a,
                    "compute_saving": c, "energy_saving": e} for r, s, t, a, c, e in rows]).to_csv(path, index=False)
 
@@ -39,6 +39,19 @@ def test_family_saving_interpolated_at_equal_accuracy(tmp_path):
     _summary(tmp_path / "s.csv", 0.875)  # between f50 and the static net (the family's zero point)
     got = json.loads(_run(tmp_path / "s.csv", tmp_path / "o").stdout.strip().splitlines()[-1])
     assert got[0]["flops_family_energy_saving"] == pytest.approx(0.356 * (0.88 - 0.875) / (0.88 - 0.865))
+    assert got[0]["flops_family_energy_saving_same_compute"] is None  # FLOP saving 0.64 beyond f60's 0.60
+
+
+def test_family_saving_at_equal_flop_saving(tmp_path):
+    """table_exploited: the run's energy saving minus the FLOP family's at the run's FLOP saving."""
+    _summary(tmp_path / "s.csv", 0.8593, energy_compute=0.55)
+    got = json.loads(_run(tmp_path / "s.csv", tmp_path / "o").stdout.strip().splitlines()[-1])
+    same = 0.356 + (0.55 - 0.50) / (0.60 - 0.50) * (0.450 - 0.356)  # by hand, between f50 and f60
+    assert got[0]["flops_family_energy_saving_same_compute"] == pytest.approx(same, abs=1e-12)
+    assert got[0]["table_exploited"] == pytest.approx(0.500 - same, abs=1e-12)
+    _summary(tmp_path / "s.csv", 0.8593, energy_compute=0.25)  # between the static net and f50
+    got = json.loads(_run(tmp_path / "s.csv", tmp_path / "o").stdout.strip().splitlines()[-1])
+    assert got[0]["flops_family_energy_saving_same_compute"] == pytest.approx(0.356 * 0.25 / 0.50, abs=1e-12)
 
 
 def test_no_extrapolation_and_one_line_errors(tmp_path):
